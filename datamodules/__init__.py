@@ -1,0 +1,1 @@
+"""LightningDataModules and the data pipelines behind them (corpus tokenization, sample packing)."""

@@ -1,0 +1,1 @@
+"""Experiment entry points: configuration loading, the job registry and the command line."""

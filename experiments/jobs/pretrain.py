@@ -1,0 +1,133 @@
+"""Pretraining job: tokenizer -> packed blank-infilling batches -> GLMPretrainModule on a Trainer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig
+
+from datamodules.builtin_corpus import write_builtin_corpus
+from datamodules.corpus import resolve_inputs
+from datamodules.pretrain import PretrainDataModule
+from experiments.config import save_config
+from experiments.tracking import mlflow_logger
+from glm_lightning.config import model_overrides
+from glm_lightning.model import GLMConfig
+from glm_lightning.modules.pretrain import GLMPretrainModule
+from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
+
+
+def training_files(cfg: DictConfig) -> list[str]:
+    """The configured corpus, or the built-in one written into the cache."""
+    if cfg.data.train_files:
+        return [str(p) for p in resolve_inputs(list(cfg.data.train_files))]
+    return write_builtin_corpus(Path(cfg.data.cache_dir) / "builtin_corpus")
+
+
+def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
+    """Load ``tokenizer.path`` or train a sentencepiece model on the training files, once per
+    (file contents, vocab size): the trained model is cached under ``data.cache_dir``."""
+    extra = {"num_sentinels": cfg.data.max_span_length} if cfg.data.sentinel_tokens else {}
+    if cfg.tokenizer.path:
+        return GLMTokenizer.from_sentencepiece(cfg.tokenizer.path, **extra)
+    digest = hashlib.sha256(str(cfg.tokenizer.vocab_size).encode())
+    for name in sorted(files):
+        digest.update(Path(name).read_bytes())
+    model_path = Path(cfg.data.cache_dir) / "tokenizers" / f"sp-{digest.hexdigest()[:16]}.model"
+    if not model_path.exists():  # train under a temporary name, so a crash leaves no half model
+        tmp_prefix = model_path.with_name(f"{model_path.stem}-{os.getpid()}.tmp")
+        trained = train_sentencepiece(sorted(files), cfg.tokenizer.vocab_size, str(tmp_prefix),
+                                      input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                                      hard_vocab_limit=False)  # small corpora support fewer pieces
+        Path(trained).replace(model_path)
+        Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
+    return GLMTokenizer.from_sentencepiece(str(model_path), **extra)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: GLMTokenizer, files: list[str]) -> PretrainDataModule:
+    d = cfg.data
+    return PretrainDataModule(
+        tokenizer, files, list(d.val_files),
+        val_fraction=d.val_fraction, cache_dir=d.cache_dir, seq_length=d.seq_length,
+        batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.seed,
+        span_prob=d.span_prob, sentence_prob=d.sentence_prob, document_prob=d.document_prob,
+        mask_ratio=d.mask_ratio, poisson_lambda=d.poisson_lambda, max_span_length=d.max_span_length,
+        shuffle_spans=d.shuffle_spans, block_positions=d.block_positions,
+        sentinel_tokens=d.sentinel_tokens, masked_lm=d.masked_lm, task_masks=d.task_masks,
+        gpt_infill_prob=d.gpt_infill_prob, gpt_min_ratio=d.gpt_min_ratio,
+    )
+
+
+def build_module(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMPretrainModule:
+    model_config = GLMConfig.from_name(cfg.model.name, **model_overrides(cfg.model),
+                                       vocab_size=len(tokenizer))
+    o = cfg.optim
+    return GLMPretrainModule(
+        model_config, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+        warmup=o.warmup, lr_decay_style=o.lr_decay_style, lr_decay_iters=o.lr_decay_iters,
+        lr_decay_ratio=o.lr_decay_ratio,
+    )
+
+
+def run_directory(cfg: DictConfig) -> Path:
+    """``<output_dir>/<exp>/<run_name>``; without a run name a new timestamped run, or with
+    ``resume=auto`` the most recent run of the experiment."""
+    root = Path(cfg.output_dir) / cfg.exp
+    if cfg.run_name:
+        return root / cfg.run_name
+    if cfg.resume == "auto" and root.is_dir():
+        runs = sorted((p for p in root.iterdir() if (p / "checkpoints" / "last.ckpt").exists()),
+                      key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime)
+        if runs:
+            return runs[-1]
+    return root / time.strftime("%Y%m%d-%H%M%S")
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``resume=auto``: the run's last checkpoint if there is one; ``resume=PATH``: that file.
+    Starting afresh in a run directory that has checkpoints is refused, so nothing is overwritten."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume is None:
+        if last.exists():
+            raise FileExistsError(f"{run_dir} already has checkpoints; continue it with resume=auto "
+                                  "or choose another run_name")
+        return None
+    if cfg.resume == "auto":
+        return str(last) if last.exists() else None
+    if not Path(cfg.resume).is_file():
+        raise FileNotFoundError(f"resume checkpoint not found: {cfg.resume}")
+    return cfg.resume
+
+
+def run(cfg: DictConfig) -> Path:
+    """Pretrain as configured; returns the run directory (config, checkpoints)."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = run_directory(cfg)
+    ckpt_path = resume_checkpoint(cfg, run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    files = training_files(cfg)
+    tokenizer = build_tokenizer(cfg, files)
+    datamodule = build_datamodule(cfg, tokenizer, files)
+    module = build_module(cfg, tokenizer)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}",
+                                 auto_insert_metric_name=False, monitor="val/loss", mode="min",
+                                 save_last=True)
+    logger = mlflow_logger(cfg, run_dir, resume=ckpt_path is not None) if cfg.logging.enabled else False
+    t = cfg.trainer
+    trainer = L.Trainer(
+        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=t.strategy, precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.clip_grad or None, val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+    )
+    if logger:
+        logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return run_dir

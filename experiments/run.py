@@ -1,0 +1,72 @@
+"""Command line: python -m experiments.run exp=NAME key=value ...
+
+Loads and prints the experiment config, then hands it to the registered job. Configuration mistakes
+end the program with one line on stderr and exit code 2, before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from experiments.config import ConfigError, format_config, list_experiments, load_config
+from experiments.jobs import get_job
+
+DEFAULT_EXPERIMENT = "quickstart"
+USAGE_ERROR = 2
+
+
+def usage() -> str:
+    """Help text: syntax, an example and the shipped experiments."""
+    experiments = list_experiments()
+    width = max(map(len, experiments), default=0)
+    listing = "\n".join(f"  {name.ljust(width)}  {description}" for name, description in experiments.items())
+    return f"""usage: python -m experiments.run [exp=NAME] [key=value ...]
+
+Runs experiment NAME (default: {DEFAULT_EXPERIMENT}). Its config is configs/base.yaml, then
+configs/NAME.yaml, then the key=value overrides in order. Keys are dotted paths into the config
+(model.name, data.batch_size, optim.lr, trainer.max_steps, ...); values are YAML: 3, 1e-4, true,
+null, [a,b]. print_config=true prints the resolved config and exits.
+
+example:
+  python -m experiments.run exp=quickstart trainer.max_steps=50 optim.lr=3e-4 print_config=true
+
+experiments:
+{listing}
+"""
+
+
+def parse_args(args: Sequence[str]) -> tuple[str, list[str]]:
+    """Split the arguments into the experiment name and the remaining overrides."""
+    exp, overrides = DEFAULT_EXPERIMENT, []
+    for argument in args:
+        if argument.startswith("-"):
+            raise ConfigError(f"unknown option {argument!r}; arguments are key=value overrides (see --help)")
+        if argument.startswith("exp="):
+            exp = argument.removeprefix("exp=")
+        else:
+            overrides.append(argument)
+    return exp, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(usage())
+        return 0
+    try:
+        exp, overrides = parse_args(args)
+        cfg = load_config(exp, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    print(format_config(cfg), end="", flush=True)
+    if cfg.print_config:
+        return 0
+    get_job(cfg.job)(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

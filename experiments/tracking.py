@@ -1,0 +1,47 @@
+"""MLflow tracking for runs: a real store (sqlite by default), the config as params, git tags."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """``logging.tracking_uri`` or a sqlite store beside the runs (MLflow 3's file store is deprecated)."""
+    return cfg.logging.tracking_uri or f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+
+
+def git_tags() -> dict[str, str]:
+    """The code version a run used: commit and whether the work tree had uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain")))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> MLFlowLogger:
+    """A logger for this run; a resumed run continues the MLflow run recorded in its directory."""
+    run_id_file = run_dir / RUN_ID_FILE
+    run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
+    logger = MLFlowLogger(
+        experiment_name=cfg.logging.experiment_name or cfg.exp,
+        run_name=run_dir.name,
+        tracking_uri=tracking_uri(cfg),
+        artifact_location=(Path(cfg.output_dir).resolve() / "mlartifacts").as_uri(),
+        tags={**git_tags(), "exp": cfg.exp},
+        run_id=run_id,
+        log_model=True,
+    )
+    if run_id is None:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id_file.write_text(logger.run_id)
+    return logger

@@ -1,0 +1,1 @@
+"""GLM (General Language Model) pretraining and finetuning with PyTorch Lightning."""

@@ -1,0 +1,248 @@
+"""Typed experiment configuration: the schema every YAML file and command-line override is checked against.
+
+The sections mirror the parts of a run (model, tokenizer, data, optimizer, trainer, logging). Defaults
+follow the official GLM pretraining setup (GLM-Base/Large scripts) so a config only states what differs.
+This module imports nothing but the standard library and OmegaConf, so the library and the command line
+can both use it without pulling in Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line that names the offending key."""
+
+
+# Presets understood by glm_lightning.model.GLMConfig.from_name.
+MODEL_NAMES = (
+    "glm-base",
+    "glm-large",
+    "glm-roberta-large",
+    "glm-410m",
+    "glm-515m",
+    "glm-2b",
+    "glm-10b",
+    "tiny",
+)
+
+# Every string field with a fixed set of values, by dotted key. The YAML files keep plain strings;
+# `validate` reports anything else together with the valid choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.name": MODEL_NAMES,
+    "tokenizer.kind": ("sentencepiece",),
+    "optim.lr_decay_style": ("cosine", "linear", "constant"),
+    "trainer.strategy": ("auto", "ddp", "fsdp"),
+    "trainer.precision": ("32-true", "bf16-mixed", "16-mixed"),
+}
+
+# Fields of ModelConfig that are passed to GLMConfig.from_name as overrides of the preset.
+MODEL_OVERRIDE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_sequence_length",
+    "embedding_dropout_prob",
+    "attention_dropout_prob",
+    "output_dropout_prob",
+    "block_position_encoding",
+    "checkpoint_activations",
+)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # GLMConfig preset
+    # Overrides of the preset; None keeps the preset's value.
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    intermediate_size: int | None = None  # FFN inner size (4 x hidden in all released models)
+    max_sequence_length: int | None = None  # rows of each position table (plus one)
+    embedding_dropout_prob: float | None = None
+    attention_dropout_prob: float | None = None
+    output_dropout_prob: float | None = None
+    block_position_encoding: bool = True  # second (intra-span) position table; off for the ablation
+    checkpoint_activations: bool = False  # recompute layer activations in backward to save memory
+    init_from: str | None = None  # checkpoint to start from (official GLM, Hugging Face or ours)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "sentencepiece"  # tokenizer backend
+    path: str | None = None  # an existing .model file; None trains one on the training files
+    vocab_size: int = 8000  # number of pieces when training a model
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # files, globs, folders; empty = built-in corpus
+    val_files: list[str] = field(default_factory=list)  # empty = split off val_fraction of the documents
+    val_fraction: float = 0.01  # fraction of documents held out when val_files is empty
+    cache_dir: str = ".cache/glm-lightning"  # tokenized shards and trained tokenizers
+    seq_length: int = 512  # tokens per packed pretraining sample
+    batch_size: int = 16  # micro-batch per device
+    num_workers: int = 2  # DataLoader worker processes
+    # Blank infilling: each micro-batch draws one objective with these probabilities (they sum to 1).
+    span_prob: float = 1.0  # token-level spans (the GLM objective)
+    sentence_prob: float = 0.0  # whole sentences (GLM_Sent)
+    document_prob: float = 0.0  # one long span at the end of the document (GLM_Doc)
+    mask_ratio: float = 0.15  # fraction of tokens masked by the span/sentence objectives
+    poisson_lambda: float = 3.0  # mean span length
+    max_span_length: int = 40  # span lengths are drawn from 1 .. max_span_length - 1
+    shuffle_spans: bool = True  # random Part-B span order (ablation: off)
+    block_positions: bool = True  # emit intra-span positions (ablation: 2D positions off)
+    sentinel_tokens: bool = False  # distinct T5-style sentinels instead of one [MASK] (ablation)
+    masked_lm: bool = False  # BERT-style masked LM baseline: no Part B
+    task_masks: bool = False  # [sMASK] / [gMASK] for the sentence / document objectives
+    gpt_infill_prob: float = 0.5  # document objective: probability that the span is the suffix
+    gpt_min_ratio: float = 0.5  # document objective: minimum fraction of the text to generate
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4  # peak learning rate
+    weight_decay: float = 0.1  # decoupled (AdamW); none on biases and LayerNorm
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup: float = 0.05  # warmup steps as a fraction of lr_decay_iters
+    lr_decay_style: str = "cosine"  # shape after warmup
+    lr_decay_iters: int | None = None  # steps over which the lr decays; None = trainer.max_steps
+    lr_decay_ratio: float = 0.05  # final lr as a fraction of the peak
+    clip_grad: float = 1.0  # gradient-norm clipping; 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # optimizer steps
+    accelerator: str = "auto"  # Lightning accelerator (auto, cpu, gpu, ...)
+    devices: Any = "auto"  # Lightning devices: "auto", a count or a list of indices
+    num_nodes: int = 1
+    strategy: str = "auto"  # distribution strategy
+    precision: str = "32-true"  # Lightning precision
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    val_check_interval: int = 200  # validate every this many training batches
+    limit_val_batches: int = 20  # validation batches per check
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class LoggingConfig:
+    tracking_uri: str | None = None  # MLflow store; None = a sqlite database under output_dir
+    experiment_name: str | None = None  # MLflow experiment; None = the exp name
+    enabled: bool = True  # log to MLflow at all
+
+
+@dataclass
+class ExperimentConfig:
+    exp: str = MISSING  # experiment name (the YAML file it came from)
+    description: str = ""  # one line shown by --help
+    job: str = MISSING  # what to run (see experiments.jobs)
+    seed: int = 1234  # drives seed_everything and every data RNG
+    output_dir: str = "outputs"  # runs go to <output_dir>/<exp>/<run_name>/
+    run_name: str | None = None  # None = derived when the run starts
+    print_config: bool = False  # print the resolved config and exit
+    resume: str | None = None  # "auto" (latest checkpoint of run_name) or a checkpoint path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Range checks by dotted key; None values (unset overrides) are skipped.
+UNIT_INTERVAL = (
+    "data.val_fraction",
+    "data.span_prob",
+    "data.sentence_prob",
+    "data.document_prob",
+    "data.mask_ratio",
+    "data.gpt_infill_prob",
+    "data.gpt_min_ratio",
+    "optim.warmup",
+    "optim.lr_decay_ratio",
+    "model.embedding_dropout_prob",
+    "model.attention_dropout_prob",
+    "model.output_dropout_prob",
+)
+POSITIVE = (
+    "model.num_layers",
+    "model.hidden_size",
+    "model.num_attention_heads",
+    "model.intermediate_size",
+    "model.max_sequence_length",
+    "tokenizer.vocab_size",
+    "data.seq_length",
+    "data.batch_size",
+    "data.poisson_lambda",
+    "data.max_span_length",
+    "optim.lr",
+    "optim.eps",
+    "optim.lr_decay_iters",
+    "trainer.max_steps",
+    "trainer.num_nodes",
+    "trainer.accumulate_grad_batches",
+    "trainer.val_check_interval",
+    "trainer.log_every_n_steps",
+)
+NON_NEGATIVE = ("data.num_workers", "optim.weight_decay", "optim.clip_grad", "trainer.limit_val_batches")
+
+
+def model_overrides(model_section: ModelConfig | DictConfig) -> dict[str, Any]:
+    """The GLMConfig overrides a model section asks for (unset ones left out, so the preset applies)."""
+    values = {name: getattr(model_section, name) for name in MODEL_OVERRIDE_FIELDS}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _get(cfg: DictConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_value(key: str, value: Any, choices: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Check one value by its dotted key against the choice and range tables; raise ConfigError if bad."""
+    valid = (CHOICES if choices is None else choices).get(key)
+    if valid is not None and value not in valid:
+        raise ConfigError(f"invalid value {value!r} for '{key}'; valid choices: {', '.join(valid)}")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if key in UNIT_INTERVAL and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"invalid value {value!r} for '{key}': must be between 0 and 1")
+    if key in POSITIVE and not value > 0:
+        raise ConfigError(f"invalid value {value!r} for '{key}': must be positive")
+    if key in NON_NEGATIVE and not value >= 0:
+        raise ConfigError(f"invalid value {value!r} for '{key}': must not be negative")
+
+
+def validate(cfg: DictConfig, choices: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Check what a type cannot express; raise ConfigError naming the first bad key.
+
+    `choices` defaults to CHOICES; callers add the keys whose choices live elsewhere (the job registry).
+    """
+    choices = CHOICES if choices is None else choices
+    for key in ("exp", "job"):
+        if OmegaConf.is_missing(cfg, key):
+            valid = choices.get(key)
+            hint = f"; valid choices: {', '.join(valid)}" if valid else ""
+            raise ConfigError(f"'{key}' is not set{hint}")
+    for key in (*choices, *UNIT_INTERVAL, *POSITIVE, *NON_NEGATIVE):
+        check_value(key, _get(cfg, key), choices)
+    data = cfg.data
+    total = data.span_prob + data.sentence_prob + data.document_prob
+    if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=1e-6):
+        raise ConfigError(
+            "'data.span_prob' + 'data.sentence_prob' + 'data.document_prob' must sum to 1 "
+            f"(got {data.span_prob} + {data.sentence_prob} + {data.document_prob} = {total:g})"
+        )
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError(f"invalid value {betas!r} for 'optim.betas': expected two numbers in [0, 1)")

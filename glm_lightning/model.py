@@ -1,0 +1,277 @@
+"""The GLM transformer (GLM_SPEC §5), in one file read top to bottom.
+
+Pre-LN layers with a fused QKV projection, GeLU (tanh approximation), a final LayerNorm and an
+output head tied to the word embeddings without bias. Every token carries two positions (2D
+positional encoding): its position in the corrupted text and its position inside the span being
+generated; each has its own learned table of ``max_sequence_length + 1`` rows (the extra row serves
+the sentinel-token ablation).
+
+Module paths mirror the official implementation, so the state-dict keys are the official GLM keys
+(``word_embeddings.weight``, ``transformer.layers.{i}.attention.query_key_value.weight``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from glm_lightning.attention_mask import glm_attention_mask
+
+VOCAB_MULTIPLE = 128
+
+
+def pad_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Round up to a multiple of 128, as the official ``--make-vocab-size-divisible-by``."""
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclass
+class GLMConfig:
+    """Sizes and regularisation of a GLM; field names follow the Hugging Face GLM config."""
+
+    num_layers: int = 24
+    hidden_size: int = 1024
+    num_attention_heads: int = 16
+    vocab_size: int = 30592  # padded up to a multiple of 128 on construction
+    max_sequence_length: int = 512  # position tables have one more row than this
+    intermediate_size: int | None = None  # None = 4 * hidden_size
+    embedding_dropout_prob: float = 0.1
+    attention_dropout_prob: float = 0.1
+    output_dropout_prob: float = 0.1
+    layernorm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    block_position_encoding: bool = True  # False = the "w/o 2D positions" ablation
+    checkpoint_activations: bool = False  # recompute each layer in backward to save memory
+
+    def __post_init__(self) -> None:
+        self.vocab_size = pad_vocab_size(self.vocab_size)
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> GLMConfig:
+        """A released model's sizes (GLM_SPEC §5.2), optionally overridden field by field."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown GLM preset {name!r}; choose one of {sorted(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"unknown GLMConfig field(s) {unknown}; valid fields: {sorted(fields)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_BERT_VOCAB, _BPE_VOCAB = 30592, 50304
+PRESETS: dict[str, dict] = {
+    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=1024,
+                 max_sequence_length=256),
+    "glm-base": dict(num_layers=12, hidden_size=768, num_attention_heads=12,
+                     vocab_size=_BERT_VOCAB, max_sequence_length=512),
+    "glm-large": dict(num_layers=24, hidden_size=1024, num_attention_heads=16,
+                      vocab_size=_BERT_VOCAB, max_sequence_length=512),
+    "glm-roberta-large": dict(num_layers=24, hidden_size=1024, num_attention_heads=16,
+                              vocab_size=_BPE_VOCAB, max_sequence_length=512),
+    "glm-410m": dict(num_layers=30, hidden_size=1024, num_attention_heads=16,
+                     vocab_size=_BERT_VOCAB, max_sequence_length=512),
+    "glm-515m": dict(num_layers=30, hidden_size=1152, num_attention_heads=18,
+                     vocab_size=_BERT_VOCAB, max_sequence_length=512),
+    "glm-2b": dict(num_layers=36, hidden_size=2048, num_attention_heads=32,
+                   vocab_size=_BPE_VOCAB, max_sequence_length=1024),
+    "glm-10b": dict(num_layers=48, hidden_size=4096, num_attention_heads=64,
+                    vocab_size=_BPE_VOCAB, max_sequence_length=1024),
+}
+
+
+class KVCache:
+    """Keys and values of already-processed tokens, preallocated for ``max_length`` tokens.
+
+    Equivalent to the official hidden-state "mems": a cached token's keys and values are what the
+    full forward pass would compute for it, so decoding one token at a time gives the same logits.
+    """
+
+    def __init__(self, config: GLMConfig, batch_size: int, max_length: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.length = 0  # tokens cached so far (advanced once per forward, after the last layer)
+        self.max_length = max_length
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this layer's new keys/values; return all keys/values up to and including them."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache full: {end} tokens > max_length {self.max_length}")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search keeps the surviving beams)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection (rows: Q | K | V, heads contiguous)."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = config.attention_dropout_prob
+        self.output_dropout = nn.Dropout(config.output_dropout_prob)
+
+    def forward(self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None, layer: int) -> Tensor:
+        B, L, H = x.shape
+        q, k, v = (
+            t.view(B, L, self.num_heads, -1).transpose(1, 2)
+            for t in self.query_key_value(x).split(H, dim=-1)
+        )
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=mask is None,
+        )
+        return self.output_dropout(self.dense(y.transpose(1, 2).reshape(B, L, H)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.output_dropout_prob)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh")))
+
+
+class GLMLayer(nn.Module):
+    """Pre-LN block: ``h = x + Attn(LN1(x))``; ``y = h + MLP(LN2(h))``."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
+        x = x + self.attention(self.input_layernorm(x), mask, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GLMStack(nn.Module):
+    """Position embeddings, the layers and the final LayerNorm (the official ``transformer``)."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.config = config
+        rows = config.max_sequence_length + 1
+        self.position_embeddings = nn.Embedding(rows, config.hidden_size)
+        if config.block_position_encoding:
+            self.block_position_embeddings = nn.Embedding(rows, config.hidden_size)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout_prob)
+        self.layers = nn.ModuleList(GLMLayer(config) for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+    def forward(self, words: Tensor, position_ids: Tensor, mask: Tensor | None,
+                kv_cache: KVCache | None) -> Tensor:
+        h = words + self.position_embeddings(position_ids[:, 0])
+        if self.config.block_position_encoding:
+            h = h + self.block_position_embeddings(position_ids[:, 1])
+        h = self.embedding_dropout(h)
+        recompute = self.config.checkpoint_activations and self.training and kv_cache is None
+        for i, layer in enumerate(self.layers):
+            if recompute:
+                h = checkpoint(layer, h, mask, use_reentrant=False)
+            else:
+                h = layer(h, mask, kv_cache, i)
+        return self.final_layernorm(h)
+
+
+class GLMModel(nn.Module):
+    """GLM backbone with the tied, bias-free language-model head."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.transformer = GLMStack(config)
+        self.apply(self._init_weights)
+        # Residual output projections get a smaller init so the residual stream's variance
+        # does not grow with depth (official scaled_init_method).
+        residual_std = config.initializer_range / math.sqrt(2.0 * config.num_layers)
+        for layer in self.transformer.layers:
+            nn.init.normal_(layer.attention.dense.weight, std=residual_std)
+            nn.init.normal_(layer.mlp.dense_4h_to_h.weight, std=residual_std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty cache on this model's device and dtype, for incremental decoding."""
+        weight = self.word_embeddings.weight
+        return KVCache(self.config, batch_size, max_length, dtype=weight.dtype, device=weight.device)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        sep: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        *,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """Logits ``[B, L, V]`` (float32) of ``input_ids [B, L]`` at ``position_ids [B, 2, L]``.
+
+        ``sep [B]`` is the Part-A length of each sample (positions ``< sep`` attend to all of
+        Part A; the rest attend to Part A and causally to Part B). ``attention_mask [B, 1, L, Lk]``
+        (True = may attend) overrides it; with neither, attention is causal. With ``kv_cache`` the
+        inputs are the next tokens after the cached ones: they also see every cached token, and
+        the cache grows by ``L``. ``return_hidden`` returns the final hidden states instead of
+        logits (for heads other than the language model).
+        """
+        B, L = input_ids.shape
+        if position_ids.shape != (B, 2, L):
+            raise ValueError(f"position_ids must be [B, 2, L] = {[B, 2, L]}, got {list(position_ids.shape)}")
+        past = kv_cache.length if kv_cache is not None else 0
+        mask = attention_mask
+        if mask is None and (sep is not None or past):
+            mask = glm_attention_mask(sep, L, past + L, device=input_ids.device)
+        h = self.transformer(self.word_embeddings(input_ids), position_ids, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += L
+        if return_hidden:
+            return h
+        return F.linear(h, self.word_embeddings.weight).float()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

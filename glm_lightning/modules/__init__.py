@@ -1,0 +1,1 @@
+"""LightningModules: one training objective per file."""

@@ -1,0 +1,383 @@
+"""GLM tokenizer: GLM's command tokens laid over a subword backend.
+
+GLM adds command tokens ([MASK], [sMASK], [gMASK], <|startofpiece|>, ...) to an ordinary subword
+vocabulary at fixed ids (GLM_SPEC.md section 1). `GLMTokenizer` owns the command tokens, the literal
+string splitting and the padded vocabulary size; a small backend (`TokenizerBackend`) only turns
+plain text into piece ids and back. `SentencePieceBackend` is the backend used for models trained
+with `train_sentencepiece` and for the official Chinese sentencepiece model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import sentencepiece as spm
+
+# Characters that end a sentence; the data pipeline cuts sentences after tokens containing them.
+SENTENCE_END_CHARS = frozenset(".?!;:\n。？！；…")
+
+# Every literal command-token string GLM uses (sentinels carry a number). Removed from training
+# text so that sentencepiece can never learn them, or parts of them, as pieces.
+_COMMAND_STRING_RE = re.compile(
+    r"\[(?:MASK|sMASK|gMASK|CLS|SEP|UNK|PAD|dBLOCK)\d*\]"
+    r"|<\|(?:endoftext|startofpiece|endofpiece)\d*\|>"
+)
+
+# sentencepiece shows a space as U+2581 inside pieces, so a literal U+2581 in the text would
+# decode as a space; it is encoded through its UTF-8 byte pieces instead.
+_SPACE_SYMBOL = "\u2581"
+
+
+@dataclass(frozen=True)
+class CommandToken:
+    """A GLM command token: code name, literal string in raw text, id, whitespace behaviour."""
+
+    name: str
+    text: str
+    id: int
+    lstrip: bool = False  # swallow the whitespace on the left of the literal string
+
+
+class TokenizerBackend(Protocol):
+    """Plain text <-> piece ids of a subword vocabulary, knowing nothing of command tokens."""
+
+    @property
+    def num_pieces(self) -> int: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def decode_ids(self, ids: Sequence[int]) -> str: ...
+
+    def id_to_piece(self, i: int) -> str: ...
+
+    def piece_to_id(self, piece: str) -> int | None: ...
+
+    def fingerprint(self) -> str: ...
+
+
+class SentencePieceBackend:
+    """Sentencepiece backend; pickles as the serialized model so DataLoader workers can rebuild it."""
+
+    def __init__(self, model_proto: bytes, path: str | None = None) -> None:
+        self.path = path
+        self._proto = model_proto
+        self._load()
+
+    @classmethod
+    def from_file(cls, path: str) -> SentencePieceBackend:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"sentencepiece model file not found: {path}")
+        return cls(file.read_bytes(), path=str(path))
+
+    def _load(self) -> None:
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        space_bytes = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_SYMBOL.encode()]
+        has_bytes = all(self._sp.is_byte(i) for i in space_bytes)
+        self._space_symbol_ids = space_bytes if has_bytes else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "proto": self._proto}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self._proto = state["proto"]
+        self._load()
+
+    @property
+    def num_pieces(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode_text(self, text: str) -> list[int]:
+        if self._space_symbol_ids is None or _SPACE_SYMBOL not in text:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for k, part in enumerate(text.split(_SPACE_SYMBOL)):
+            if k:
+                ids.extend(self._space_symbol_ids)
+            ids.extend(self._sp.encode(part))
+        return ids
+
+    def decode_ids(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(i)
+
+    def piece_to_id(self, piece: str) -> int | None:
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self._proto).hexdigest()
+
+
+def sentencepiece_command_tokens(
+    num_pieces: int, *, fix_command_token: bool = True, num_sentinels: int = 0
+) -> list[CommandToken]:
+    """The official Chinese sentencepiece layout (GLM_SPEC.md section 1) for N = num_pieces.
+
+    Without `fix_command_token`, [gMASK] shares its id with <|endofpiece|> as in GLM-10B-Chinese.
+    N + 5 is unused, as in the official tokenizer.
+    """
+    n = num_pieces
+    tokens = [
+        CommandToken("pad", "<|endoftext|>", n),
+        CommandToken("eos", "<|endoftext|>", n),
+        CommandToken("sep", "[SEP]", n + 1),
+        CommandToken("cls", "[CLS]", n + 2),
+        CommandToken("mask", "[MASK]", n + 3, lstrip=True),
+        CommandToken("unk", "[UNK]", n + 4),
+        CommandToken("sop", "<|startofpiece|>", n + 6),
+        CommandToken("eop", "<|endofpiece|>", n + 7),
+        CommandToken("smask", "[sMASK]", n + 8, lstrip=True),
+        CommandToken("gmask", "[gMASK]", n + 9 if fix_command_token else n + 7, lstrip=True),
+    ]
+    tokens.append(CommandToken("dblock", "[dBLOCK]", _next_free_id(tokens)))
+    return tokens + sentinel_command_tokens(_next_free_id(tokens), num_sentinels)
+
+
+def sentinel_command_tokens(first_id: int, num_sentinels: int) -> list[CommandToken]:
+    """[MASK{i}] and <|startofpiece{i}|> for i = 1..num_sentinels, interleaved from `first_id`."""
+    tokens = []
+    for i in range(1, num_sentinels + 1):
+        base = first_id + 2 * (i - 1)
+        tokens.append(CommandToken(f"mask{i}", f"[MASK{i}]", base))
+        tokens.append(CommandToken(f"sop{i}", f"<|startofpiece{i}|>", base + 1))
+    return tokens
+
+
+def _next_free_id(tokens: Iterable[CommandToken]) -> int:
+    return max(t.id for t in tokens) + 1
+
+
+class GLMTokenizer:
+    """GLM command tokens over a subword backend.
+
+    Raw text is first split on the literal command-token strings, which map straight to their ids;
+    only the text between them goes through the backend. `len(tok)` is the vocabulary size padded
+    to a multiple of 128, the size of the model's embedding matrix.
+    """
+
+    _REQUIRED = ("pad", "eos", "sep", "cls", "mask", "unk", "sop", "eop", "smask", "gmask")
+
+    def __init__(
+        self,
+        backend: TokenizerBackend,
+        command_tokens: Sequence[CommandToken],
+        *,
+        pad_to_multiple_of: int = 128,
+    ) -> None:
+        by_name = {t.name: t for t in command_tokens}
+        missing = [name for name in self._REQUIRED if name not in by_name]
+        if missing:
+            raise ValueError(f"command tokens missing: {missing}")
+        if by_name["pad"].id != by_name["eos"].id:
+            raise ValueError("GLM uses the same id for pad and eos")
+        self.backend = backend
+        self.command_token_list = list(command_tokens)
+        self.pad_id = by_name["pad"].id
+        self.eos_id = by_name["eos"].id
+        self.sep_id = by_name["sep"].id
+        self.cls_id = by_name["cls"].id
+        self.mask_id = by_name["mask"].id
+        self.unk_id = by_name["unk"].id
+        self.sop_id = by_name["sop"].id
+        self.eop_id = by_name["eop"].id
+        self.smask_id = by_name["smask"].id
+        self.gmask_id = by_name["gmask"].id
+        self.dblock_id = by_name["dblock"].id if "dblock" in by_name else None
+        self.num_sentinels = sum(1 for name in by_name if re.fullmatch(r"mask\d+", name))
+        self._by_name = by_name
+
+        # literal string -> id; id -> literal string (the first token registered wins on a shared
+        # id, e.g. <|endofpiece|> over [gMASK] in the GLM-10B-Chinese layout)
+        self.command_tokens: dict[str, int] = {}
+        self._id_to_command: dict[int, str] = {}
+        for t in command_tokens:
+            self.command_tokens.setdefault(t.text, t.id)
+            self._id_to_command.setdefault(t.id, t.text)
+
+        self.num_tokens = max(backend.num_pieces, _next_free_id(command_tokens))
+        self._padded_size = -(-self.num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        self._split_re = _command_split_regex(command_tokens)
+        self._sentence_end: np.ndarray | None = None
+
+    @classmethod
+    def from_sentencepiece(
+        cls, model_path: str, *, fix_command_token: bool = True, num_sentinels: int = 0
+    ) -> GLMTokenizer:
+        """Tokenizer over a sentencepiece model with the official Chinese command-token ids."""
+        backend = SentencePieceBackend.from_file(model_path)
+        tokens = sentencepiece_command_tokens(
+            backend.num_pieces, fix_command_token=fix_command_token, num_sentinels=num_sentinels
+        )
+        return cls(backend, tokens)
+
+    def __len__(self) -> int:
+        return self._padded_size
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(backend={type(self.backend).__name__}, "
+            f"num_tokens={self.num_tokens}, padded={len(self)})"
+        )
+
+    def fingerprint(self) -> str:
+        """Stable hash of the backend model and the command-token layout: equal fingerprints
+        encode every text identically (caches of tokenized corpora are keyed by it)."""
+        layout = ";".join(f"{t.name}={t.id}:{t.text}" for t in self.command_token_list)
+        return hashlib.sha256(f"{self.backend.fingerprint()}|{layout}".encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of raw text; command-token strings inside it map to their ids."""
+        ids: list[int] = []
+        start = 0
+        for match in self._split_re.finditer(text):
+            if match.start() > start:
+                ids.extend(self.backend.encode_text(text[start : match.start()]))
+            ids.append(self.command_tokens[match.group().lstrip()])
+            start = match.end()
+        if start < len(text):
+            ids.extend(self.backend.encode_text(text[start:]))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids; command tokens appear as their literal strings."""
+        parts: list[str] = []
+        run: list[int] = []
+        num_pieces = self.backend.num_pieces
+        for i in map(int, ids):
+            if i not in self._id_to_command and 0 <= i < num_pieces:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self.backend.decode_ids(run))
+                run = []
+            parts.append(self.id_to_token(i))
+        if run:
+            parts.append(self.backend.decode_ids(run))
+        return "".join(parts)
+
+    def id_to_token(self, i: int) -> str:
+        """Command-token string, backend piece, or `<|unused{i}|>` for an unused or padding id."""
+        if i in self._id_to_command:
+            return self._id_to_command[i]
+        if 0 <= i < self.backend.num_pieces:
+            return self.backend.id_to_piece(i)
+        if 0 <= i < len(self):
+            return f"<|unused{i}|>"
+        raise IndexError(f"token id {i} outside the vocabulary [0, {len(self)})")
+
+    def token_to_id(self, token: str) -> int:
+        """Id of a command-token string or a backend piece."""
+        if token in self.command_tokens:
+            return self.command_tokens[token]
+        i = self.backend.piece_to_id(token)
+        if i is None:
+            raise KeyError(f"unknown token: {token!r}")
+        return i
+
+    def sentinel_mask_id(self, i: int) -> int:
+        """Id of the i-th sentinel mask [MASK{i}]; i = 0 is [MASK] itself."""
+        return self.mask_id if i == 0 else self._sentinel(f"mask{i}", i)
+
+    def sentinel_sop_id(self, i: int) -> int:
+        """Id of the i-th sentinel start token <|startofpiece{i}|>; i = 0 is <|startofpiece|>."""
+        return self.sop_id if i == 0 else self._sentinel(f"sop{i}", i)
+
+    def _sentinel(self, name: str, i: int) -> int:
+        if name not in self._by_name:
+            raise IndexError(f"sentinel {i} not in 0..{self.num_sentinels}")
+        return self._by_name[name].id
+
+    def sentence_end_table(self) -> np.ndarray:
+        """Bool [len(self)]: True for pieces whose text contains a sentence-ending character."""
+        if self._sentence_end is None:
+            table = np.zeros(len(self), dtype=bool)
+            for i in range(self.backend.num_pieces):
+                if i not in self._id_to_command:
+                    piece = self.backend.decode_ids([i])
+                    table[i] = not SENTENCE_END_CHARS.isdisjoint(piece)
+            table.flags.writeable = False
+            self._sentence_end = table
+        return self._sentence_end
+
+
+def _command_split_regex(command_tokens: Iterable[CommandToken]) -> re.Pattern[str]:
+    """One alternation over all literal strings, longest first; lstrip tokens take leading space.
+
+    The lookbehind starts the whitespace match only at the beginning of a whitespace run, which
+    keeps long runs of spaces linear.
+    """
+    tokens = {t.text: t.lstrip for t in command_tokens}
+    alternatives = [
+        (r"(?<!\s)\s*" if lstrip else "") + re.escape(text)
+        for text, lstrip in sorted(tokens.items(), key=lambda kv: -len(kv[0]))
+    ]
+    return re.compile("|".join(alternatives))
+
+
+def _training_sentences(files: Sequence[str]) -> Iterator[str]:
+    for name in files:
+        with open(name, encoding="utf-8") as f:
+            for line in f:
+                line = _COMMAND_STRING_RE.sub("", line.rstrip("\n"))
+                if line:
+                    yield line
+
+
+def _has_text(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        return any(line.strip() for line in f)
+
+
+def train_sentencepiece(files: list[str], vocab_size: int, model_prefix: str, **options: Any) -> str:
+    """Train a sentencepiece model on text files and return the path of the `.model` file.
+
+    The defaults make text round-trip exactly through `GLMTokenizer`: identity normalization,
+    whitespace kept as is, newline as its own piece, byte fallback for unseen characters.
+    Command-token strings in the files are dropped so they are never learned as pieces. Training
+    is deterministic for the same files and options. `options` go to sentencepiece's trainer.
+    """
+    if not files:
+        raise ValueError("train_sentencepiece needs at least one text file")
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"training file not found: {name}")
+        if not _has_text(path):
+            raise ValueError(f"training file is empty: {name}")
+
+    settings: dict[str, Any] = {
+        "model_type": "unigram",
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        "add_dummy_prefix": False,
+        "allow_whitespace_only_pieces": True,
+        "byte_fallback": True,
+        "bos_id": -1,
+        "eos_id": -1,
+        "minloglevel": 2,
+    }
+    settings.update(options)
+    symbols = list(settings.get("user_defined_symbols", []))
+    settings["user_defined_symbols"] = ["\n", *[s for s in symbols if s != "\n"]]
+    settings.pop("input", None)
+
+    Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
+    # Sampling of input sentences (input_sentence_size) draws from this global generator.
+    spm.set_random_generator_seed(int(settings.pop("seed", 0)))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_sentences(files),
+        model_prefix=model_prefix,
+        vocab_size=vocab_size,
+        **settings,
+    )
+    return f"{model_prefix}.model"
