@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from datamodules.corpus import CorpusError
 from experiments.config import ConfigError, format_config, list_experiments, load_config
 from experiments.jobs import get_job
 
@@ -64,7 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_config(cfg), end="", flush=True)
     if cfg.print_config:
         return 0
-    get_job(cfg.job)(cfg)
+    try:
+        get_job(cfg.job)(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except (FileNotFoundError, CorpusError) as error:  # bad input data: say which file, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

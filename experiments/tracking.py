@@ -27,6 +27,17 @@ def git_tags() -> dict[str, str]:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested config -> {"optim.lr": ...}: params named exactly as command-line overrides."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> MLFlowLogger:
     """A logger for this run; a resumed run continues the MLflow run recorded in its directory."""
     run_id_file = run_dir / RUN_ID_FILE
@@ -41,7 +52,7 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> ML
         log_model=True,
     )
     if run_id is None:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id_file.write_text(logger.run_id)
     return logger

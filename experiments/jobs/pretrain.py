@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from datamodules.builtin_corpus import write_builtin_corpus
@@ -16,7 +16,7 @@ from datamodules.corpus import resolve_inputs
 from datamodules.pretrain import PretrainDataModule
 from experiments.config import save_config
 from experiments.tracking import mlflow_logger
-from glm_lightning.config import model_overrides
+from glm_lightning.config import ConfigError, model_overrides
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.pretrain import GLMPretrainModule
 from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
@@ -94,13 +94,13 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.resume is None:
         if last.exists():
-            raise FileExistsError(f"{run_dir} already has checkpoints; continue it with resume=auto "
-                                  "or choose another run_name")
+            raise ConfigError(f"{run_dir} already has checkpoints; continue it with resume=auto "
+                              "or choose another run_name")
         return None
     if cfg.resume == "auto":
         return str(last) if last.exists() else None
     if not Path(cfg.resume).is_file():
-        raise FileNotFoundError(f"resume checkpoint not found: {cfg.resume}")
+        raise ConfigError(f"invalid value {cfg.resume!r} for 'resume': no such checkpoint file")
     return cfg.resume
 
 
@@ -113,6 +113,7 @@ def run(cfg: DictConfig) -> Path:
     files = training_files(cfg)
     tokenizer = build_tokenizer(cfg, files)
     datamodule = build_datamodule(cfg, tokenizer, files)
+    datamodule.prepare_data()  # tokenize (or find the cache) now: bad input fails before a run starts
     module = build_module(cfg, tokenizer)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}",
                                  auto_insert_metric_name=False, monitor="val/loss", mode="min",
@@ -125,7 +126,7 @@ def run(cfg: DictConfig) -> Path:
         gradient_clip_val=cfg.optim.clip_grad or None, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoint],
     )
     if logger:
         logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))

@@ -31,8 +31,7 @@ def blank_infilling_loss(logits: Tensor, target_ids: Tensor, loss_mask: Tensor) 
 class TokenWeightedLoss(Metric):
     """Sum of per-token losses and token count, reduced across ranks before dividing.
 
-    Every rank computes every objective's value (0/0 = no tokens is reported as NaN by ``compute``
-    and skipped by the caller), so ranks that saw different objectives still synchronise."""
+    ``compute`` returns NaN when no tokens were seen (an objective not drawn in this validation)."""
 
     full_state_update = False
 
@@ -82,12 +81,15 @@ class GLMPretrainModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log(f"train/loss_{batch['objective']}", loss, batch_size=batch_size)
         self.log("train/tokens", tokens, reduce_fx="sum", batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, tokens = blank_infilling_loss(self(batch), batch["target_ids"], batch["loss_mask"])
-        self.val_loss[batch["objective"]].update(loss, tokens)
-        self.val_loss["all"].update(loss, tokens)
+        # Every metric is updated on every batch (with zero tokens when the objective differs), so
+        # all ranks hold and synchronise the same metrics whatever objectives they drew.
+        for name, metric in self.val_loss.items():
+            metric.update(loss, tokens if name in (batch["objective"], "all") else torch.zeros_like(tokens))
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_loss.items():

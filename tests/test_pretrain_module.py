@@ -1,0 +1,84 @@
+"""GLMPretrainModule: the loss, per-objective validation losses, the schedule inside a Trainer."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from glm_lightning.blank_infilling import BlankInfillingCollator
+from glm_lightning.model import GLMConfig
+from glm_lightning.modules.pretrain import GLMPretrainModule, blank_infilling_loss
+from glm_lightning.optim import annealing_factor
+
+
+def packed_samples(tokenizer, count: int, seed: int = 0) -> list[np.ndarray]:
+    """Packed samples of the fixture text: [CLS] doc eos."""
+    rng = np.random.default_rng(seed)
+    words = "the river city market long road bright morning quiet garden".split()
+    samples = []
+    for _ in range(count):
+        text = " ".join(rng.choice(words, size=40)) + "."
+        samples.append(np.array([tokenizer.cls_id, *tokenizer.encode(text), tokenizer.eos_id]))
+    return samples
+
+
+def tiny_module(tokenizer, **optim) -> GLMPretrainModule:
+    config = GLMConfig.from_name("tiny", vocab_size=len(tokenizer), embedding_dropout_prob=0.0,
+                                 attention_dropout_prob=0.0, output_dropout_prob=0.0)
+    return GLMPretrainModule(config, **optim)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_loss_is_token_weighted_fp32_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g).bfloat16()
+    targets = torch.randint(0, 11, (2, 5), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]])
+    loss, tokens = blank_infilling_loss(logits, targets, mask)
+    log_p = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+    expected = -(log_p * mask).sum() / 4  # four predicted tokens, whatever their sample
+    assert loss.dtype == torch.float32 and tokens.item() == 4
+    torch.testing.assert_close(loss, expected)
+
+
+def test_validation_losses_per_objective(tokenizer):
+    module = tiny_module(tokenizer)
+    samples = packed_samples(tokenizer, 8)
+    span = BlankInfillingCollator(tokenizer, seed=1)(samples[:4])
+    document = BlankInfillingCollator(tokenizer, span_prob=0.0, document_prob=1.0, seed=2)(samples[4:])
+    assert (span["objective"], document["objective"]) == ("span", "document")
+    metrics = trainer().validate(module, DataLoader([span, document], batch_size=None), verbose=False)[0]
+
+    def expected(batch):
+        with torch.no_grad():
+            return blank_infilling_loss(module(batch), batch["target_ids"], batch["loss_mask"])
+
+    (ls, ts), (ld, td) = expected(span), expected(document)
+    assert metrics["val/loss_span"] == pytest.approx(ls.item(), rel=1e-5)
+    assert metrics["val/loss_document"] == pytest.approx(ld.item(), rel=1e-5)
+    assert metrics["val/loss"] == pytest.approx(((ls * ts + ld * td) / (ts + td)).item(), rel=1e-5)
+    assert metrics["val/ppl_span"] == pytest.approx(np.exp(ls.item()), rel=1e-5)
+    assert "val/loss_sentence" not in metrics
+
+
+def test_training_fits_a_batch_and_follows_the_schedule(tokenizer):
+    module = tiny_module(tokenizer, lr=3e-3, warmup=0.1, lr_decay_style="cosine", lr_decay_ratio=0.1,
+                         weight_decay=0.0)
+    batch = BlankInfillingCollator(tokenizer, seed=3)(packed_samples(tokenizer, 4))
+    with torch.no_grad():
+        before = blank_infilling_loss(module(batch), batch["target_ids"], batch["loss_mask"])[0].item()
+    fit = trainer(max_steps=40, limit_val_batches=0, gradient_clip_val=1.0)
+    fit.fit(module, DataLoader([batch] * 40, batch_size=None))
+    with torch.no_grad():
+        after = blank_infilling_loss(module(batch), batch["target_ids"], batch["loss_mask"])[0].item()
+    assert after < 0.5 * before
+    lr = fit.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(3e-3 * annealing_factor(40, decay_iters=40, warmup=0.1, style="cosine",
+                                                       decay_ratio=0.1))
+    groups = fit.optimizers[0].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
