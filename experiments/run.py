@@ -11,10 +11,12 @@ from collections.abc import Sequence
 
 from datamodules.corpus import CorpusError
 from experiments.config import ConfigError, format_config, list_experiments, load_config
+from experiments.errors import RunInterrupted
 from experiments.jobs import get_job
 
 DEFAULT_EXPERIMENT = "quickstart"
 USAGE_ERROR = 2
+INTERRUPTED = 130  # the shell's code for a run stopped by a signal
 
 
 def usage() -> str:
@@ -73,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, CorpusError) as error:  # bad input data: say which file, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except RunInterrupted as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -38,11 +39,26 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> MLFlowLogger:
+class RunLogger(MLFlowLogger):
+    """MLFlowLogger whose run ends as KILLED (not FAILED) when training was interrupted on purpose."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tracking_uri = kwargs.get("tracking_uri")
+        self._killed = False
+
+    def mark_killed(self) -> None:
+        self._killed = True
+
+    def finalize(self, status: str = "success") -> None:
+        super().finalize("KILLED" if self._killed and status == "failed" else status)
+
+
+def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> RunLogger:
     """A logger for this run; a resumed run continues the MLflow run recorded in its directory."""
     run_id_file = run_dir / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
-    logger = MLFlowLogger(
+    logger = RunLogger(
         experiment_name=cfg.logging.experiment_name or cfg.exp,
         run_name=run_dir.name,
         tracking_uri=tracking_uri(cfg),
@@ -53,6 +69,7 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> ML
     )
     if run_id is None:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_id_file.write_text(logger.run_id)
+    if rank_zero_only.rank == 0:  # other ranks log nothing; Lightning routes them to a no-op
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_id_file.write_text(logger.run_id)
     return logger

@@ -478,12 +478,13 @@ def pad_batch(samples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     length = max(len(sample["input_ids"]) for sample in samples)
     batch = {}
     for field in _FIELDS:
-        rows = []
-        for sample in samples:
+        # one zero array filled row by row (np.pad per row was a fifth of the collator's time)
+        leading = np.shape(samples[0][field])[:-1]
+        out = np.zeros((len(samples), *leading, length), dtype=np.int64)
+        for row, sample in zip(out, samples, strict=True):
             value = np.asarray(sample[field], dtype=np.int64)
-            pad = [(0, 0)] * (value.ndim - 1) + [(0, length - value.shape[-1])]
-            rows.append(np.pad(value, pad))
-        batch[field] = np.stack(rows)
+            row[..., : value.shape[-1]] = value
+        batch[field] = out
     batch["sep"] = np.asarray([sample["sep"] for sample in samples], dtype=np.int64)
     return batch
 

@@ -37,7 +37,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": MODEL_NAMES,
     "tokenizer.kind": ("sentencepiece",),
     "optim.lr_decay_style": ("cosine", "linear", "constant"),
-    "trainer.strategy": ("auto", "ddp", "fsdp"),
+    "trainer.strategy": ("auto", "ddp", "fsdp", "fsdp1"),
+    "trainer.checkpoint_format": ("full", "sharded"),
     "trainer.precision": ("32-true", "bf16-mixed", "16-mixed"),
 }
 
@@ -124,7 +125,8 @@ class TrainerConfig:
     accelerator: str = "auto"  # Lightning accelerator (auto, cpu, gpu, ...)
     devices: Any = "auto"  # Lightning devices: "auto", a count or a list of indices
     num_nodes: int = 1
-    strategy: str = "auto"  # distribution strategy
+    strategy: str = "auto"  # auto, ddp, fsdp (FSDP2, CPU or GPU), fsdp1 (FSDPStrategy, GPU only)
+    checkpoint_format: str = "full"  # full: one file gathered on rank 0; sharded: a folder of per-rank shards
     precision: str = "32-true"  # Lightning precision
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step
     val_check_interval: int = 200  # validate every this many training batches

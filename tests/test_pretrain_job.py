@@ -1,7 +1,10 @@
 """The pretraining job end to end: quickstart config, MLflow run, checkpoints, resume."""
 
+import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -38,12 +41,16 @@ def test_quickstart_trains_tracks_and_resumes(tmp_path):
     first = runs[0]
     assert first.info.status == "FINISHED" and first.info.run_name == "r1"
     assert first.data.params["optim.lr"] == "0.001" and first.data.params["model.num_layers"] == "2"
-    assert {"train/loss", "train/loss_span", "val/loss", "val/loss_span", "val/ppl", "train/lr"} <= set(
-        first.data.metrics)
+    assert {"train/loss", "train/loss_span", "val/loss", "val/loss_span", "val/ppl", "train/lr",
+            "train/tokens_seen", "train/samples", "val/unigram_baseline"} <= set(first.data.metrics)
+    assert first.data.metrics["train/tokens_seen"] == last["tokens_seen"] > 8 * 4
     assert first.data.tags["git_commit"] and first.data.tags["exp"] == "quickstart"
     assert (run_dir / "mlflow_run_id").read_text() == first.info.run_id
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first.info.run_id)}
-    assert "config.yaml" in artifacts
+    assert {"config.yaml", "summary.json"} <= artifacts
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 8 and summary["metrics"]["val/loss"] == pytest.approx(
+        first.data.metrics["val/loss"])
 
     # Starting again in the same run directory would overwrite it: refused with a clear message.
     with pytest.raises(ConfigError, match="resume=auto"):
@@ -76,3 +83,86 @@ def test_cli_reports_a_bad_training_file_in_one_line(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and str(binary) in last_line
     assert "Traceback" not in result.stderr
+
+
+def step_losses(tracking_db: Path, run_name: str) -> dict[int, float]:
+    mlflow.set_tracking_uri(f"sqlite:///{tracking_db}")
+    client = mlflow.MlflowClient()
+    (found,) = mlflow.search_runs(experiment_names=["quickstart"], output_format="list",
+                                  filter_string=f"attributes.run_name = '{run_name}'")
+    return {m.step: m.value for m in client.get_metric_history(found.info.run_id, "train/loss")}
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_training(tmp_path):
+    """2N steps straight == N steps, stop, resume for N more: same losses and weights (dropout on)."""
+    common = ("trainer.log_every_n_steps=1", "trainer.val_check_interval=5", "optim.lr_decay_iters=10")
+    straight = run(quickstart(tmp_path, "run_name=straight", "trainer.max_steps=10", *common))
+    run(quickstart(tmp_path, "run_name=halves", "trainer.max_steps=5", *common))
+    halves = run(quickstart(tmp_path, "run_name=halves", "trainer.max_steps=10", "resume=auto", *common))
+    db = tmp_path / "outputs" / "mlflow.db"
+    a, b = step_losses(db, "straight"), step_losses(db, "halves")
+    assert len(a) == 10 and a == b
+    wa = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    wb = torch.load(halves / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_ends_the_run_killed_and_resumes_it(tmp_path):
+    args = [f"output_dir={tmp_path / 'outputs'}", f"data.cache_dir={tmp_path / 'cache'}", "run_name=r1",
+            "model.num_layers=2", "model.hidden_size=64", "data.seq_length=64", "data.batch_size=4",
+            "trainer.val_check_interval=1000", "trainer.log_every_n_steps=1"]
+    process = subprocess.Popen([sys.executable, "-m", "experiments.run", "trainer.max_steps=100000", *args],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "outputs" / "quickstart" / "r1"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "mlflow_run_id").exists():
+        time.sleep(0.5)
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    client = mlflow.MlflowClient()
+    while time.time() < deadline and len(client.get_metric_history(run_id, "train/loss")) < 3:
+        time.sleep(0.5)  # training is under way
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "continue with resume=auto" in stderr.strip().splitlines()[-1]
+    assert client.get_run(run_id).info.status == "KILLED"
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert stopped_at >= 3
+
+    resumed = subprocess.run([sys.executable, "-m", "experiments.run", "resume=auto",
+                              f"trainer.max_steps={stopped_at + 3}", *args],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run_dir / "mlflow_run_id").read_text() == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert max(steps) >= stopped_at + 2
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == stopped_at + 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_cpu_run_through_the_command_line(tmp_path, strategy):
+    """Lightning relaunches the command for rank 1; both ranks share one run directory and one
+    MLflow run."""
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run", f"output_dir={tmp_path / 'outputs'}",
+         f"data.cache_dir={tmp_path / 'cache'}", "model.num_layers=2", "model.hidden_size=64",
+         "data.seq_length=64", "data.batch_size=4", "trainer.max_steps=4", "trainer.val_check_interval=2",
+         "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
+         "trainer.devices=2", f"trainer.strategy={strategy}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "quickstart").iterdir()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (found,) = mlflow.search_runs(experiment_names=["quickstart"], output_format="list")
+    assert found.info.status == "FINISHED" and found.info.run_id == (run_dir / "mlflow_run_id").read_text()
+    assert "val/loss" in found.data.metrics and found.data.params["trainer.strategy"] == strategy

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from glm_lightning.blank_infilling import BlankInfillingCollator
 from glm_lightning.model import GLMConfig
-from glm_lightning.modules.pretrain import GLMPretrainModule, blank_infilling_loss
+from glm_lightning.modules.pretrain import GLMPretrainModule, UnigramBaseline, blank_infilling_loss
 from glm_lightning.optim import annealing_factor
 
 
@@ -64,6 +64,10 @@ def test_validation_losses_per_objective(tokenizer):
     assert metrics["val/loss"] == pytest.approx(((ls * ts + ld * td) / (ts + td)).item(), rel=1e-5)
     assert metrics["val/ppl_span"] == pytest.approx(np.exp(ls.item()), rel=1e-5)
     assert "val/loss_sentence" not in metrics
+    predicted = torch.cat([b["target_ids"][b["loss_mask"].bool()] for b in (span, document)])
+    p = torch.bincount(predicted).double()
+    p = p[p > 0] / p.sum()
+    assert metrics["val/unigram_baseline"] == pytest.approx(-(p * p.log()).sum().item(), rel=1e-5)
 
 
 def test_training_fits_a_batch_and_follows_the_schedule(tokenizer):
@@ -82,3 +86,31 @@ def test_training_fits_a_batch_and_follows_the_schedule(tokenizer):
                                                        decay_ratio=0.1))
     groups = fit.optimizers[0].param_groups
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_a_failed_run(tokenizer, tmp_path):
+    import mlflow
+
+    from experiments.tracking import RunLogger
+
+    module = tiny_module(tokenizer)
+    batch = BlankInfillingCollator(tokenizer, seed=3)(packed_samples(tokenizer, 2))
+    with torch.no_grad():
+        module.model.transformer.final_layernorm.weight[0] = float("nan")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = RunLogger(experiment_name="nan", tracking_uri=uri, artifact_location=tmp_path.as_uri())
+    fit = L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                    enable_progress_bar=False, max_steps=3, limit_val_batches=0)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 0 on a 'span' batch"):
+        fit.fit(module, DataLoader([batch] * 3, batch_size=None))
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.MlflowClient().get_run(logger.run_id).info.status == "FAILED"
+
+
+def test_unigram_baseline_is_the_entropy_of_the_predicted_tokens():
+    metric = UnigramBaseline(16)
+    metric.update(torch.tensor([[9, 5, 5, 7]]), torch.tensor([[0, 1, 1, 1]]))
+    metric.update(torch.tensor([[5, 9, 0, 0]]), torch.tensor([[1, 1, 0, 0]]))
+    # predicted tokens: 5, 5, 7, 5, 9 -> p = (3/5, 1/5, 1/5)
+    expected = -(0.6 * np.log(0.6) + 2 * 0.2 * np.log(0.2))
+    assert metric.compute().item() == pytest.approx(expected, rel=1e-6)

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from datamodules.builtin_corpus import write_builtin_corpus
 from datamodules.corpus import resolve_inputs
 from datamodules.pretrain import PretrainDataModule
 from experiments.config import save_config
-from experiments.tracking import mlflow_logger
+from experiments.errors import RunInterrupted
+from experiments.tracking import RunLogger, mlflow_logger
+from glm_lightning.callbacks import LastCheckpoint
 from glm_lightning.config import ConfigError, model_overrides
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.pretrain import GLMPretrainModule
+from glm_lightning.parallel import build_strategy
 from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
 
 
@@ -74,6 +81,9 @@ def build_module(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMPretrainModule:
     )
 
 
+RUN_DIR_VARIABLE = "GLM_LIGHTNING_RUN_DIR"  # inherited by the processes Lightning launches
+
+
 def run_directory(cfg: DictConfig) -> Path:
     """``<output_dir>/<exp>/<run_name>``; without a run name a new timestamped run, or with
     ``resume=auto`` the most recent run of the experiment."""
@@ -88,6 +98,12 @@ def run_directory(cfg: DictConfig) -> Path:
     return root / time.strftime("%Y%m%d-%H%M%S")
 
 
+def throughput_monitor() -> ThroughputMonitor:
+    """Samples, tokens and FLOPs per second (and MFU on accelerators whose peak Lightning knows)."""
+    return ThroughputMonitor(batch_size_fn=lambda batch: batch["input_ids"].shape[0],
+                             length_fn=lambda batch: batch["input_ids"].numel())
+
+
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     """``resume=auto``: the run's last checkpoint if there is one; ``resume=PATH``: that file.
     Starting afresh in a run directory that has checkpoints is refused, so nothing is overwritten."""
@@ -99,36 +115,108 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         return None
     if cfg.resume == "auto":
         return str(last) if last.exists() else None
-    if not Path(cfg.resume).is_file():
-        raise ConfigError(f"invalid value {cfg.resume!r} for 'resume': no such checkpoint file")
+    if not Path(cfg.resume).exists():  # a file, or a folder for sharded checkpoints
+        raise ConfigError(f"invalid value {cfg.resume!r} for 'resume': no such checkpoint")
     return cfg.resume
 
 
 def run(cfg: DictConfig) -> Path:
-    """Pretrain as configured; returns the run directory (config, checkpoints)."""
+    """Pretrain as configured; returns the run directory (config, checkpoints).
+
+    Under ddp/fsdp on one machine Lightning starts the other ranks by running the same command
+    again; they find the run directory through the environment they inherit.
+    """
     L.seed_everything(cfg.seed, workers=True)
-    run_dir = run_directory(cfg)
+    t = cfg.trainer
+    try:
+        strategy = build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
+                                  checkpoint_format=t.checkpoint_format)
+    except ValueError as error:  # an unsupported combination of trainer settings
+        raise ConfigError(f"trainer settings: {error}") from error
+    inherited = os.environ.get(RUN_DIR_VARIABLE)
+    run_dir = Path(inherited) if inherited else run_directory(cfg)
+    os.environ[RUN_DIR_VARIABLE] = str(run_dir)
+    try:
+        return _run(cfg, run_dir, strategy)
+    finally:
+        if not inherited:
+            del os.environ[RUN_DIR_VARIABLE]
+
+
+def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
+    t = cfg.trainer
     ckpt_path = resume_checkpoint(cfg, run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    if rank_zero_only.rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
     files = training_files(cfg)
     tokenizer = build_tokenizer(cfg, files)
     datamodule = build_datamodule(cfg, tokenizer, files)
     datamodule.prepare_data()  # tokenize (or find the cache) now: bad input fails before a run starts
     module = build_module(cfg, tokenizer)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}",
-                                 auto_insert_metric_name=False, monitor="val/loss", mode="min",
-                                 save_last=True)
-    logger = mlflow_logger(cfg, run_dir, resume=ckpt_path is not None) if cfg.logging.enabled else False
-    t = cfg.trainer
-    trainer = L.Trainer(
-        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=cfg.optim.clip_grad or None, val_check_interval=t.val_check_interval,
-        check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger,
-        callbacks=[checkpoint],
-    )
-    if logger:
-        logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    checkpoints = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="step{step}", auto_insert_metric_name=False,
+                                 monitor="val/loss", mode="min", save_last=True,
+                                 enable_version_counter=False)  # last.ckpt is shared with LastCheckpoint
+    last = LastCheckpoint(checkpoints / "last.ckpt")
+    logger = mlflow_logger(cfg, run_dir, resume=ckpt_path is not None) if cfg.logging.enabled else None
+    try:
+        trainer = L.Trainer(
+            max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+            strategy=strategy, precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
+            gradient_clip_val=cfg.optim.clip_grad or None, val_check_interval=t.val_check_interval,
+            check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
+            log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
+            callbacks=[checkpoint, last, throughput_monitor()],
+        )
+        if logger:
+            logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
+    except BaseException:
+        if logger:
+            logger.finalize("failed")  # never leave the MLflow run RUNNING
+        raise
+    started = time.time()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException as stop:
+        raise RunInterrupted(f"interrupted at step {trainer.global_step}; checkpoint saved to "
+                             f"{last.path}; continue with resume=auto") from stop
+    finally:
+        if trainer.is_global_zero:
+            summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,
+                                    time.time() - started, logger)
+    if trainer.is_global_zero:
+        print(result_line(summary, logger))
     return run_dir
+
+
+def result_line(summary: dict, logger: RunLogger | None) -> str:
+    """One line saying what the run reached and where to find it."""
+    metrics = summary["metrics"]
+    line = f"finished {summary['global_step']} steps in {summary['seconds']:.0f} s"
+    if "val/loss" in metrics:
+        line += f"; val/loss {metrics['val/loss']:.3f}"
+    if "val/unigram_baseline" in metrics:
+        line += f" (unigram baseline {metrics['val/unigram_baseline']:.3f})"
+    line += f"; checkpoints in {Path(summary['last_checkpoint']).parent}"
+    if logger:
+        line += f"; MLflow run {logger.run_id} at {logger.tracking_uri}"
+    return line
+
+
+def write_summary(path: Path, trainer: L.Trainer, checkpoint: ModelCheckpoint, last_checkpoint: Path,
+                  seconds: float, logger: RunLogger | None) -> dict:
+    """What a run reached, as JSON beside its checkpoints (and an MLflow artifact)."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    summary = {
+        "status": trainer.state.status.value,
+        "global_step": trainer.global_step,
+        "seconds": round(seconds, 1),
+        "best_checkpoint": checkpoint.best_model_path or None,
+        "best_val_loss": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
+        "last_checkpoint": str(last_checkpoint),
+        "metrics": metrics,
+    }
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    if logger:
+        logger.experiment.log_artifact(logger.run_id, str(path))
+    return summary

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.model import GLMConfig, GLMModel
 from glm_lightning.optim import annealing_lr, parameter_groups
 
@@ -26,6 +29,26 @@ def blank_infilling_loss(logits: Tensor, target_ids: Tensor, loss_mask: Tensor) 
     mask = loss_mask.flatten().float()
     tokens = mask.sum()
     return (ce * mask).sum() / tokens.clamp(min=1.0), tokens
+
+
+def rng_states() -> dict:
+    """The global random generators (dropout, sampling) of this process, as tensors and plain
+    Python values so that checkpoints stay loadable with ``weights_only=True``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    states = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class TokenWeightedLoss(Metric):
@@ -46,6 +69,26 @@ class TokenWeightedLoss(Metric):
 
     def compute(self) -> Tensor:
         return (self.loss_sum / self.tokens).float() if self.tokens > 0 else torch.tensor(float("nan"))
+
+
+class UnigramBaseline(Metric):
+    """Cross-entropy of the best context-free predictor of the predicted tokens: the entropy (nats)
+    of their empirical distribution. A model that learned nothing from context cannot get below it,
+    so training should take the validation loss well under this number."""
+
+    full_state_update = False
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.add_state("counts", torch.zeros(vocab_size, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, target_ids: Tensor, loss_mask: Tensor) -> None:
+        predicted = target_ids[loss_mask.bool()]
+        self.counts = self.counts + torch.bincount(predicted, minlength=len(self.counts)).double()
+
+    def compute(self) -> Tensor:
+        p = self.counts[self.counts > 0] / self.counts.sum()
+        return -(p * p.log()).sum().float()
 
 
 class GLMPretrainModule(L.LightningModule):
@@ -71,18 +114,46 @@ class GLMPretrainModule(L.LightningModule):
         self.model = GLMModel(GLMConfig(**model_config))
         # Token-weighted validation losses: one per objective, and "all" over every objective.
         self.val_loss = torch.nn.ModuleDict({name: TokenWeightedLoss() for name in (*OBJECTIVES, "all")})
+        self.val_unigram = UnigramBaseline(self.model.config.vocab_size)
+        self.tokens_seen = 0  # input tokens trained on, across resumes (kept in checkpoints)
+        self.flops_per_batch = 0.0  # model FLOPs of the latest micro-batch, read by ThroughputMonitor
 
     def forward(self, batch: dict) -> Tensor:
         return self.model(batch["input_ids"], batch["position_ids"], batch["sep"])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, tokens = blank_infilling_loss(self(batch), batch["target_ids"], batch["loss_mask"])
-        batch_size = batch["input_ids"].shape[0]
+        if not torch.isfinite(loss):
+            # Stop rather than train on: the last checkpoint written before this step is intact.
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at step {self.global_step} on a "
+                f"{batch['objective']!r} batch; lower optim.lr or use bf16-mixed instead of 16-mixed, "
+                "then continue from the last checkpoint with resume=auto"
+            )
+        batch_size, length = batch["input_ids"].shape
+        self.flops_per_batch = training_flops_per_batch(self.model.config, batch_size, length)
+        self.tokens_seen += batch_size * length * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/tokens_seen", float(self.tokens_seen), batch_size=batch_size)
         self.log(f"train/loss_{batch['objective']}", loss, batch_size=batch_size)
         self.log("train/tokens", tokens, reduce_fx="sum", batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Applied at the first resumed training step: data loaders draw from the global generator
+        # when they start, which the uninterrupted run did before the checkpoint was written.
+        self._pending_rng_states = checkpoint.get("rng_states")
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if getattr(self, "_pending_rng_states", None) is not None:
+            set_rng_states(self._pending_rng_states)
+            self._pending_rng_states = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, tokens = blank_infilling_loss(self(batch), batch["target_ids"], batch["loss_mask"])
@@ -90,6 +161,7 @@ class GLMPretrainModule(L.LightningModule):
         # all ranks hold and synchronise the same metrics whatever objectives they drew.
         for name, metric in self.val_loss.items():
             metric.update(loss, tokens if name in (batch["objective"], "all") else torch.zeros_like(tokens))
+        self.val_unigram.update(batch["target_ids"], batch["loss_mask"])
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_loss.items():
@@ -100,6 +172,18 @@ class GLMPretrainModule(L.LightningModule):
             suffix = "" if name == "all" else f"_{name}"
             self.log(f"val/loss{suffix}", loss, prog_bar=name == "all")
             self.log(f"val/ppl{suffix}", torch.exp(loss))
+        if self.val_unigram.update_count:
+            self.log("val/unigram_baseline", self.val_unigram.compute())
+            self.val_unigram.reset()
+
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 when the Trainer runs the ``fsdp`` strategy, which is the one
+        that provides a device mesh; under every other strategy the model trains as built."""
+        if self.device_mesh is None:
+            return
+        from glm_lightning.parallel import apply_fsdp2_for_precision
+
+        apply_fsdp2_for_precision(self.model, self.device_mesh["data_parallel"], self.trainer.precision)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,0 +1,209 @@
+"""How a GLM is spread over processes: the Lightning strategy for each ``trainer.strategy`` name.
+
+=========  =======================================================================================
+``auto``   Lightning's choice: one device, or DDP when ``devices``/``num_nodes`` ask for more.
+``ddp``    Data parallel, a full model replica per process (gloo on CPU, NCCL on GPU).
+``fsdp``   FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's
+           ``ModelParallelStrategy``: one data-parallel mesh dimension over every process.
+           ``GLMPretrainModule.configure_model`` shards each ``GLMLayer`` and then the root, so
+           the tied word embedding / output projection is one parameter in the root group.
+           Runs on CPU (gloo) and GPU. Precision: ``32-true`` or ``bf16-mixed`` (bf16
+           parameters in compute, fp32 gradient reduction; the master weights stay fp32).
+``fsdp1``  Lightning's ``FSDPStrategy`` (FlatParameter FSDP): one wrapped unit per ``GLMLayer``,
+           optional activation checkpointing through Lightning's wrapper, fp32 gradient
+           reduction under mixed precision. GPU only (Lightning refuses it on CPU).
+=========  =======================================================================================
+
+Checkpoints (``checkpoint_format``): ``full`` gathers the weights and optimizer state on rank 0
+into one ordinary ``.ckpt`` file that loads without a process group
+(``GLMPretrainModule.load_from_checkpoint``, ``torch.load``); ``sharded`` lets every rank write
+its own shard into a checkpoint folder (fast, no rank-0 memory peak; PyTorch's distributed
+checkpoint format, which reshards on load). ``consolidate_checkpoint`` turns such a folder into
+a single weights file.
+
+Activation checkpointing: ``GLMConfig.checkpoint_activations`` recomputes every layer in the
+backward pass inside the model, which composes with ``ddp`` and ``fsdp``. With ``fsdp1`` use
+either that flag or ``activation_checkpointing=True`` here, not both (both recompute twice).
+
+Multi-node runs: Lightning starts one process per device and reads the cluster from the
+environment, so the same command works under torchrun and SLURM. Two nodes of 8 GPUs::
+
+    # torchrun, on every node (node_rank 0 and 1; MASTER is the address of node 0):
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK \\
+        --master_addr=$MASTER --master_port=29500 \\
+        -m experiments.run exp=pretrain trainer.num_nodes=2 trainer.devices=8 trainer.strategy=fsdp
+
+    # SLURM: one task per GPU, srun starts them all (Lightning detects SLURM by itself):
+    #SBATCH --nodes=2
+    #SBATCH --ntasks-per-node=8
+    #SBATCH --gpus-per-node=8
+    srun python -m experiments.run exp=pretrain trainer.num_nodes=2 trainer.devices=8 \\
+        trainer.strategy=fsdp trainer.checkpoint_format=sharded
+
+On one machine, ``python -m experiments.run exp=pretrain trainer.devices=N trainer.strategy=fsdp``
+is enough: Lightning launches the other N - 1 processes itself (also on CPU with
+``trainer.accelerator=cpu``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from glm_lightning.model import GLMLayer, GLMModel
+
+STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1")
+CHECKPOINT_FORMATS = ("full", "sharded")
+# Precisions whose FSDP dtypes we know; ModelParallelStrategy (FSDP2) has no fp16 grad scaler.
+FSDP_PRECISIONS = {"fsdp": ("32-true", "bf16-mixed"), "fsdp1": ("32-true", "bf16-mixed", "16-mixed")}
+
+
+def mixed_precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype] | None:
+    """``(param_dtype, reduce_dtype)`` for a Lightning precision, or None for full fp32.
+
+    Gradients are reduced in fp32 even under mixed precision: summing many low-precision
+    gradients across ranks loses the small ones.
+    """
+    if precision == "32-true":
+        return None
+    if precision == "bf16-mixed":
+        return torch.bfloat16, torch.float32
+    if precision == "16-mixed":
+        return torch.float16, torch.float32
+    raise ValueError(f"unknown precision {precision!r}; choose one of 32-true, bf16-mixed, 16-mixed")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` with pure data parallelism: data_parallel_size = every process,
+    tensor_parallel_size = 1. The world size is known only once Lightning has resolved devices and
+    nodes, so it is filled in here rather than by the caller."""
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+
+def build_strategy(
+    name: str,
+    *,
+    accelerator: str = "auto",
+    precision: str = "32-true",
+    checkpoint_format: str = "full",
+    activation_checkpointing: bool = False,
+) -> Strategy | str:
+    """The ``Trainer(strategy=...)`` value for a strategy name (see the module docstring).
+
+    ``accelerator`` and ``precision`` are the Trainer's; they decide what the FSDP variants can
+    do. ``activation_checkpointing`` is for ``fsdp1`` only (Lightning's checkpoint wrapper per
+    layer); the other strategies take recomputation from ``GLMConfig.checkpoint_activations``.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; valid choices: {', '.join(STRATEGIES)}")
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}; "
+                         f"valid choices: {', '.join(CHECKPOINT_FORMATS)}")
+    sharded = checkpoint_format == "sharded"
+    if sharded and name not in FSDP_PRECISIONS:
+        raise ValueError(f"checkpoint_format 'sharded' needs strategy fsdp or fsdp1, not {name!r} "
+                         "(its checkpoints are always one full file)")
+    if activation_checkpointing and name != "fsdp1":
+        raise ValueError("activation_checkpointing is an fsdp1 option; for other strategies set "
+                         "GLMConfig.checkpoint_activations (model.checkpoint_activations=true)")
+    if name in FSDP_PRECISIONS and precision not in FSDP_PRECISIONS[name]:
+        raise ValueError(f"strategy {name!r} supports precision {', '.join(FSDP_PRECISIONS[name])}; "
+                         f"got {precision!r}")
+
+    if name == "auto":
+        return "auto"
+    if name == "ddp":
+        # Every parameter gets a gradient in every step, so DDP need not search for unused ones.
+        return DDPStrategy(find_unused_parameters=False)
+    if name == "fsdp":
+        return FSDP2Strategy(save_distributed_checkpoint=sharded)
+
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        raise ValueError("strategy 'fsdp1' (Lightning FSDPStrategy) needs CUDA GPUs; "
+                         "use strategy 'fsdp' (FSDP2), which also runs on CPU")
+    dtypes = mixed_precision_dtypes(precision)
+    mixed_precision = None
+    if dtypes is not None:
+        from torch.distributed.fsdp import MixedPrecision
+
+        param_dtype, reduce_dtype = dtypes
+        mixed_precision = MixedPrecision(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                         buffer_dtype=param_dtype)
+    return FSDPStrategy(
+        auto_wrap_policy={GLMLayer},
+        activation_checkpointing_policy={GLMLayer} if activation_checkpointing else None,
+        state_dict_type="sharded" if sharded else "full",
+        mixed_precision=mixed_precision,
+    )
+
+
+def apply_fsdp2(
+    model: GLMModel,
+    device_mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+) -> GLMModel:
+    """Shard ``model`` in place over the 1-D data-parallel ``device_mesh``; returns it.
+
+    One FSDP group per ``GLMLayer`` (its parameters are gathered just before it runs and freed
+    after it, so peak memory holds one layer's full weights), then the root group with the
+    embeddings, position tables and final LayerNorm. The output head reuses
+    ``word_embeddings.weight``, which lives in the root group: it stays gathered from the
+    embedding lookup to the head, and both uses add to the same gradient, so tying survives.
+    ``param_dtype`` / ``reduce_dtype`` (None = keep fp32) set the compute and gradient-reduction
+    dtypes; the sharded master weights stay fp32. Calling it twice is a no-op.
+
+    Every rank keeps its own slice of its own copy, nothing is broadcast: build the model on all
+    ranks from the same seed or checkpoint (the jobs seed before building the module).
+    """
+    if isinstance(model, FSDPModule):
+        return model
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in model.transformer.layers:
+        fully_shard(layer, mesh=device_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=device_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def apply_fsdp2_for_precision(model: GLMModel, device_mesh: DeviceMesh, precision: str) -> GLMModel:
+    """``apply_fsdp2`` with the dtypes of a Lightning precision string (the Trainer's)."""
+    dtypes = mixed_precision_dtypes(precision)
+    param_dtype, reduce_dtype = dtypes if dtypes is not None else (None, None)
+    return apply_fsdp2(model, device_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def consolidate_checkpoint(folder: str | Path, output_file: str | Path) -> Path:
+    """Merge a sharded ``fsdp`` checkpoint folder into one file without a process group.
+
+    The file has the full ``state_dict`` and the metadata of an ordinary checkpoint (hyper-parameters,
+    step counters), so ``GLMPretrainModule.load_from_checkpoint`` and ``torch.load`` read it. The
+    optimizer state is left out: to continue training, resume from the folder itself.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    reader = dcp.FileSystemReader(folder)
+    # Allocate every weight at its full size from the folder's metadata, then let DCP fill them.
+    prefix = "state_dict."
+    weights = {
+        key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith(prefix)
+    }
+    state = {"state_dict": weights}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    checkpoint = torch.load(folder / "meta.pt", weights_only=False)
+    checkpoint["state_dict"] = state["state_dict"]
+    output_file = Path(output_file)
+    torch.save(checkpoint, output_file)
+    return output_file
