@@ -34,13 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model
 
 from datamodules.builtin_corpus import write_builtin_corpus
 from datamodules.corpus import TokenizedCorpus, resolve_inputs, tokenize_corpus
 from datamodules.pretrain import PackedSampleDataset
 from glm_lightning.blank_infilling import BlankInfillingCollator
-from glm_lightning.model import GLMConfig, GLMModel
-from glm_lightning.modules.pretrain import blank_infilling_loss
+from glm_lightning.model import GLMConfig
+from glm_lightning.modules.pretrain import GLMPretrainModule
 from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
 
 SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
@@ -51,14 +52,6 @@ OBJECTIVES = {
 }
 SPAN_TARGET_PER_CORE = 1_000_000
 RATIO_TARGET = 20
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def load_corpus(choice: str, work: Path) -> tuple[str, TokenizedCorpus, GLMTokenizer]:
@@ -112,13 +105,12 @@ def collator_tokens_per_s(
 def train_step_fn(batch: dict) -> Callable[[], None]:
     """One glm-base training step (forward, loss on Part B, backward, AdamW) on a fixed batch."""
     torch.manual_seed(0)
-    model = GLMModel(GLMConfig.from_name("glm-base"))
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    module = GLMPretrainModule(GLMConfig.from_name("glm-base"))
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.01)
 
     def step() -> None:
-        logits = model(batch["input_ids"], batch["position_ids"], batch["sep"])
-        loss, _ = blank_infilling_loss(logits, batch["target_ids"], batch["loss_mask"])
+        loss, _ = module.loss(batch)  # the pretraining loss, logits at Part B only
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

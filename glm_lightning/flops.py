@@ -5,7 +5,8 @@ The accounting is the standard one of PaLM (Chowdhery et al. 2022, appendix B) a
 the backward pass costs twice the forward pass. Element-wise work (LayerNorm, GeLU, softmax,
 dropout, residual adds, biases, the optimiser) and embedding look-ups are not counted, and no
 activation recomputation is counted (it is hardware work, not model work). Attention scores are
-counted over the full ``seq x seq`` square, as SDPA computes them whatever the mask.
+counted over the full ``seq x seq`` square, with no discount for masked (causal) entries, as in
+PaLM's accounting; that is also what the math SDPA kernel computes.
 """
 
 from __future__ import annotations

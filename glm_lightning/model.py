@@ -248,6 +248,7 @@ class GLMModel(nn.Module):
         attention_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
         *,
+        output_mask: Tensor | None = None,
         return_hidden: bool = False,
     ) -> Tensor:
         """Logits ``[B, L, V]`` (float32) of ``input_ids [B, L]`` at ``position_ids [B, 2, L]``.
@@ -256,8 +257,10 @@ class GLMModel(nn.Module):
         Part A; the rest attend to Part A and causally to Part B). ``attention_mask [B, 1, L, Lk]``
         (True = may attend) overrides it; with neither, attention is causal. With ``kv_cache`` the
         inputs are the next tokens after the cached ones: they also see every cached token, and
-        the cache grows by ``L``. ``return_hidden`` returns the final hidden states instead of
-        logits (for heads other than the language model).
+        the cache grows by ``L``. ``output_mask [B, L]`` (bool) computes the logits only where it
+        is True and returns them as ``[N, V]`` in row-major order: pretraining predicts Part B only,
+        so this skips most of the output projection, the largest matmul of a small model.
+        ``return_hidden`` returns the final hidden states instead of logits (for other heads).
         """
         B, L = input_ids.shape
         if position_ids.shape != (B, 2, L):
@@ -271,6 +274,8 @@ class GLMModel(nn.Module):
             kv_cache.length += L
         if return_hidden:
             return h
+        if output_mask is not None:
+            h = h[output_mask]
         return F.linear(h, self.word_embeddings.weight).float()
 
     def num_parameters(self) -> int:

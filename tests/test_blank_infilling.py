@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layouts import row_layout
 
 from glm_lightning import blank_infilling as bi
 from glm_lightning.blank_infilling import (
@@ -1120,21 +1121,6 @@ def longest_document(tokens: np.ndarray) -> int:
         run = run + 1 if allowed else 0
         runs.append(run)
     return max(runs, default=0)
-
-
-def row_layout(
-    batch: dict, b: int
-) -> tuple[list[int], list[tuple[int, list[int], list[int], list[int]]], int]:
-    """Part A, Part-B segments [(dim1, inputs, targets, dim2)] and the real length of row b, read
-    from the positions alone: Part B is every slot after `sep` with dim 2 > 0, and a segment starts
-    at each dim 2 == 1 (valid for every objective, unlike the loss mask)."""
-    sep = int(batch["sep"][b])
-    inputs, targets = batch["input_ids"][b].tolist(), batch["target_ids"][b].tolist()
-    dim1, dim2 = batch["position_ids"][b].tolist()
-    length = sep + sum(1 for d in dim2[sep:] if d > 0)
-    starts = [i for i in range(sep, length) if dim2[i] == 1] + [length]
-    segments = [(dim1[i], inputs[i:j], targets[i:j], dim2[i:j]) for i, j in itertools.pairwise(starts)]
-    return inputs[:sep], segments, length
 
 
 def segment_content(targets: list[int]) -> list[int]:

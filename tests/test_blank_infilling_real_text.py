@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from layouts import row_layout
 
 from datamodules.corpus import tokenize_corpus
 from datamodules.pretrain import PackedSampleDataset
@@ -22,7 +23,6 @@ from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
 CORPUS_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "corpus").resolve()
 SEQ_LENGTH = 512
 SLICE_CHARS = 60_000
-Segment = tuple[int, list[int], list[int], list[int]]  # (dim 1, inputs, targets, dim 2)
 
 
 def write_shared_slices(out: Path, make_text: Callable[..., str]) -> list[Path]:
@@ -60,18 +60,6 @@ SOURCES = [
     ),
     pytest.param(write_generated_text, id="generated-text"),
 ]
-
-
-def row_layout(batch: dict, b: int) -> tuple[list[int], list[Segment], int]:
-    """Part A, the Part-B segments and the real length of row b, read from the positions: Part B
-    is every slot after `sep` with dim 2 > 0, and each segment starts at dim 2 == 1."""
-    sep = int(batch["sep"][b])
-    inputs, targets = batch["input_ids"][b].tolist(), batch["target_ids"][b].tolist()
-    dim1, dim2 = batch["position_ids"][b].tolist()
-    length = sep + sum(1 for d in dim2[sep:] if d > 0)
-    starts = [i for i in range(sep, length) if dim2[i] == 1] + [length]
-    segments = [(dim1[i], inputs[i:j], targets[i:j], dim2[i:j]) for i, j in itertools.pairwise(starts)]
-    return inputs[:sep], segments, length
 
 
 def check_row(

@@ -190,6 +190,14 @@ def test_kv_cache_chunks_and_reorder_equal_full_forward(model):
         model(ids[:, :1], pos[:, :, :1], kv_cache=cache)
 
 
+def test_output_mask_computes_only_the_selected_logits(model):
+    ids, pos = inputs()
+    selected = torch.arange(L)[None] >= SEP[:, None]  # Part B of every sample
+    full = model(ids, pos, SEP)
+    torch.testing.assert_close(model(ids, pos, SEP, output_mask=selected), full[selected],
+                               atol=1e-6, rtol=1e-6)
+
+
 def test_head_is_tied_to_word_embeddings(model):
     ids, pos = inputs()
     hidden = model(ids, pos, SEP, return_hidden=True)

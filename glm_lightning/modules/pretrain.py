@@ -121,8 +121,17 @@ class GLMPretrainModule(L.LightningModule):
     def forward(self, batch: dict) -> Tensor:
         return self.model(batch["input_ids"], batch["position_ids"], batch["sep"])
 
+    def loss(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """``blank_infilling_loss`` with logits computed at the predicted positions only (the
+        loss mask is 0/1, so this is the same number for a fraction of the output projection)."""
+        predicted = batch["loss_mask"].bool()
+        logits = self.model(batch["input_ids"], batch["position_ids"], batch["sep"], output_mask=predicted)
+        tokens = predicted.sum()
+        ce = F.cross_entropy(logits, batch["target_ids"][predicted], reduction="sum")
+        return ce / tokens.clamp(min=1), tokens
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss, tokens = blank_infilling_loss(self(batch), batch["target_ids"], batch["loss_mask"])
+        loss, tokens = self.loss(batch)
         if not torch.isfinite(loss):
             # Stop rather than train on: the last checkpoint written before this step is intact.
             raise FloatingPointError(
@@ -156,7 +165,7 @@ class GLMPretrainModule(L.LightningModule):
             self._pending_rng_states = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, tokens = blank_infilling_loss(self(batch), batch["target_ids"], batch["loss_mask"])
+        loss, tokens = self.loss(batch)
         # Every metric is updated on every batch (with zero tokens when the objective differs), so
         # all ranks hold and synchronise the same metrics whatever objectives they drew.
         for name, metric in self.val_loss.items():
