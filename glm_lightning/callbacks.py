@@ -24,7 +24,6 @@ class LastCheckpoint(L.Callback):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.interrupted = False
-        self._trainer: L.Trainer | None = None
         self._previous_handler = None
         self._saved_step = -1  # global step of the latest checkpoint written by anyone
 
@@ -36,14 +35,15 @@ class LastCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._trainer = trainer
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
-        if self._trainer is not None:
-            self._trainer.received_sigterm = True  # stop at the end of this step, as for SIGTERM
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        if not callable(on_sigterm):  # no graceful path installed: interrupt as Python would
+            raise KeyboardInterrupt
+        on_sigterm(signal.SIGTERM, frame)  # Lightning's handler: stop at the end of this step
 
     def _restore_handler(self) -> None:
         if self._previous_handler is not None and threading.current_thread() is threading.main_thread():

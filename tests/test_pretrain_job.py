@@ -111,7 +111,8 @@ def test_resume_equals_uninterrupted_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_ends_the_run_killed_and_resumes_it(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_interruption_saves_a_checkpoint_ends_the_run_killed_and_resumes_it(tmp_path, stop_signal):
     args = [f"output_dir={tmp_path / 'outputs'}", f"data.cache_dir={tmp_path / 'cache'}", "run_name=r1",
             "model.num_layers=2", "model.hidden_size=64", "data.seq_length=64", "data.batch_size=4",
             "trainer.val_check_interval=1000", "trainer.log_every_n_steps=1"]
@@ -126,7 +127,7 @@ def test_sigterm_saves_a_checkpoint_ends_the_run_killed_and_resumes_it(tmp_path)
     client = mlflow.MlflowClient()
     while time.time() < deadline and len(client.get_metric_history(run_id, "train/loss")) < 3:
         time.sleep(0.5)  # training is under way
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "continue with resume=auto" in stderr.strip().splitlines()[-1]

@@ -70,10 +70,21 @@ def test_validation_losses_per_objective(tokenizer):
     assert metrics["val/unigram_baseline"] == pytest.approx(-(p * p.log()).sum().item(), rel=1e-5)
 
 
-def test_training_fits_a_batch_and_follows_the_schedule(tokenizer):
+OBJECTIVE_OPTIONS = {
+    "span": {},
+    "sentence": {"span_prob": 0.0, "sentence_prob": 1.0},
+    "document": {"span_prob": 0.0, "document_prob": 1.0},
+    "masked_lm": {"masked_lm": True},
+}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVE_OPTIONS)
+def test_training_fits_a_batch_and_follows_the_schedule(tokenizer, objective):
     module = tiny_module(tokenizer, lr=3e-3, warmup=0.1, lr_decay_style="cosine", lr_decay_ratio=0.1,
                          weight_decay=0.0)
-    batch = BlankInfillingCollator(tokenizer, seed=3)(packed_samples(tokenizer, 4))
+    collator = BlankInfillingCollator(tokenizer, seed=3, **OBJECTIVE_OPTIONS[objective])
+    batch = collator(packed_samples(tokenizer, 4))
+    assert batch["objective"] == objective
     with torch.no_grad():
         before = blank_infilling_loss(module(batch), batch["target_ids"], batch["loss_mask"])[0].item()
     fit = trainer(max_steps=40, limit_val_batches=0, gradient_clip_val=1.0)

@@ -22,6 +22,7 @@ from experiments.config import save_config
 from experiments.errors import RunInterrupted
 from experiments.tracking import RunLogger, mlflow_logger
 from glm_lightning.callbacks import LastCheckpoint
+from glm_lightning.checkpoint import init_weights
 from glm_lightning.config import ConfigError, model_overrides
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.pretrain import GLMPretrainModule
@@ -74,11 +75,17 @@ def build_module(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMPretrainModule:
     model_config = GLMConfig.from_name(cfg.model.name, **model_overrides(cfg.model),
                                        vocab_size=len(tokenizer))
     o = cfg.optim
-    return GLMPretrainModule(
+    module = GLMPretrainModule(
         model_config, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
         warmup=o.warmup, lr_decay_style=o.lr_decay_style, lr_decay_iters=o.lr_decay_iters,
         lr_decay_ratio=o.lr_decay_ratio,
     )
+    if cfg.model.init_from:
+        try:
+            init_weights(module.model, cfg.model.init_from)
+        except ValueError as error:  # the checkpoint does not fit the configured model
+            raise ConfigError(f"model.init_from: {error}") from error
+    return module
 
 
 RUN_DIR_VARIABLE = "GLM_LIGHTNING_RUN_DIR"  # inherited by the processes Lightning launches
