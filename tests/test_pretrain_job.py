@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
 from experiments.config import load_config
-from experiments.jobs.pretrain import run
+from experiments.jobs.pretrain import build_module, run
 from glm_lightning.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +168,26 @@ def test_two_process_cpu_run_through_the_command_line(tmp_path, strategy):
     (found,) = mlflow.search_runs(experiment_names=["quickstart"], output_format="list")
     assert found.info.status == "FINISHED" and found.info.run_id == (run_dir / "mlflow_run_id").read_text()
     assert "val/loss" in found.data.metrics and found.data.params["trainer.strategy"] == strategy
+
+
+def test_seq_length_beyond_the_position_table_is_a_config_error(tokenizer):
+    with pytest.raises(ConfigError, match="data.seq_length"):
+        build_module(load_config("quickstart", ["data.seq_length=512"]), tokenizer)
+
+
+ABLATIONS = {
+    "sentinel_tokens": ["data.sentinel_tokens=true"],
+    "masked_lm": ["data.masked_lm=true"],
+    "no_shuffle": ["data.shuffle_spans=false"],
+    "no_2d_positions": ["data.block_positions=false", "model.block_position_encoding=false"],
+    "span_document": ["data.span_prob=0.5", "data.document_prob=0.5", "data.task_masks=true"],
+    "span_sentence": ["data.span_prob=0.5", "data.sentence_prob=0.5", "data.task_masks=true"],
+}
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_every_objective_and_ablation_trains_end_to_end(tmp_path, ablation):
+    run_dir = run(quickstart(tmp_path, "logging.enabled=false", "trainer.max_steps=4",
+                             "trainer.val_check_interval=4", *ABLATIONS[ablation]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 4 and np.isfinite(summary["metrics"]["val/loss"])

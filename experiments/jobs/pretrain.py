@@ -40,7 +40,10 @@ def training_files(cfg: DictConfig) -> list[str]:
 def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
     """Load ``tokenizer.path`` or train a sentencepiece model on the training files, once per
     (file contents, vocab size): the trained model is cached under ``data.cache_dir``."""
-    extra = {"num_sentinels": cfg.data.max_span_length} if cfg.data.sentinel_tokens else {}
+    # Sentinel ablation: one [MASK{i}]/<|startofpiece{i}|> pair per span; a sample holds at most
+    # int(mask_ratio * seq_length) + 1 spans (each masks at least one token).
+    sentinels = int(cfg.data.mask_ratio * cfg.data.seq_length) + 1
+    extra = {"num_sentinels": sentinels} if cfg.data.sentinel_tokens else {}
     if cfg.tokenizer.path:
         return GLMTokenizer.from_sentencepiece(cfg.tokenizer.path, **extra)
     digest = hashlib.sha256(str(cfg.tokenizer.vocab_size).encode())
@@ -74,6 +77,9 @@ def build_datamodule(cfg: DictConfig, tokenizer: GLMTokenizer, files: list[str])
 def build_module(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMPretrainModule:
     model_config = GLMConfig.from_name(cfg.model.name, **model_overrides(cfg.model),
                                        vocab_size=len(tokenizer))
+    if cfg.data.seq_length > model_config.max_sequence_length:
+        raise ConfigError(f"data.seq_length ({cfg.data.seq_length}) exceeds the model's position table "
+                          f"(model.max_sequence_length = {model_config.max_sequence_length})")
     o = cfg.optim
     module = GLMPretrainModule(
         model_config, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
