@@ -4,20 +4,27 @@ GLM adds command tokens ([MASK], [sMASK], [gMASK], <|startofpiece|>, ...) to an 
 vocabulary at fixed ids (GLM_SPEC.md section 1). `GLMTokenizer` owns the command tokens, the literal
 string splitting and the padded vocabulary size; a small backend (`TokenizerBackend`) only turns
 plain text into piece ids and back. `SentencePieceBackend` is the backend used for models trained
-with `train_sentencepiece` and for the official Chinese sentencepiece model.
+with `train_sentencepiece` and for the official Chinese sentencepiece model; `WordPieceBackend`
+(BERT uncased) and `BPEBackend` (GPT-2, RoBERTa) read the official English vocabularies.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import sentencepiece as spm
+from tokenizers import Tokenizer
+from tokenizers import decoders as tk_decoders
+from tokenizers import models as tk_models
+from tokenizers import normalizers as tk_normalizers
+from tokenizers import pre_tokenizers as tk_pre_tokenizers
 
 # Characters that end a sentence; the data pipeline cuts sentences after tokens containing them.
 SENTENCE_END_CHARS = frozenset(".?!;:\n。？！；…")
@@ -118,6 +125,154 @@ class SentencePieceBackend:
         return hashlib.sha256(self._proto).hexdigest()
 
 
+class WordPieceBackend:
+    """BERT WordPiece backend (lower-casing and accent stripping as BERT uncased).
+
+    Pickles as the vocabulary text so DataLoader workers can rebuild it. Decoded pieces are joined
+    with spaces and "##" continuations glued to the previous piece, as the official GLM decoder does.
+    """
+
+    decode_separator = " "
+
+    def __init__(self, vocab_text: str, *, lower_case: bool = True, path: str | None = None) -> None:
+        self.path = path
+        self.lower_case = lower_case
+        self._vocab_text = vocab_text
+        self._load()
+
+    @classmethod
+    def from_file(cls, path: str, *, lower_case: bool = True) -> WordPieceBackend:
+        return cls(_read_text(path, "WordPiece vocabulary"), lower_case=lower_case, path=str(path))
+
+    def _load(self) -> None:
+        # one piece a line; split on "\n" only, since pieces may hold other line-break characters
+        vocab: dict[str, int] = {}
+        for i, line in enumerate(self._vocab_text.removesuffix("\n").split("\n")):
+            vocab.setdefault(line, i)
+        if "[UNK]" not in vocab:
+            raise ValueError("WordPiece vocabulary has no [UNK] token")
+        tok = Tokenizer(tk_models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer = tk_normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=self.lower_case
+        )
+        tok.pre_tokenizer = tk_pre_tokenizers.BertPreTokenizer()
+        tok.decoder = tk_decoders.WordPiece(prefix="##", cleanup=False)
+        self._tok = tok
+        self._num_pieces = max(vocab.values()) + 1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "lower_case": self.lower_case, "vocab_text": self._vocab_text}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self.lower_case = state["lower_case"]
+        self._vocab_text = state["vocab_text"]
+        self._load()
+
+    @property
+    def num_pieces(self) -> int:
+        return self._num_pieces
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode_ids(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        piece = self._tok.id_to_token(i)
+        if piece is None:
+            raise IndexError(f"piece id {i} outside the vocabulary")
+        return piece
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self._tok.token_to_id(piece)
+
+    def fingerprint(self) -> str:
+        options = f"wordpiece|lower_case={self.lower_case}|"
+        return hashlib.sha256(options.encode() + self._vocab_text.encode()).hexdigest()
+
+
+class BPEBackend:
+    """GPT-2 byte-level BPE backend (also RoBERTa, which reuses GPT-2's merges).
+
+    No prefix space is added, and no special tokens: command-token strings never reach the backend.
+    Pickles as the vocabulary and merges text so DataLoader workers can rebuild it.
+    """
+
+    decode_separator = ""
+
+    def __init__(self, vocab_json: str, merges_text: str, *, paths: tuple[str, str] | None = None) -> None:
+        self.paths = paths
+        self._vocab_json = vocab_json
+        self._merges_text = merges_text
+        self._load()
+
+    @classmethod
+    def from_files(cls, vocab_json: str, merges_txt: str) -> BPEBackend:
+        return cls(
+            _read_text(vocab_json, "BPE vocabulary"),
+            _read_text(merges_txt, "BPE merges"),
+            paths=(str(vocab_json), str(merges_txt)),
+        )
+
+    def _load(self) -> None:
+        vocab: dict[str, int] = json.loads(self._vocab_json)
+        merges: list[tuple[str, str]] = []
+        for line in self._merges_text.split("\n"):
+            if line.startswith("#version") or not line.strip():
+                continue
+            left, right = line.split(" ")
+            merges.append((left, right))
+        tok = Tokenizer(tk_models.BPE(vocab, merges))
+        tok.pre_tokenizer = tk_pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = tk_decoders.ByteLevel()
+        self._tok = tok
+        self._num_pieces = max(vocab.values()) + 1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"paths": self.paths, "vocab_json": self._vocab_json, "merges_text": self._merges_text}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.paths = state["paths"]
+        self._vocab_json = state["vocab_json"]
+        self._merges_text = state["merges_text"]
+        self._load()
+
+    @property
+    def num_pieces(self) -> int:
+        return self._num_pieces
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode_ids(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        piece = self._tok.id_to_token(i)
+        if piece is None:
+            raise IndexError(f"piece id {i} outside the vocabulary")
+        return piece
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self._tok.token_to_id(piece)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(b"bpe|byte_level|add_prefix_space=False|")
+        for text in (self._vocab_json, self._merges_text):
+            data = text.encode()
+            h.update(len(data).to_bytes(8, "little") + data)
+        return h.hexdigest()
+
+
+def _read_text(path: str, what: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    return file.read_text(encoding="utf-8")
+
+
 def sentencepiece_command_tokens(
     num_pieces: int, *, fix_command_token: bool = True, num_sentinels: int = 0
 ) -> list[CommandToken]:
@@ -141,6 +296,90 @@ def sentencepiece_command_tokens(
     ]
     tokens.append(CommandToken("dblock", "[dBLOCK]", _next_free_id(tokens)))
     return tokens + sentinel_command_tokens(_next_free_id(tokens), num_sentinels)
+
+
+def wordpiece_command_tokens(backend: TokenizerBackend, *, num_sentinels: int = 0) -> list[CommandToken]:
+    """The official BERT layout (GLM_SPEC.md section 1): the end of a document is [PAD] = 0.
+
+    [PAD], [CLS], [MASK], [SEP] and [UNK] are the vocabulary's own entries; sop, eop, [gMASK],
+    [sMASK] and [dBLOCK] follow the N pieces. No token swallows whitespace (BERT drops it anyway).
+    """
+    n = backend.num_pieces
+    pad = _vocab_id(backend, "[PAD]")
+    tokens = [
+        CommandToken("pad", "[PAD]", pad),
+        CommandToken("eos", "[PAD]", pad),
+        CommandToken("cls", "[CLS]", _vocab_id(backend, "[CLS]")),
+        CommandToken("mask", "[MASK]", _vocab_id(backend, "[MASK]")),
+        CommandToken("sep", "[SEP]", _vocab_id(backend, "[SEP]")),
+        CommandToken("unk", "[UNK]", _vocab_id(backend, "[UNK]")),
+        CommandToken("sop", "<|startofpiece|>", n),
+        CommandToken("eop", "<|endofpiece|>", n + 1),
+        CommandToken("gmask", "[gMASK]", n + 2),
+        CommandToken("smask", "[sMASK]", n + 3),
+        CommandToken("dblock", "[dBLOCK]", n + 4),
+    ]
+    return tokens + sentinel_command_tokens(_next_free_id(tokens), num_sentinels)
+
+
+def gpt2_command_tokens(backend: TokenizerBackend, *, num_sentinels: int = 0) -> list[CommandToken]:
+    """The official GPT-2 layout (GLM-2B/10B): <|endoftext|> from the vocabulary, the rest after N."""
+    n = backend.num_pieces
+    eos = _vocab_id(backend, "<|endoftext|>")
+    tokens = [
+        CommandToken("pad", "<|endoftext|>", eos),
+        CommandToken("eos", "<|endoftext|>", eos),
+        CommandToken("sop", "<|startofpiece|>", n),
+        CommandToken("eop", "<|endofpiece|>", n + 1),
+        CommandToken("cls", "[CLS]", n + 2),
+        CommandToken("mask", "[MASK]", n + 3, lstrip=True),
+        CommandToken("sep", "[SEP]", n + 4),
+        CommandToken("unk", "[UNK]", n + 5),
+        CommandToken("gmask", "[gMASK]", n + 6, lstrip=True),
+        CommandToken("smask", "[sMASK]", n + 7, lstrip=True),
+        CommandToken("dblock", "[dBLOCK]", n + 8),
+    ]
+    return tokens + sentinel_command_tokens(_next_free_id(tokens), num_sentinels)
+
+
+def roberta_command_tokens(backend: TokenizerBackend, *, num_sentinels: int = 0) -> list[CommandToken]:
+    """The official RoBERTa layout: pad = eos = sep = </s> (not <pad>), cls = <s>, mask = <mask>.
+
+    RoBERTa's own strings come first, so ids decode as the RoBERTa vocabulary shows them; GLM's
+    strings (<|endoftext|>, [SEP], [CLS], [MASK], [UNK]) map to the same ids, as in the official
+    tokenizer. sop, eop, [gMASK], [sMASK] and [dBLOCK] follow the N pieces.
+    """
+    n = backend.num_pieces
+    eos = _vocab_id(backend, "</s>")
+    cls_id = _vocab_id(backend, "<s>")
+    mask = _vocab_id(backend, "<mask>")
+    unk = _vocab_id(backend, "<unk>")
+    tokens = [
+        CommandToken("pad", "</s>", eos),
+        CommandToken("eos", "</s>", eos),
+        CommandToken("sep", "</s>", eos),
+        CommandToken("cls", "<s>", cls_id),
+        CommandToken("mask", "<mask>", mask, lstrip=True),
+        CommandToken("unk", "<unk>", unk),
+        CommandToken("eos", "<|endoftext|>", eos),
+        CommandToken("sep", "[SEP]", eos),
+        CommandToken("cls", "[CLS]", cls_id),
+        CommandToken("mask", "[MASK]", mask, lstrip=True),
+        CommandToken("unk", "[UNK]", unk),
+        CommandToken("sop", "<|startofpiece|>", n),
+        CommandToken("eop", "<|endofpiece|>", n + 1),
+        CommandToken("gmask", "[gMASK]", n + 2, lstrip=True),
+        CommandToken("smask", "[sMASK]", n + 3, lstrip=True),
+        CommandToken("dblock", "[dBLOCK]", n + 4),
+    ]
+    return tokens + sentinel_command_tokens(_next_free_id(tokens), num_sentinels)
+
+
+def _vocab_id(backend: TokenizerBackend, piece: str) -> int:
+    i = backend.piece_to_id(piece)
+    if i is None:
+        raise ValueError(f"vocabulary has no {piece} entry")
+    return i
 
 
 def sentinel_command_tokens(first_id: int, num_sentinels: int) -> list[CommandToken]:
@@ -220,6 +459,31 @@ class GLMTokenizer:
         )
         return cls(backend, tokens)
 
+    @classmethod
+    def from_wordpiece(
+        cls, vocab_txt: str, lower_case: bool = True, *, num_sentinels: int = 0
+    ) -> GLMTokenizer:
+        """Tokenizer over a BERT vocab.txt (GLM-Base/Large) with the official BERT layout."""
+        backend = WordPieceBackend.from_file(vocab_txt, lower_case=lower_case)
+        return cls(backend, wordpiece_command_tokens(backend, num_sentinels=num_sentinels))
+
+    @classmethod
+    def from_bpe(
+        cls,
+        vocab_json: str,
+        merges_txt: str,
+        kind: Literal["gpt2", "roberta"] = "gpt2",
+        *,
+        num_sentinels: int = 0,
+    ) -> GLMTokenizer:
+        """Tokenizer over GPT-2 style byte-level BPE files with the official GPT-2 (GLM-2B/10B) or
+        RoBERTa (GLM-RoBERTa) layout."""
+        layouts = {"gpt2": gpt2_command_tokens, "roberta": roberta_command_tokens}
+        if kind not in layouts:
+            raise ValueError(f"kind must be 'gpt2' or 'roberta', not {kind!r}")
+        backend = BPEBackend.from_files(vocab_json, merges_txt)
+        return cls(backend, layouts[kind](backend, num_sentinels=num_sentinels))
+
     def __len__(self) -> int:
         return self._padded_size
 
@@ -263,7 +527,7 @@ class GLMTokenizer:
             parts.append(self.id_to_token(i))
         if run:
             parts.append(self.backend.decode_ids(run))
-        return "".join(parts)
+        return getattr(self.backend, "decode_separator", "").join(parts)
 
     def id_to_token(self, i: int) -> str:
         """Command-token string, backend piece, or `<|unused{i}|>` for an unused or padding id."""
