@@ -1,43 +1,178 @@
-"""Initialising a GLMModel from a checkpoint file (``model.init_from``).
+"""GLM checkpoints in the official, Hugging Face and our own layouts: import, export, conversion.
 
-Single files in three layouts are understood, since they all carry the official key names:
-our Lightning checkpoints (``state_dict`` with ``model.``-prefixed keys), official GLM
-Megatron/DeepSpeed files (``mp_rank_00_model_states.pt``, weights under ``module``), and plain
-state dicts such as Hugging Face GLM ``pytorch_model.bin`` (keys optionally prefixed ``glm.`` or
-``model.``; head weights that are not part of the GLM backbone are ignored with a warning).
+All three layouts carry the official key names (GLM_SPEC §10), so conversion is mostly about
+where the tensors are stored:
+
+* official Megatron/DeepSpeed: ``<dir>/<tag>/mp_rank_XX_model_states.pt`` with the tag named by
+  ``<dir>/latest_checkpointed_iteration.txt`` (or DeepSpeed's ``latest``), or the ``.pt`` files
+  directly in the folder as in the released archives; weights under ``module``. With model
+  parallelism each rank holds a slice of the sharded weights (see ``merge_model_parallel``).
+* Hugging Face: ``pytorch_model.bin`` or ``model.safetensors`` (single, or sharded with an
+  ``*.index.json``) beside a ``config.json``; keys may be prefixed ``glm.``; head weights that are
+  not part of the GLM backbone are ignored with a warning.
+* ours: a Lightning-style checkpoint file, ``{"state_dict": {"model.<key>": ...},
+  "hyper_parameters": {"model_config": {...}}}``, which ``init_weights`` reads and
+  ``GLMPretrainModule.load_from_checkpoint`` restores (training checkpoints of that module are
+  read the same way).
+
+Plain state dicts in a single file (keys optionally prefixed ``glm.`` or ``model.``) are read too.
+``.safetensors`` files need the ``safetensors`` package.
+
+Command line::
+
+    python -m glm_lightning.checkpoint convert SRC DST --to ours|official|hf [--model-parallel N]
+        [--num-heads H] [--fix-chinese-gmask]
+    python -m glm_lightning.checkpoint inspect SRC [--num-heads H]
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
 import pickle
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from glm_lightning.model import GLMModel
+from glm_lightning.model import VOCAB_MULTIPLE, GLMConfig, GLMModel
 
 log = logging.getLogger(__name__)
 
 PREFIXES = ("model.", "glm.")
+TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")
+SHARD_PATTERN = re.compile(r"mp_rank_(\d+)_model_states\.pt")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HEAD_DIM = 64  # every released GLM uses 64-dimensional heads (GLM_SPEC §5.1)
+
+# glm-10b-chinese was trained with [gMASK] and [eop] sharing id 50007; the Hugging Face release
+# gives [gMASK] its own id 50009 and copies the embedding row there (GLM_SPEC §1, §10.2).
+CHINESE_EOP_ID = 50007
+CHINESE_GMASK_ID = 50009
+
+# Model-parallel slicing of the official checkpoints (GLM_SPEC §10.1), by key suffix.
+QKV_KEYS = ("attention.query_key_value.weight", "attention.query_key_value.bias")
+COLUMN_KEYS = ("word_embeddings.weight", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
+ROW_KEYS = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
+
+# Fields of the Hugging Face GLM config (GLM_SPEC §10.2) that our GLMConfig does not have.
+HF_FIXED_FIELDS = {
+    "checkpoint_num_layers": 1,
+    "parallel_output": True,
+    "relative_encoding": False,
+    "output_predict": True,
+    "spell_length": None,
+    "spell_func": "lstm",
+    "attention_scale": 1.0,
+    "pool_token": "cls",
+}
+
+
+@dataclass
+class StoredCheckpoint:
+    """The backbone weights read from a checkpoint, with what else the checkpoint says."""
+
+    weights: dict[str, Tensor]
+    layout: str  # e.g. "official (2-way model parallel)", for messages and ``inspect``
+    config: dict = field(default_factory=dict)  # GLMConfig fields stored beside the weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The GLM backbone weights stored in ``path``, under the official key names."""
+    """The GLM backbone weights stored in ``path`` (a file or a folder), under the official key
+    names; model-parallel shards are merged."""
+    return read_checkpoint(path).weights
+
+
+def read_checkpoint(path: str | Path) -> StoredCheckpoint:
+    """The weights of ``path`` in any supported layout, plus the config stored beside them."""
     path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
     if not path.is_file():
-        kind = "a folder" if path.is_dir() else "missing"
-        raise FileNotFoundError(f"model.init_from must be a checkpoint file; {path} is {kind}")
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Official DeepSpeed files also pickle their training arguments; only the tensors are used.
-        stored = torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"{path} does not exist; expected a checkpoint file or folder")
+    stored = _load_file(path)
+    config = {}
     if isinstance(stored, dict) and isinstance(stored.get("state_dict"), dict):
-        stored = stored["state_dict"]  # a Lightning checkpoint
+        # A Lightning checkpoint, ours or a training checkpoint of GLMPretrainModule.
+        hparams = stored.get("hyper_parameters") or {}
+        config = dict(hparams.get("model_config") or {})
+        layout = "ours (Lightning checkpoint)"
     elif isinstance(stored, dict) and isinstance(stored.get("module"), dict):
-        stored = stored["module"]  # an official Megatron/DeepSpeed checkpoint
+        layout = "official (single file)"
+    else:
+        config = _hf_config(path.parent)
+        layout = "state dict"
+    return StoredCheckpoint(_backbone(stored, path), layout, config)
+
+
+def _read_folder(folder: Path) -> StoredCheckpoint:
+    shard_folder = folder
+    for tracker in TRACKER_FILES:
+        if (folder / tracker).is_file():
+            tag = (folder / tracker).read_text().strip()
+            shard_folder = folder / tag
+            if not shard_folder.is_dir():
+                raise FileNotFoundError(f"{folder / tracker} names checkpoint tag {tag!r}, "
+                                        f"but {shard_folder} is not a folder")
+            break
+    shards = {int(m.group(1)): p for p in shard_folder.iterdir() if (m := SHARD_PATTERN.fullmatch(p.name))}
+    if shards:
+        if sorted(shards) != list(range(len(shards))):
+            raise ValueError(f"{shard_folder}: model-parallel ranks {sorted(shards)} "
+                             f"are not 0..{len(shards) - 1}")
+        weights = [_backbone(_load_file(shards[rank]), shards[rank]) for rank in range(len(shards))]
+        layout = "official" if len(weights) == 1 else f"official ({len(weights)}-way model parallel)"
+        return StoredCheckpoint(merge_model_parallel(weights), layout)
+    for name in HF_WEIGHT_FILES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            weights = {}
+            for file in sorted(set(weight_map.values())):
+                weights.update(_backbone(_load_file(folder / file), folder / file))
+            return StoredCheckpoint(weights, f"hugging face ({name}, sharded)", _hf_config(folder))
+        if (folder / name).is_file():
+            weights = _backbone(_load_file(folder / name), folder / name)
+            return StoredCheckpoint(weights, f"hugging face ({name})", _hf_config(folder))
+    raise FileNotFoundError(
+        f"{folder}: no GLM checkpoint file found in this folder (looked for mp_rank_XX_model_states.pt, "
+        f"{' or '.join(TRACKER_FILES)}, {', '.join(HF_WEIGHT_FILES)} and their .index.json)"
+    )
+
+
+def _load_file(path: Path) -> object:
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as error:
+            raise ValueError(f"{path}: reading .safetensors needs the safetensors package") from error
+        return load_file(path)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Official DeepSpeed files also pickle their training arguments; only tensors are used.
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ModuleNotFoundError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
+
+
+def _backbone(stored: object, path: Path) -> dict[str, Tensor]:
+    if isinstance(stored, dict) and isinstance(stored.get("state_dict"), dict):
+        stored = stored["state_dict"]
+    elif isinstance(stored, dict) and isinstance(stored.get("module"), dict):
+        stored = stored["module"]
     if not isinstance(stored, dict) or not any(isinstance(v, Tensor) for v in stored.values()):
         raise ValueError(f"{path} holds no state dict of tensors")
     return {strip_prefix(k): v for k, v in stored.items() if isinstance(v, Tensor)}
@@ -50,24 +185,349 @@ def strip_prefix(key: str) -> str:
     return key
 
 
+def _hf_config(folder: Path) -> dict:
+    """The GLMConfig fields of a Hugging Face GLM ``config.json`` in ``folder``, if there is one."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(hf, dict) or not (hf.get("model_type") == "glm" or "block_position_encoding" in hf):
+        return {}  # some other model's config
+    names = {f.name for f in dataclasses.fields(GLMConfig)}
+    return {k: v for k, v in hf.items() if k in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model parallelism
+
+
+def merge_model_parallel(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One state dict from the per-rank state dicts of an official model-parallel checkpoint.
+
+    Column-parallel weights (vocabulary rows of ``word_embeddings``, ``dense_h_to_4h`` weight and
+    bias) are concatenated on dim 0; the QKV projection is column-parallel but strided: rank r holds
+    [Q_r; K_r; V_r], so the slices are concatenated per Q/K/V block. Row-parallel weights
+    (``attention.dense``, ``dense_4h_to_h``) are concatenated on dim 1; everything else (their
+    biases, LayerNorms, position tables) is replicated and taken from rank 0.
+    """
+    if len(shards) == 1:
+        return dict(shards[0])
+    keys = list(shards[0])
+    for rank, shard in enumerate(shards[1:], start=1):
+        if set(shard) != set(keys):
+            raise ValueError(f"model-parallel rank {rank} holds other weights than rank 0: "
+                             f"{sorted(set(shard) ^ set(keys))[:5]}")
+    merged = {}
+    for key in keys:
+        parts = [shard[key] for shard in shards]
+        if key.endswith(QKV_KEYS):
+            blocks = [part.chunk(3, dim=0) for part in parts]
+            merged[key] = torch.cat([torch.cat([b[i] for b in blocks], dim=0) for i in range(3)], dim=0)
+        elif key.endswith(COLUMN_KEYS):
+            merged[key] = torch.cat(parts, dim=0)
+        elif key.endswith(ROW_KEYS):
+            merged[key] = torch.cat(parts, dim=1)
+        else:
+            merged[key] = parts[0]
+    return merged
+
+
+def split_model_parallel(state_dict: dict[str, Tensor], model_parallel: int) -> list[dict[str, Tensor]]:
+    """The per-rank state dicts of an official ``model_parallel``-way checkpoint (the inverse of
+    ``merge_model_parallel``)."""
+    shards: list[dict[str, Tensor]] = [{} for _ in range(model_parallel)]
+    for key, tensor in state_dict.items():
+        if key.endswith(QKV_KEYS):
+            blocks = [block.chunk(model_parallel, dim=0) for block in _split(tensor, 3, 0, key)]
+            parts = [torch.cat([b[rank] for b in blocks], dim=0) for rank in range(model_parallel)]
+        elif key.endswith(COLUMN_KEYS):
+            parts = _split(tensor, model_parallel, 0, key)
+        elif key.endswith(ROW_KEYS):
+            parts = _split(tensor, model_parallel, 1, key)
+        else:
+            parts = [tensor] * model_parallel
+        for shard, part in zip(shards, parts, strict=True):
+            shard[key] = part.clone()  # contiguous, and not saved as a view of the whole tensor
+    return shards
+
+
+def _split(tensor: Tensor, parts: int, dim: int, key: str) -> list[Tensor]:
+    if tensor.shape[dim] % parts:
+        raise ValueError(f"{key}: dim {dim} of size {tensor.shape[dim]} does not split into "
+                         f"{parts} equal parts")
+    return list(tensor.chunk(parts, dim=dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and model
+
+
+def infer_config(state_dict: dict[str, Tensor], num_attention_heads: int | None = None) -> GLMConfig:
+    """The GLMConfig whose model has exactly the weights of ``state_dict``.
+
+    Layers, hidden size, vocabulary rows, FFN size, ``max_sequence_length`` (position rows - 1) and
+    block positions follow from the keys and shapes. The head count does not; without
+    ``num_attention_heads`` it is ``hidden_size // 64``, the head size of every released GLM.
+    """
+    try:
+        vocab_rows, hidden = state_dict["word_embeddings.weight"].shape
+        position_rows = state_dict["transformer.position_embeddings.weight"].shape[0]
+        ffn = state_dict["transformer.layers.0.mlp.dense_h_to_4h.weight"].shape[0]
+    except KeyError as error:
+        raise ValueError(f"not a GLM state dict: it lacks {error.args[0]}") from error
+    if vocab_rows % VOCAB_MULTIPLE:
+        raise ValueError(f"word_embeddings has {vocab_rows} rows, not a multiple of {VOCAB_MULTIPLE} "
+                         "as GLMConfig requires")
+    layers = {int(m.group(1)) for key in state_dict if (m := re.match(r"transformer\.layers\.(\d+)\.", key))}
+    heads = num_attention_heads or max(hidden // HEAD_DIM, 1)
+    return GLMConfig(
+        num_layers=len(layers),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        vocab_size=vocab_rows,
+        max_sequence_length=position_rows - 1,
+        intermediate_size=ffn,
+        block_position_encoding="transformer.block_position_embeddings.weight" in state_dict,
+    )
+
+
+def checkpoint_config(stored: StoredCheckpoint, num_attention_heads: int | None = None) -> GLMConfig:
+    """The config of a read checkpoint: sizes from the weights, the head count from the argument,
+    else from the config stored beside the weights, else ``hidden_size // 64``; dropouts and
+    other settings from the stored config where there is one."""
+    heads = num_attention_heads or stored.config.get("num_attention_heads")
+    sizes = dataclasses.asdict(infer_config(stored.weights, heads))
+    names = {f.name for f in dataclasses.fields(GLMConfig)}
+    settings = {k: v for k, v in stored.config.items() if k in names}
+    shape_fields = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                    "max_sequence_length", "intermediate_size", "block_position_encoding")
+    return GLMConfig(**{**settings, **{k: sizes[k] for k in shape_fields}})
+
+
+def fix_chinese_gmask(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A copy of the glm-10b-chinese weights with embedding row 50007 ([eop], which the original
+    training also used for [gMASK]) copied into row 50009, the id the Hugging Face tokenizer gives
+    [gMASK]; as the Hugging Face conversion does."""
+    embeddings = state_dict["word_embeddings.weight"]
+    if embeddings.shape[0] <= CHINESE_GMASK_ID:
+        raise ValueError(f"the [gMASK] fix needs the Chinese vocabulary (50048 rows); "
+                         f"word_embeddings has {embeddings.shape[0]}")
+    embeddings = embeddings.clone()
+    embeddings[CHINESE_GMASK_ID] = embeddings[CHINESE_EOP_ID]
+    return {**state_dict, "word_embeddings.weight": embeddings}
+
+
+def load_glm(path: str | Path, *, num_attention_heads: int | None = None,
+             fix_chinese_gmask_row: bool = False, dtype: torch.dtype = torch.float32) -> GLMModel:
+    """A GLMModel (in eval mode, ``dtype``) with the config inferred from the checkpoint at
+    ``path`` (see ``checkpoint_config``) and its weights."""
+    stored = read_checkpoint(path)
+    config = checkpoint_config(stored, num_attention_heads)
+    weights = fix_chinese_gmask(stored.weights) if fix_chinese_gmask_row else stored.weights
+    with torch.device("meta"):  # no random init of weights that are overwritten anyway
+        model = GLMModel(config)
+    model.load_state_dict(_select(model, weights, path), assign=True)
+    return model.to(dtype).eval()
+
+
 def init_weights(model: GLMModel, path: str | Path) -> None:
     """Copy the weights of ``path`` into ``model``; every backbone weight must be present with the
     model's shape, so a wrong size or vocabulary fails here instead of training a mix."""
-    weights = read_state_dict(path)
+    model.load_state_dict(_select(model, read_state_dict(path), path))
+
+
+def _select(model: GLMModel, weights: dict[str, Tensor], source: str | Path) -> dict[str, Tensor]:
+    """The weights ``model`` needs, after checking that all are there with its shapes."""
     expected = model.state_dict()
     ignored = sorted(set(weights) - set(expected))
     if ignored:
         log.warning("%s: ignoring %d weights that are not part of the GLM backbone: %s",
-                    path, len(ignored), ", ".join(ignored[:8]) + (" ..." if len(ignored) > 8 else ""))
+                    source, len(ignored), ", ".join(ignored[:8]) + (" ..." if len(ignored) > 8 else ""))
     missing = sorted(set(expected) - set(weights))
     if missing:
-        raise ValueError(f"{path} lacks GLM weights {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+        raise ValueError(f"{source} lacks GLM weights {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          "is the configured model larger than the checkpoint?")
     for key, tensor in expected.items():
         if weights[key].shape != tensor.shape:
             raise ValueError(
-                f"{path}: {key} has shape {list(weights[key].shape)} but the model needs "
+                f"{source}: {key} has shape {list(weights[key].shape)} but the model needs "
                 f"{list(tensor.shape)}; set the model size (model.name and overrides) and the "
                 "tokenizer the checkpoint was trained with"
             )
-    model.load_state_dict({key: weights[key] for key in expected})
+    return {key: weights[key] for key in expected}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def export_official(model: GLMModel, out_dir: str | Path, *, model_parallel: int = 1) -> Path:
+    """Write ``model`` as an official GLM checkpoint: ``out_dir/release/mp_rank_XX_model_states.pt``
+    (``{"module": state_dict}``, one file per model-parallel rank) and
+    ``out_dir/latest_checkpointed_iteration.txt`` naming the ``release`` tag, as the official
+    loaders expect. Returns the folder of the shards."""
+    return _write_official(_plain(model), model.config, Path(out_dir), model_parallel)
+
+
+def _write_official(weights: dict[str, Tensor], config: GLMConfig, out_dir: Path,
+                    model_parallel: int) -> Path:
+    if model_parallel < 1:
+        raise ValueError(f"model_parallel must be >= 1, got {model_parallel}")
+    if config.num_attention_heads % model_parallel:
+        raise ValueError(f"{config.num_attention_heads} attention heads do not split over "
+                         f"{model_parallel} model-parallel ranks")
+    shards = split_model_parallel(weights, model_parallel) if model_parallel > 1 else [weights]
+    tag_dir = out_dir / "release"
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    for rank, shard in enumerate(shards):
+        torch.save({"module": shard}, tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
+    (out_dir / TRACKER_FILES[0]).write_text("release")
+    return tag_dir
+
+
+def hf_config(config: GLMConfig) -> dict:
+    """The Hugging Face GLM ``config.json`` of a model with ``config`` (GLM_SPEC §10.2)."""
+    if config.intermediate_size != 4 * config.hidden_size:
+        raise ValueError(f"the Hugging Face GLM has FFN size 4 * hidden_size = {4 * config.hidden_size}; "
+                         f"this model has {config.intermediate_size}")
+    return {
+        "architectures": ["GLMModel"],
+        "model_type": "glm",
+        "num_layers": config.num_layers,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "embedding_dropout_prob": config.embedding_dropout_prob,
+        "attention_dropout_prob": config.attention_dropout_prob,
+        "output_dropout_prob": config.output_dropout_prob,
+        "max_sequence_length": config.max_sequence_length,
+        "checkpoint_activations": config.checkpoint_activations,
+        "block_position_encoding": config.block_position_encoding,
+        "initializer_range": config.initializer_range,
+        **HF_FIXED_FIELDS,
+    }
+
+
+def export_hf(model: GLMModel, out_dir: str | Path) -> Path:
+    """Write ``model`` as a Hugging Face GLM checkpoint folder: ``pytorch_model.bin`` with the
+    official keys (the HF conversion saves the official dict verbatim) and ``config.json``."""
+    return _write_hf(_plain(model), model.config, Path(out_dir))
+
+
+def _write_hf(weights: dict[str, Tensor], config: GLMConfig, out_dir: Path) -> Path:
+    hf = hf_config(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(weights, out_dir / "pytorch_model.bin")
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return out_dir
+
+
+def save_ours(model: GLMModel, path: str | Path) -> Path:
+    """Write ``model`` as our checkpoint file: Lightning's layout with the model config in
+    ``hyper_parameters``, so ``init_weights``, ``load_glm`` and
+    ``GLMPretrainModule.load_from_checkpoint`` all read it."""
+    return _write_ours(_plain(model), model.config, Path(path))
+
+
+def _write_ours(weights: dict[str, Tensor], config: GLMConfig, path: Path) -> Path:
+    checkpoint: dict = {
+        "state_dict": {f"model.{k}": v for k, v in weights.items()},
+        "hyper_parameters": {"model_config": dataclasses.asdict(config)},
+    }
+    try:
+        checkpoint["pytorch-lightning_version"] = version("lightning")  # Lightning's loader needs it
+    except PackageNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
+
+
+def _plain(model: GLMModel) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def convert(src: str | Path, dst: str | Path, to: str, *, model_parallel: int = 1,
+            num_attention_heads: int | None = None, fix_chinese_gmask_row: bool = False) -> GLMConfig:
+    """Rewrite the checkpoint ``src`` in layout ``to`` (``ours``: a file; ``official``, ``hf``: a
+    folder) at ``dst``. Works on the state dict, so the stored dtype is kept and no model is
+    built beyond checking the shapes. Returns the config."""
+    stored = read_checkpoint(src)
+    config = checkpoint_config(stored, num_attention_heads)
+    with torch.device("meta"):
+        weights = _select(GLMModel(config), stored.weights, src)
+    if fix_chinese_gmask_row:
+        weights = fix_chinese_gmask(weights)
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    if to != "official" and model_parallel != 1:
+        raise ValueError("--model-parallel applies to --to official only")
+    if to == "official":
+        _write_official(weights, config, Path(dst), model_parallel)
+    elif to == "hf":
+        _write_hf(weights, config, Path(dst))
+    elif to == "ours":
+        _write_ours(weights, config, Path(dst))
+    else:
+        raise ValueError(f"unknown layout {to!r}; choose ours, official or hf")
+    return config
+
+
+def describe(src: str | Path, num_attention_heads: int | None = None) -> str:
+    """What ``inspect`` prints: layout, inferred config and parameter count."""
+    stored = read_checkpoint(src)
+    config = checkpoint_config(stored, num_attention_heads)
+    with torch.device("meta"):
+        weights = _select(GLMModel(config), stored.weights, src)
+    count = sum(t.numel() for t in weights.values())
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
+    if num_attention_heads:
+        heads_from = "given"
+    elif "num_attention_heads" in stored.config:
+        heads_from = "stored config"
+    else:
+        heads_from = f"hidden_size // {HEAD_DIM}"
+    lines = [f"layout: {stored.layout}", f"parameters: {count:,}", f"dtype: {', '.join(dtypes)}",
+             f"heads: {config.num_attention_heads} ({heads_from})", "config:"]
+    lines += [f"  {k}: {v}" for k, v in dataclasses.asdict(config).items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m glm_lightning.checkpoint",
+                                     description="Convert or inspect GLM checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    conv = commands.add_parser("convert", help="rewrite a checkpoint in another layout")
+    conv.add_argument("src")
+    conv.add_argument("dst", help="a file for --to ours, else a folder")
+    conv.add_argument("--to", required=True, choices=("ours", "official", "hf"))
+    conv.add_argument("--model-parallel", type=int, default=1, help="official shards to write")
+    conv.add_argument("--num-heads", type=int, default=None)
+    conv.add_argument("--fix-chinese-gmask", action="store_true",
+                      help="copy embedding row 50007 into 50009 (glm-10b-chinese)")
+    insp = commands.add_parser("inspect", help="print the inferred config and parameter count")
+    insp.add_argument("src")
+    insp.add_argument("--num-heads", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "convert":
+            config = convert(args.src, args.dst, args.to, model_parallel=args.model_parallel,
+                             num_attention_heads=args.num_heads, fix_chinese_gmask_row=args.fix_chinese_gmask)
+            print(f"wrote {args.dst} ({args.to}): {config.num_layers} layers, hidden {config.hidden_size}, "
+                  f"{config.num_attention_heads} heads, vocab {config.vocab_size}")
+        else:
+            print(describe(args.src, args.num_heads))
+    except (OSError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,13 +1,27 @@
-"""model.init_from: GLM weights from our, official and Hugging Face style checkpoint files."""
+"""GLM checkpoints: init_from files, official / Hugging Face / our layouts, conversion and the CLI."""
 
+import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from experiments.config import load_config
 from experiments.jobs.pretrain import build_module
-from glm_lightning.checkpoint import init_weights, read_state_dict
+from glm_lightning.checkpoint import (
+    export_hf,
+    export_official,
+    fix_chinese_gmask,
+    infer_config,
+    init_weights,
+    load_glm,
+    merge_model_parallel,
+    read_state_dict,
+    save_ours,
+    split_model_parallel,
+)
 from glm_lightning.config import ConfigError
 from glm_lightning.model import GLMConfig, GLMModel
 
@@ -71,3 +85,234 @@ def test_the_job_builds_its_model_from_init_from(tmp_path, tokenizer):
         assert torch.equal(module.model.state_dict()[key], value), key
     with pytest.raises(ConfigError, match="model.init_from: .* lacks GLM weights"):
         build_module(load_config("quickstart", [f"model.init_from={path}"]), tokenizer)
+
+
+# Conversion between the official, Hugging Face and our layouts (GLM_SPEC §10).
+
+HEADS = CONFIG.num_attention_heads  # 4: not hidden_size // 64, so the tests must pass it
+
+
+def logits(model: GLMModel) -> torch.Tensor:
+    torch.manual_seed(4)
+    ids = torch.randint(0, 300, (2, 9))
+    pos = torch.stack([torch.arange(9), torch.zeros(9, dtype=torch.long)]).expand(2, 2, 9)
+    return model.eval()(ids, pos, torch.tensor([5, 9]))
+
+
+def strided_split(sd: dict, ranks: int) -> list[dict]:
+    """The official model-parallel slicing, written out independently of the code under test:
+    rank r holds [Q_r; K_r; V_r] of the QKV projection, vocab rows and dense_h_to_4h rows,
+    columns of the row-parallel weights, and full copies of everything else."""
+    shards = [{} for _ in range(ranks)]
+    for key, value in sd.items():
+        for r, shard in enumerate(shards):
+            if "query_key_value" in key:
+                n = value.shape[0] // 3 // ranks
+                q, k, v = value[:n * ranks], value[n * ranks:2 * n * ranks], value[2 * n * ranks:]
+                shard[key] = torch.cat([q[r * n:(r + 1) * n], k[r * n:(r + 1) * n], v[r * n:(r + 1) * n]])
+            elif key == "word_embeddings.weight" or "dense_h_to_4h" in key:
+                n = value.shape[0] // ranks
+                shard[key] = value[r * n:(r + 1) * n].clone()
+            elif key.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+                n = value.shape[1] // ranks
+                shard[key] = value[:, r * n:(r + 1) * n].clone()
+            else:
+                shard[key] = value.clone()
+    return shards
+
+
+def write_layout(model: GLMModel, layout: str, root) -> object:
+    """``model`` saved in ``layout`` under ``root``, by hand; returns the path to load."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    root.mkdir(parents=True, exist_ok=True)
+    if layout == "official-flat":  # released archives: the .pt directly in the folder
+        torch.save({"module": sd, "iteration": 0}, root / "mp_rank_00_model_states.pt")
+    elif layout in ("official-mp2", "deepspeed-mp2"):
+        tracker, tag = ("latest_checkpointed_iteration.txt", "1000") if layout == "official-mp2" else (
+            "latest", "global_step1000")
+        (root / tag).mkdir()
+        (root / tracker).write_text(tag + "\n")
+        for r, shard in enumerate(strided_split(sd, 2)):
+            torch.save({"module": shard, "iteration": 1000}, root / tag / f"mp_rank_{r:02d}_model_states.pt")
+    elif layout == "hf-bin":
+        torch.save(sd, root / "pytorch_model.bin")
+    elif layout == "hf-bin-sharded":
+        keys = sorted(sd)
+        parts = {"pytorch_model-00001-of-00002.bin": keys[:7], "pytorch_model-00002-of-00002.bin": keys[7:]}
+        for name, part in parts.items():
+            torch.save({f"glm.{k}": sd[k] for k in part}, root / name)
+        weight_map = {f"glm.{k}": name for name, part in parts.items() for k in part}
+        (root / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    elif layout in ("hf-safetensors", "hf-safetensors-sharded"):
+        save_file = pytest.importorskip("safetensors.torch").save_file
+        if layout == "hf-safetensors":
+            save_file({**sd, "dense.weight": torch.ones(2)}, root / "model.safetensors")
+        else:
+            keys = sorted(sd)
+            save_file({k: sd[k] for k in keys[:5]}, root / "a.safetensors")
+            save_file({k: sd[k] for k in keys[5:]}, root / "b.safetensors")
+            weight_map = {k: "a.safetensors" if i < 5 else "b.safetensors" for i, k in enumerate(keys)}
+            (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    elif layout == "ours":
+        return save_ours(model, root / "model.ckpt")
+    return root
+
+
+FOLDER_LAYOUTS = ["official-flat", "official-mp2", "deepspeed-mp2", "hf-bin", "hf-bin-sharded",
+                  "hf-safetensors", "hf-safetensors-sharded", "ours"]
+
+
+@pytest.mark.parametrize("layout", FOLDER_LAYOUTS)
+def test_load_glm_from_each_layout_gives_the_original_logits(tmp_path, layout):
+    source = source_model()
+    path = write_layout(source, layout, tmp_path / layout)
+    loaded = load_glm(path, num_attention_heads=HEADS)
+    assert loaded.config == CONFIG
+    assert not loaded.training
+    torch.testing.assert_close(logits(loaded), logits(source), atol=1e-5, rtol=0)
+    target = GLMModel(CONFIG)  # the pretraining job's route reads the same layouts
+    init_weights(target, path)
+    torch.testing.assert_close(logits(target), logits(source), atol=1e-5, rtol=0)
+
+
+def test_merge_interleaves_qkv_per_block_and_split_inverts_it():
+    sd = source_model().state_dict()
+    shards = strided_split(sd, 2)
+    merged = merge_model_parallel(shards)
+    assert all(torch.equal(merged[k], v) for k, v in sd.items())
+    naive = torch.cat([s["transformer.layers.0.attention.query_key_value.weight"] for s in shards])
+    assert not torch.equal(naive, sd["transformer.layers.0.attention.query_key_value.weight"])
+    for ours, theirs in zip(split_model_parallel(sd, 2), shards, strict=True):
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def assert_same_weights(path, model: GLMModel) -> None:
+    stored = read_state_dict(path)
+    expected = model.state_dict()
+    assert stored.keys() == expected.keys()
+    for key, value in expected.items():
+        assert stored[key].dtype == value.dtype and torch.equal(stored[key], value), key
+
+
+def test_export_then_import_is_the_identity(tmp_path):
+    model = source_model()
+    export_official(model, tmp_path / "official")
+    assert (tmp_path / "official/latest_checkpointed_iteration.txt").read_text() == "release"
+    stored = torch.load(tmp_path / "official/release/mp_rank_00_model_states.pt", weights_only=True)
+    assert set(stored) == {"module"}
+    assert_same_weights(tmp_path / "official", model)
+
+    export_official(model, tmp_path / "mp2", model_parallel=2)
+    for rank, expected in enumerate(strided_split(model.state_dict(), 2)):
+        shard = torch.load(tmp_path / f"mp2/release/mp_rank_{rank:02d}_model_states.pt", weights_only=True)
+        assert all(torch.equal(shard["module"][k], v) for k, v in expected.items())
+    assert_same_weights(tmp_path / "mp2", model)
+
+    export_hf(model, tmp_path / "hf")
+    assert set(torch.load(tmp_path / "hf/pytorch_model.bin", weights_only=True)) == set(model.state_dict())
+    assert_same_weights(tmp_path / "hf", model)
+    assert_same_weights(save_ours(model, tmp_path / "ours.ckpt"), model)
+
+
+def test_hf_config_json_has_the_hf_fields_and_supplies_the_head_count(tmp_path):
+    model = source_model()
+    export_hf(model, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["model_type"] == "glm" and hf["architectures"] == ["GLMModel"]
+    sizes = {"num_layers": 2, "vocab_size": 384, "hidden_size": 64, "num_attention_heads": 4,
+             "max_sequence_length": 256}
+    assert {k: hf[k] for k in sizes} == sizes
+    assert hf["block_position_encoding"] is True and hf["attention_scale"] == 1.0
+    assert hf["pool_token"] == "cls"
+    for name in ("embedding_dropout_prob", "attention_dropout_prob", "output_dropout_prob",
+                 "checkpoint_activations", "checkpoint_num_layers", "parallel_output", "relative_encoding",
+                 "output_predict", "spell_length", "spell_func", "initializer_range"):
+        assert name in hf
+    assert load_glm(tmp_path).config == CONFIG  # heads from config.json, not hidden // 64
+
+
+def test_export_official_refuses_an_uneven_split(tmp_path):
+    with pytest.raises(ValueError, match="attention heads do not split over 3"):
+        export_official(source_model(), tmp_path, model_parallel=3)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"block_position_encoding": False},
+                                       {"intermediate_size": 96, "max_sequence_length": 40, "num_layers": 3}])
+def test_infer_config_recovers_the_config(overrides):
+    config = GLMConfig.from_name("tiny", vocab_size=300, **overrides)
+    sd = GLMModel(config).state_dict()
+    assert infer_config(sd, num_attention_heads=config.num_attention_heads) == config
+    assert infer_config(sd).num_attention_heads == 1  # hidden 64 // head size 64
+    wide = GLMModel(GLMConfig.from_name("tiny", hidden_size=256)).state_dict()
+    assert infer_config(wide).num_attention_heads == 4
+    with pytest.raises(ValueError, match="lacks word_embeddings.weight"):
+        infer_config({})
+
+
+def test_the_chinese_gmask_fix_copies_the_eop_row(tmp_path):
+    config = GLMConfig.from_name("tiny", num_layers=1, vocab_size=50048)
+    model = GLMModel(config)
+    sd = model.state_dict()
+    fixed = fix_chinese_gmask(sd)
+    rows = fixed["word_embeddings.weight"]
+    assert torch.equal(rows[50009], sd["word_embeddings.weight"][50007])
+    assert not torch.equal(sd["word_embeddings.weight"][50009], sd["word_embeddings.weight"][50007])  # a copy
+    others = torch.ones(50048, dtype=torch.bool)
+    others[50009] = False
+    assert torch.equal(rows[others], sd["word_embeddings.weight"][others])
+    export_official(model, tmp_path)
+    loaded = load_glm(tmp_path, num_attention_heads=4, fix_chinese_gmask_row=True)
+    assert torch.equal(loaded.word_embeddings.weight[50009], sd["word_embeddings.weight"][50007])
+    with pytest.raises(ValueError, match="Chinese vocabulary"):
+        fix_chinese_gmask(source_model().state_dict())
+
+
+def test_ours_is_a_lightning_checkpoint_of_the_pretraining_module(tmp_path):
+    from glm_lightning.modules.pretrain import GLMPretrainModule
+
+    model = source_model()
+    module = GLMPretrainModule.load_from_checkpoint(save_ours(model, tmp_path / "m.ckpt"))
+    assert module.model.config == CONFIG
+    torch.testing.assert_close(logits(module.model), logits(model), atol=0, rtol=0)
+    assert load_glm(tmp_path / "m.ckpt").config == CONFIG  # the stored config gives the heads
+
+
+def test_unreadable_paths_fail_with_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_state_dict(tmp_path / "nothing")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        read_state_dict(tmp_path / "junk.pt")
+    (tmp_path / "latest").write_text("global_step5")
+    with pytest.raises(FileNotFoundError, match="names checkpoint tag 'global_step5'"):
+        read_state_dict(tmp_path)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "glm_lightning.checkpoint", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_line_converts_and_inspects(tmp_path):
+    source = source_model()
+    official = write_layout(source, "official-mp2", tmp_path / "official")
+    done = run_cli("convert", official, tmp_path / "hf", "--to", "hf", "--num-heads", HEADS)
+    assert done.returncode == 0, done.stderr
+    assert_same_weights(tmp_path / "hf", source)
+    done = run_cli("convert", tmp_path / "hf", tmp_path / "mp2", "--to", "official", "--model-parallel", 2)
+    assert done.returncode == 0, done.stderr
+    for rank, expected in enumerate(strided_split(source.state_dict(), 2)):
+        shard = torch.load(tmp_path / f"mp2/release/mp_rank_{rank:02d}_model_states.pt", weights_only=True)
+        assert all(torch.equal(shard["module"][k], v) for k, v in expected.items())
+    done = run_cli("convert", tmp_path / "mp2", tmp_path / "ours.ckpt", "--to", "ours", "--num-heads", HEADS)
+    assert done.returncode == 0, done.stderr
+    torch.testing.assert_close(logits(load_glm(tmp_path / "ours.ckpt")), logits(source), atol=1e-5, rtol=0)
+
+    done = run_cli("inspect", tmp_path / "mp2", "--num-heads", HEADS)
+    assert done.returncode == 0, done.stderr
+    assert "official (2-way model parallel)" in done.stdout
+    assert f"parameters: {source.num_parameters():,}" in done.stdout
+    assert "num_attention_heads: 4" in done.stdout and "max_sequence_length: 256" in done.stdout
+    done = run_cli("inspect", tmp_path / "missing")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr
