@@ -35,7 +35,7 @@ MODEL_NAMES = (
 # `validate` reports anything else together with the valid choices.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": MODEL_NAMES,
-    "tokenizer.kind": ("sentencepiece",),
+    "tokenizer.kind": ("sentencepiece", "wordpiece", "gpt2", "roberta"),
     "optim.lr_decay_style": ("cosine", "linear", "constant"),
     "trainer.strategy": ("auto", "ddp", "fsdp", "fsdp1"),
     "trainer.checkpoint_format": ("full", "sharded"),
@@ -76,9 +76,12 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "sentencepiece"  # tokenizer backend
-    path: str | None = None  # an existing .model file; None trains one on the training files
-    vocab_size: int = 8000  # number of pieces when training a model
+    # sentencepiece (ours or the GLM Chinese model), wordpiece (BERT vocab.txt: GLM-Base/Large/
+    # 410M/515M), gpt2 or roberta (vocab.json + merges.txt: GLM-2B/10B, GLM-RoBERTa)
+    kind: str = "sentencepiece"
+    path: str | None = None  # .model / vocab.txt / vocab.json; None trains a sentencepiece model
+    merges: str | None = None  # merges.txt of the gpt2 and roberta vocabularies
+    vocab_size: int = 8000  # number of pieces when training a sentencepiece model
 
 
 @dataclass
@@ -238,6 +241,11 @@ def validate(cfg: DictConfig, choices: dict[str, tuple[str, ...]] | None = None)
             raise ConfigError(f"'{key}' is not set{hint}")
     for key in (*choices, *UNIT_INTERVAL, *POSITIVE, *NON_NEGATIVE):
         check_value(key, _get(cfg, key), choices)
+    kind = cfg.tokenizer.kind
+    if kind != "sentencepiece" and not cfg.tokenizer.path:
+        raise ConfigError(f"'tokenizer.path' must name the vocabulary file of tokenizer.kind={kind}")
+    if kind in ("gpt2", "roberta") and not cfg.tokenizer.merges:
+        raise ConfigError(f"'tokenizer.merges' must name the merges.txt of tokenizer.kind={kind}")
     data = cfg.data
     total = data.span_prob + data.sentence_prob + data.document_prob
     if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=1e-6):

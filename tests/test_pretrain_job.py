@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from experiments.config import load_config
-from experiments.jobs.pretrain import build_module, run
+from experiments.jobs.pretrain import build_module, build_tokenizer, run
 from glm_lightning.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,3 +191,17 @@ def test_every_objective_and_ablation_trains_end_to_end(tmp_path, ablation):
                              "trainer.val_check_interval=4", *ABLATIONS[ablation]))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 4 and np.isfinite(summary["metrics"]["val/loss"])
+
+
+def test_official_vocabularies_are_selected_by_the_config(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    special = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
+    words = iter("the a river city market road garden . , !".split())
+    vocab.write_text("\n".join(special.get(i) or next(words, f"[unused{i}]") for i in range(30522)) + "\n")
+    cfg = load_config("quickstart", ["tokenizer.kind=wordpiece", f"tokenizer.path={vocab}"])
+    tokenizer = build_tokenizer(cfg, [])
+    assert (tokenizer.eos_id, tokenizer.cls_id, tokenizer.sop_id, len(tokenizer)) == (0, 101, 30522, 30592)
+    with pytest.raises(ConfigError, match="tokenizer.path"):
+        load_config("quickstart", ["tokenizer.kind=wordpiece"])
+    with pytest.raises(ConfigError, match="tokenizer.merges"):
+        load_config("quickstart", ["tokenizer.kind=gpt2", f"tokenizer.path={vocab}"])

@@ -38,14 +38,20 @@ def training_files(cfg: DictConfig) -> list[str]:
 
 
 def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
-    """Load ``tokenizer.path`` or train a sentencepiece model on the training files, once per
-    (file contents, vocab size): the trained model is cached under ``data.cache_dir``."""
+    """The official vocabulary at ``tokenizer.path``, or a sentencepiece model: the given one, or one
+    trained on the training files once per (file contents, vocab size) and cached under
+    ``data.cache_dir``."""
     # Sentinel ablation: one [MASK{i}]/<|startofpiece{i}|> pair per span; a sample holds at most
     # int(mask_ratio * seq_length) + 1 spans (each masks at least one token).
     sentinels = int(cfg.data.mask_ratio * cfg.data.seq_length) + 1
     extra = {"num_sentinels": sentinels} if cfg.data.sentinel_tokens else {}
-    if cfg.tokenizer.path:
-        return GLMTokenizer.from_sentencepiece(cfg.tokenizer.path, **extra)
+    kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
+    if kind == "wordpiece":
+        return GLMTokenizer.from_wordpiece(path, **extra)
+    if kind in ("gpt2", "roberta"):
+        return GLMTokenizer.from_bpe(path, cfg.tokenizer.merges, kind=kind, **extra)
+    if path:
+        return GLMTokenizer.from_sentencepiece(path, **extra)
     digest = hashlib.sha256(str(cfg.tokenizer.vocab_size).encode())
     for name in sorted(files):
         digest.update(Path(name).read_bytes())
