@@ -15,6 +15,7 @@ import torch
 from experiments.config import load_config
 from experiments.jobs.pretrain import build_module, build_tokenizer, run
 from glm_lightning.config import ConfigError
+from glm_lightning.tokenizer import GLMTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +34,7 @@ def test_quickstart_trains_tracks_and_resumes(tmp_path):
     run_dir = run(quickstart(tmp_path))
     assert run_dir == tmp_path / "outputs" / "quickstart" / "r1"
     assert (run_dir / "config.yaml").exists()
+    assert GLMTokenizer.from_sentencepiece(str(run_dir / "tokenizer.model")).encode("Arlen lies") != []
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 8
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -169,6 +170,9 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     files = training_files(cfg)
     tokenizer = build_tokenizer(cfg, files)
+    if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":
+        # Beside the checkpoints, so that the run is usable on its own (generation, finetuning).
+        shutil.copyfile(tokenizer.backend.path, run_dir / "tokenizer.model")
     datamodule = build_datamodule(cfg, tokenizer, files)
     datamodule.prepare_data()  # tokenize (or find the cache) now: bad input fails before a run starts
     module = build_module(cfg, tokenizer)
