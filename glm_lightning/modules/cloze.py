@@ -1,0 +1,248 @@
+"""SuperGLUE finetuning in the cloze formulation, or with a classifier head (GLM_SPEC §7).
+
+Batches come from ``datamodules.cloze_collate.cloze_collate``: ``input_ids [B, C, L]``,
+``position_ids [B, C, 2, L]``, ``sep [B, C]``, ``target_ids``/``logit_mask [B, C, L]``,
+``candidate_mask [B, C]``, ``label [B]``, ``idx`` and, for single-token tasks, ``verbalizer_ids [K]``.
+
+* Single-token tasks score class ``k`` by the raw logit of verbalizer token ``k`` at the ``[sop]``
+  slot (index ``sep``); the softmax of the cross-entropy then equals p(v(y) | x) normalised over
+  the verbalizers, as in the paper.
+* Multi-token tasks score a candidate by the sum of log p of its answer tokens and ``[eop]``,
+  optionally divided by ``#targets ** length_penalty``; cross-entropy runs over the candidates.
+* The classifier head pools the ``[CLS]`` hidden state (the non-cloze ablation baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glm_lightning.metrics import ReCoRDMetric, superglue_metrics
+from glm_lightning.model import GLMConfig, GLMModel
+from glm_lightning.optim import annealing_lr, parameter_groups
+
+LOSS_FUNCS = ("cross_entropy", "mix", "generative")
+HEADS = ("cloze", "classifier")
+# Tasks whose examples are a set of candidates (one score per candidate, not one per class).
+MULTIPLE_CHOICE_TASKS = ("COPA", "WSC", "ReCoRD")
+NUM_CLASSES = {"CB": 3}  # every other classification task is binary
+PADDED_CANDIDATE_PENALTY = 10000.0  # subtracted from filler candidates' scores, as the official code
+
+
+def single_token_scores(model: GLMModel, input_ids: Tensor, position_ids: Tensor, sep: Tensor,
+                        verbalizer_ids: Tensor) -> Tensor:
+    """Raw logits ``[N, K]`` of the verbalizer tokens at the ``[sop]`` slot (index ``sep``) of each
+    row; the output projection runs at that one position per row only."""
+    at_sop = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] == sep[:, None]
+    logits = model(input_ids, position_ids, sep, output_mask=at_sop)  # [N, V], one row per input row
+    return logits[:, verbalizer_ids]
+
+
+def multi_token_scores(model: GLMModel, input_ids: Tensor, position_ids: Tensor, sep: Tensor,
+                       target_ids: Tensor, logit_mask: Tensor, length_penalty: float = 0.0) -> Tensor:
+    """Per row ``sum log p(target)`` over the ``logit_mask`` positions (answer tokens and ``[eop]``),
+    divided by ``#targets ** length_penalty`` when it is non-zero. Returns ``[N]`` (float32)."""
+    predicted = logit_mask.bool()
+    logits = model(input_ids, position_ids, sep, output_mask=predicted)  # [M, V], row-major order
+    log_p = torch.log_softmax(logits.float(), dim=-1).gather(1, target_ids[predicted][:, None])[:, 0]
+    rows = predicted.nonzero()[:, 0]
+    scores = torch.zeros(len(input_ids), dtype=log_p.dtype, device=log_p.device).index_add(0, rows, log_p)
+    if length_penalty:
+        scores = scores / predicted.sum(1).clamp(min=1).to(scores.dtype) ** length_penalty
+    return scores
+
+
+def cloze_loss(scores: Tensor, label: Tensor, loss_func: str = "cross_entropy") -> Tensor:
+    """``cross_entropy`` over the scores; ``generative`` = -mean(score of the correct choice);
+    ``mix`` = both summed (the official WSC setting)."""
+    if loss_func not in LOSS_FUNCS:
+        raise ValueError(f"loss_func must be one of {LOSS_FUNCS}, got {loss_func!r}")
+    scores = scores.float()
+    if loss_func == "cross_entropy":
+        return F.cross_entropy(scores, label)
+    generative = -scores.gather(1, label[:, None]).mean()
+    return generative if loss_func == "generative" else generative + F.cross_entropy(scores, label)
+
+
+class ClassificationHead(nn.Module):
+    """``[CLS]`` hidden state -> Linear(H, H) -> tanh -> dropout -> Linear(H, outputs)."""
+
+    def __init__(self, hidden_size: int, outputs: int, dropout: float = 0.1):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, outputs)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.out(self.dropout(torch.tanh(self.dense(pooled))))
+
+
+class GLMClozeModule(L.LightningModule):
+    """GLMModel finetuned on one SuperGLUE task; evaluation feeds ``superglue_metrics(task)``.
+
+    Defaults are the released finetuning settings (§7.4): AdamW lr 1e-5, weight decay 0.1 (none on
+    biases and LayerNorm), betas (0.9, 0.999), eps 1e-8, warmup 10 % then linear decay to 0.1 x lr
+    over the run (``lr_decay_iters`` or the Trainer's total steps). Gradient clipping (1.0) is a
+    Trainer setting. ``self.predictions`` holds ``(idx, prediction)`` pairs of the latest
+    validation or test run on this process (for WSC the prediction is 1 = "refers to span 1").
+    """
+
+    def __init__(
+        self,
+        model_config: GLMConfig | dict,
+        *,
+        task: str = "RTE",
+        head: str = "cloze",
+        num_classes: int | None = None,
+        loss_func: str = "cross_entropy",
+        length_penalty: float = 0.0,
+        classifier_dropout: float = 0.1,
+        lr: float = 1e-5,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup: float = 0.1,
+        lr_decay_style: str = "linear",
+        lr_decay_iters: int | None = None,
+        lr_decay_ratio: float = 0.1,
+        init_from: str | None = None,
+    ):
+        super().__init__()
+        if isinstance(model_config, GLMConfig):
+            model_config = asdict(model_config)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if loss_func not in LOSS_FUNCS:
+            raise ValueError(f"loss_func must be one of {LOSS_FUNCS}, got {loss_func!r}")
+        if num_classes is None:
+            num_classes = NUM_CLASSES.get(task, 2)
+        self.save_hyperparameters()
+        self.model = GLMModel(GLMConfig(**model_config))
+        if init_from:
+            from glm_lightning.checkpoint import init_weights
+
+            init_weights(self.model, init_from)
+        self.multiple_choice = task in MULTIPLE_CHOICE_TASKS
+        self.head = None
+        if head == "classifier":
+            outputs = 1 if self.multiple_choice else num_classes
+            self.head = ClassificationHead(self.model.config.hidden_size, outputs, classifier_dropout)
+        self.val_metrics = nn.ModuleDict(superglue_metrics(task))
+        self.test_metrics = nn.ModuleDict(superglue_metrics(task))
+        self.predictions: list[tuple] = []
+
+    # Scoring
+
+    def forward(self, batch: dict) -> Tensor:
+        """Scores ``[B, K]`` (one per class) or ``[B, C]`` (one per candidate; filler candidates get
+        candidate 0's score minus 10000, so they never win and add nothing to the softmax)."""
+        input_ids = batch["input_ids"]
+        B, C, Lx = input_ids.shape
+        real = batch.get("candidate_mask")
+        real = torch.ones(B, C, dtype=torch.bool, device=input_ids.device) if real is None else real.bool()
+        rows = real.flatten()  # only real candidates go through the model
+        ids = input_ids.reshape(B * C, Lx)[rows]
+        pos = batch["position_ids"].reshape(B * C, 2, Lx)[rows]
+        sep = batch["sep"].reshape(B * C)[rows]
+        if self.head is not None:
+            pooled = self.model(ids, pos, sep, return_hidden=True)[:, 0]
+            logits = self.head(pooled).float()
+            if not self.multiple_choice:
+                return logits.reshape(B, -1)
+            scores = logits[:, 0]
+        elif "verbalizer_ids" in batch:
+            scores = single_token_scores(self.model, ids, pos, sep, batch["verbalizer_ids"])
+            return scores.float().reshape(B, -1)
+        else:
+            target = batch["target_ids"].reshape(B * C, Lx)[rows]
+            mask = batch["logit_mask"].reshape(B * C, Lx)[rows]
+            scores = multi_token_scores(self.model, ids, pos, sep, target, mask, self.hparams.length_penalty)
+        full = scores.new_zeros(B * C).masked_scatter(rows, scores).reshape(B, C)
+        return torch.where(real, full, full[:, :1] - PADDED_CANDIDATE_PENALTY)
+
+    def loss(self, scores: Tensor, label: Tensor) -> Tensor:
+        return cloze_loss(scores, label, self.hparams.loss_func)
+
+    # Training and evaluation
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.loss(self(batch), batch["label"])
+        batch_size = len(batch["input_ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.predictions = []
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"idx": batch.get("idx"), "prediction": self._predict(self(batch))}
+
+    def _predict(self, scores: Tensor) -> Tensor:
+        """Class or candidate index; WSC predicts True (1) iff candidate 0 (span 1) scores highest."""
+        predicted = scores.argmax(-1)
+        return (predicted == 0).long() if self.hparams.task == "WSC" else predicted
+
+    def _evaluate(self, batch: dict, metrics: nn.ModuleDict, stage: str) -> None:
+        scores = self(batch)
+        predicted = self._predict(scores)
+        ids = batch.get("idx")
+        if ids is not None:
+            ids_list = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+            ids_list = [tuple(i) if isinstance(i, list) else i for i in ids_list]
+            self.predictions.extend(zip(ids_list, predicted.tolist(), strict=True))
+        label = batch.get("label")
+        if not isinstance(label, Tensor):
+            label = None
+        # WSC evaluation labels are truth values, not candidate indices: no loss for them.
+        if label is not None and self.hparams.task != "WSC" and bool((label >= 0).all()):
+            self.log(f"{stage}/loss", self.loss(scores, label), batch_size=len(scores))
+        if ids is None or not isinstance(ids, Tensor):
+            return
+        for metric in metrics.values():
+            if isinstance(metric, ReCoRDMetric):
+                candidates = batch.get("candidates")
+                golds = batch.get("answers", batch.get("label"))
+                if isinstance(candidates, list) and isinstance(golds, list):
+                    answers = [cands[p] for cands, p in zip(candidates, predicted.tolist(), strict=True)]
+                    metric.update(answers, golds, ids)
+            elif label is not None:
+                labelled = label >= 0  # unlabelled (test) examples carry no target
+                if labelled.any():
+                    metric.update(predicted[labelled], label[labelled], ids[labelled])
+
+    def _log_metrics(self, metrics: nn.ModuleDict, stage: str) -> None:
+        for name, metric in metrics.items():
+            if metric.update_count:
+                self.log(f"{stage}/{name}", metric.compute(), prog_bar=name in ("accuracy", "f1"))
+            metric.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(parameter_groups(self, hp.weight_decay), lr=hp.lr,
+                                      betas=tuple(hp.betas), eps=hp.eps)
+        decay_iters = hp.lr_decay_iters or int(self.trainer.estimated_stepping_batches)
+        if decay_iters <= 0:
+            raise ValueError("lr_decay_iters or the Trainer's total steps must be positive")
+        scheduler = annealing_lr(optimizer, decay_iters=decay_iters, warmup=hp.warmup,
+                                 style=hp.lr_decay_style, decay_ratio=hp.lr_decay_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
