@@ -40,7 +40,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.strategy": ("auto", "ddp", "fsdp", "fsdp1"),
     "trainer.checkpoint_format": ("full", "sharded"),
     "trainer.precision": ("32-true", "bf16-mixed", "16-mixed"),
+    "generation.strategy": ("greedy", "sample", "beam"),
+    "lm_eval.task": ("lambada", "perplexity"),
 }
+
+# SuperGLUE tasks in Table-1 order, by their official folder names; config keys use lower case.
+SUPERGLUE_TASKS = ("ReCoRD", "COPA", "WSC", "RTE", "BoolQ", "WiC", "CB", "MultiRC")
+CHOICES["superglue.head"] = ("cloze", "classifier")
+for _task in SUPERGLUE_TASKS:
+    CHOICES[f"superglue.tasks.{_task.lower()}.loss_func"] = ("cross_entropy", "mix", "generative")
 
 # Fields of ModelConfig that are passed to GLMConfig.from_name as overrides of the preset.
 MODEL_OVERRIDE_FIELDS = (
@@ -107,6 +115,85 @@ class DataConfig:
     task_masks: bool = False  # [sMASK] / [gMASK] for the sentence / document objectives
     gpt_infill_prob: float = 0.5  # document objective: probability that the span is the suffix
     gpt_min_ratio: float = 0.5  # document objective: minimum fraction of the text to generate
+    dir: str | None = None  # seq2seq: a folder with train/val(/test).jsonl of {"source", "target"}
+    superglue_dir: str | None = None  # SuperGLUE: <dir>/<Task>/{train,val,test}.jsonl; None = download
+    fewglue_dir: str | None = None  # few-shot SuperGLUE: train on <dir>/<Task>/train.jsonl (FewGLUE)
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding (GLM_SPEC 8.2): for exp=generate, seq2seq validation and test predictions."""
+
+    strategy: str = "greedy"
+    max_new_tokens: int = 32
+    num_beams: int = 1  # beam search width (strategy=beam)
+    length_penalty: float = 1.0  # hypothesis score = sum log p / length ** length_penalty
+    min_length: int = 0  # no [eop] before this many tokens
+    no_repeat_ngram_size: int = 0  # 0 = allow repeats
+    temperature: float = 1.0  # strategy=sample
+    top_k: int = 0  # strategy=sample; 0 = no top-k filter
+    top_p: float = 1.0  # strategy=sample; 1 = no nucleus filter
+
+
+@dataclass
+class Seq2SeqConfig:
+    """Seq2seq finetuning (GLM_SPEC 8.1): [CLS] [MASK] " Content:" source | [sop] target [eop]."""
+
+    src_length: int = 464  # source tokens incl. [CLS], mask and prompt (official CNN/DM: 608)
+    tgt_length: int = 48  # target tokens incl. [eop] (official CNN/DM: 160)
+    label_smoothing: float = 0.1
+    task_mask: bool = False  # [sMASK] instead of [MASK] (models pretrained with task masks)
+    prompt: str = " Content:"  # text between the mask and the source
+
+
+@dataclass
+class LMEvalConfig:
+    """Zero-shot language modelling (GLM_SPEC 8.4) on ``file``."""
+
+    task: str = "perplexity"  # lambada: last-word accuracy (jsonl {"text"}); perplexity: a text file
+    file: str | None = None
+    unidirectional: bool = False  # only the first token in Part A (else bidirectional context)
+    max_length: int | None = None  # tokens per window; None = the model's max_sequence_length - 1
+    stride: int = 256  # tokens predicted per window after the first (official --overlapping-eval)
+
+
+@dataclass
+class SuperGLUETaskConfig:
+    """Finetuning settings of one SuperGLUE task (GLM_SPEC 7.4); superglue.yaml sets the released ones."""
+
+    max_seq_length: int = 256  # tokens per candidate row
+    batch_size: int = 16  # global batch (micro-batches x devices x accumulation)
+    epochs: int = 50  # validation on the dev set after each; the best epoch is kept
+    pattern_id: int = 0  # cloze pattern (glm_lightning.cloze.patterns)
+    loss_func: str = "cross_entropy"  # cross_entropy, mix (WSC), generative
+    length_penalty: float = 0.0  # multi-token score / #targets ** length_penalty (WSC: 1)
+
+
+@dataclass
+class SuperGLUETasksConfig:
+    """Per-task settings, keyed by the lower-cased official task name (superglue.tasks.rte.epochs=3)."""
+
+    record: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
+    copa: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
+    wsc: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
+    rte: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
+    boolq: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
+    wic: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
+    cb: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
+    multirc: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
+
+
+@dataclass
+class SuperGLUEConfig:
+    """SuperGLUE finetuning (GLM_SPEC 7): data source, head and the per-task settings."""
+
+    head: str = "cloze"  # cloze (GLM) or classifier ([CLS] head, the ablation baseline)
+    micro_batch_size: int | None = None  # per device; None = the whole global batch at once
+    eval_batch_size: int = 16
+    # The official archive, fetched into data.cache_dir when data.superglue_dir is unset.
+    url: str = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/combined.zip"
+    sha256: str | None = None  # expected digest of the archive; None = not checked
+    tasks: SuperGLUETasksConfig = field(default_factory=SuperGLUETasksConfig)
 
 
 @dataclass
@@ -160,10 +247,18 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    prompts: list[str] = field(default_factory=list)  # exp=generate: texts whose blanks are filled
+    superglue: SuperGLUEConfig = field(default_factory=SuperGLUEConfig)
+    task: Any = None  # exp=superglue: a task name or a list of them (any case); None = all eight
 
 
 # Range checks by dotted key; None values (unset overrides) are skipped.
 UNIT_INTERVAL = (
+    "generation.top_p",
+    "seq2seq.label_smoothing",
     "data.val_fraction",
     "data.span_prob",
     "data.sentence_prob",
@@ -178,6 +273,13 @@ UNIT_INTERVAL = (
     "model.output_dropout_prob",
 )
 POSITIVE = (
+    "generation.max_new_tokens",
+    "generation.num_beams",
+    "generation.temperature",
+    "seq2seq.src_length",
+    "seq2seq.tgt_length",
+    "lm_eval.max_length",
+    "lm_eval.stride",
     "model.num_layers",
     "model.hidden_size",
     "model.num_attention_heads",
@@ -196,14 +298,47 @@ POSITIVE = (
     "trainer.accumulate_grad_batches",
     "trainer.val_check_interval",
     "trainer.log_every_n_steps",
+    "superglue.micro_batch_size",
+    "superglue.eval_batch_size",
+    *(f"superglue.tasks.{t.lower()}.{k}" for t in SUPERGLUE_TASKS
+      for k in ("max_seq_length", "batch_size", "epochs")),
 )
-NON_NEGATIVE = ("data.num_workers", "optim.weight_decay", "optim.clip_grad", "trainer.limit_val_batches")
+NON_NEGATIVE = (
+    "data.num_workers",
+    "optim.weight_decay",
+    "optim.clip_grad",
+    "trainer.limit_val_batches",
+    "generation.min_length",
+    "generation.no_repeat_ngram_size",
+    "generation.top_k",
+    *(f"superglue.tasks.{t.lower()}.{k}" for t in SUPERGLUE_TASKS for k in ("pattern_id", "length_penalty")),
+)
 
 
 def model_overrides(model_section: ModelConfig | DictConfig) -> dict[str, Any]:
     """The GLMConfig overrides a model section asks for (unset ones left out, so the preset applies)."""
     values = {name: getattr(model_section, name) for name in MODEL_OVERRIDE_FIELDS}
     return {name: value for name, value in values.items() if value is not None}
+
+
+def superglue_tasks(value: Any) -> list[str]:
+    """The official names of the tasks that ``task`` selects (a name or a list, any case; None =
+    all eight in Table-1 order); an unknown name is a ConfigError listing the valid ones."""
+    if value is None:
+        return list(SUPERGLUE_TASKS)
+    names = [value] if isinstance(value, str) else list(value)
+    by_key = {task.lower(): task for task in SUPERGLUE_TASKS}
+    tasks = []
+    for name in names:
+        task = by_key.get(str(name).lower())
+        if task is None:
+            valid = ", ".join(SUPERGLUE_TASKS)
+            raise ConfigError(f"invalid value {name!r} for 'task'; valid choices: {valid}")
+        if task not in tasks:
+            tasks.append(task)
+    if not tasks:
+        raise ConfigError(f"'task' selects no task; valid choices: {', '.join(SUPERGLUE_TASKS)}")
+    return tasks
 
 
 def _get(cfg: DictConfig, dotted: str) -> Any:
@@ -241,6 +376,7 @@ def validate(cfg: DictConfig, choices: dict[str, tuple[str, ...]] | None = None)
             raise ConfigError(f"'{key}' is not set{hint}")
     for key in (*choices, *UNIT_INTERVAL, *POSITIVE, *NON_NEGATIVE):
         check_value(key, _get(cfg, key), choices)
+    superglue_tasks(cfg.task)
     kind = cfg.tokenizer.kind
     if kind != "sentencepiece" and not cfg.tokenizer.path:
         raise ConfigError(f"'tokenizer.path' must name the vocabulary file of tokenizer.kind={kind}")

@@ -116,8 +116,11 @@ def _forward_new(model: GLMModel, cache: KVCache, key_valid: Tensor, tokens: Ten
     block = torch.arange(first_block_position, first_block_position + n, device=tokens.device)
     position_ids = torch.stack([dim1[:, None].expand(rows, n), block[None].expand(rows, n)], dim=1)
     key_valid = torch.cat([key_valid, key_valid.new_ones(rows, n)], dim=1)
-    causal = glm_attention_mask(None, n, key_valid.shape[1], device=tokens.device)  # [1, 1, n, Lk]
-    mask = causal & key_valid[:, None, None, :]
+    if n == 1 and bool(key_valid.all()):
+        mask = None  # one token, nothing to hide: it attends to every cached token, no mask needed
+    else:
+        causal = glm_attention_mask(None, n, key_valid.shape[1], device=tokens.device)  # [1, 1, n, Lk]
+        mask = causal & key_valid[:, None, None, :]
     logits = model(tokens, position_ids, attention_mask=mask, kv_cache=cache)
     return logits[:, -1], key_valid
 

@@ -137,7 +137,8 @@ class SelfAttention(nn.Module):
         self.attention_dropout = config.attention_dropout_prob
         self.output_dropout = nn.Dropout(config.output_dropout_prob)
 
-    def forward(self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None, layer: int,
+                causal: bool = False) -> Tensor:
         B, L, H = x.shape
         q, k, v = (
             t.view(B, L, self.num_heads, -1).transpose(1, 2)
@@ -149,7 +150,7 @@ class SelfAttention(nn.Module):
             q, k, v,
             attn_mask=mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=mask is None,
+            is_causal=causal,
         )
         return self.output_dropout(self.dense(y.transpose(1, 2).reshape(B, L, H)))
 
@@ -176,8 +177,8 @@ class GLMLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None = None,
-                layer: int = 0) -> Tensor:
-        x = x + self.attention(self.input_layernorm(x), mask, kv_cache, layer)
+                layer: int = 0, causal: bool = False) -> Tensor:
+        x = x + self.attention(self.input_layernorm(x), mask, kv_cache, layer, causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -196,7 +197,7 @@ class GLMStack(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
     def forward(self, words: Tensor, position_ids: Tensor, mask: Tensor | None,
-                kv_cache: KVCache | None) -> Tensor:
+                kv_cache: KVCache | None, causal: bool = False) -> Tensor:
         h = words + self.position_embeddings(position_ids[:, 0])
         if self.config.block_position_encoding:
             h = h + self.block_position_embeddings(position_ids[:, 1])
@@ -204,9 +205,9 @@ class GLMStack(nn.Module):
         recompute = self.config.checkpoint_activations and self.training and kv_cache is None
         for i, layer in enumerate(self.layers):
             if recompute:
-                h = checkpoint(layer, h, mask, use_reentrant=False)
+                h = checkpoint(layer, h, mask, None, i, causal, use_reentrant=False)
             else:
-                h = layer(h, mask, kv_cache, i)
+                h = layer(h, mask, kv_cache, i, causal)
         return self.final_layernorm(h)
 
 
@@ -266,10 +267,13 @@ class GLMModel(nn.Module):
         if position_ids.shape != (B, 2, L):
             raise ValueError(f"position_ids must be [B, 2, L] = {[B, 2, L]}, got {list(position_ids.shape)}")
         past = kv_cache.length if kv_cache is not None else 0
-        mask = attention_mask
-        if mask is None and (sep is not None or past):
-            mask = glm_attention_mask(sep, L, past + L, device=input_ids.device)
-        h = self.transformer(self.word_embeddings(input_ids), position_ids, mask, kv_cache)
+        mask, causal = attention_mask, False
+        if mask is None:
+            if sep is not None or (past and L > 1):
+                mask = glm_attention_mask(sep, L, past + L, device=input_ids.device)
+            else:  # no Part A: plain causal, or one new token that sees every cached one (no mask)
+                causal = past == 0
+        h = self.transformer(self.word_embeddings(input_ids), position_ids, mask, kv_cache, causal)
         if kv_cache is not None:
             kv_cache.length += L
         if return_hidden:

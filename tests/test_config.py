@@ -363,3 +363,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(args: list[str], expected: str
     assert result.stderr.startswith("error: ")
     assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n")
     assert expected in result.stderr
+
+
+def test_every_registered_job_is_importable() -> None:
+    for name in JOBS:
+        assert callable(get_job(name)), name

@@ -13,6 +13,10 @@ from omegaconf import DictConfig
 
 JOBS: dict[str, str] = {
     "pretrain": "experiments.jobs.pretrain:run",
+    "generate": "experiments.jobs.generate:run",
+    "lm_eval": "experiments.jobs.lm_eval:run",
+    "seq2seq": "experiments.jobs.seq2seq:run",
+    "superglue": "experiments.jobs.superglue:run",
 }
 
 

@@ -1,0 +1,163 @@
+"""Seq2seq finetuning job: jsonl pairs -> GLMSeq2SeqModule on a Trainer -> ROUGE and predictions.
+
+Runs like the pretraining job (run directory, resume, MLflow, checkpoints, summary) and reuses its
+helpers; what differs is the data, the module and an optional test pass over ``test.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
+
+from datamodules.seq2seq import Seq2SeqDataModule, read_jsonl
+from experiments.config import save_config
+from experiments.errors import RunInterrupted
+from experiments.jobs.pretrain import (
+    RUN_DIR_VARIABLE,
+    build_tokenizer,
+    result_line,
+    resume_checkpoint,
+    run_directory,
+    throughput_monitor,
+    write_summary,
+)
+from experiments.tracking import mlflow_logger
+from glm_lightning.callbacks import LastCheckpoint
+from glm_lightning.checkpoint import init_weights
+from glm_lightning.config import ConfigError, model_overrides
+from glm_lightning.model import GLMConfig
+from glm_lightning.modules.seq2seq import GLMSeq2SeqModule
+from glm_lightning.parallel import build_strategy
+from glm_lightning.tokenizer import GLMTokenizer
+
+
+def tokenizer_text(cfg: DictConfig) -> list[str]:
+    """Sources and targets of train.jsonl as plain text (one file in the cache), for training a
+    sentencepiece model when no ``tokenizer.path`` is given."""
+    train = Path(cfg.data.dir) / "train.jsonl"
+    text = "".join(f"{e['source']}\n{e['target']}\n" for e in read_jsonl(train))
+    path = Path(cfg.data.cache_dir) / "seq2seq_text" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return [str(path)]
+
+
+def build_module(cfg: DictConfig, tokenizer: GLMTokenizer, run_dir: Path) -> GLMSeq2SeqModule:
+    model_config = GLMConfig.from_name(cfg.model.name, **model_overrides(cfg.model),
+                                       vocab_size=len(tokenizer))
+    s = cfg.seq2seq
+    # Part B positions run to tgt_length and decoding to max_new_tokens; both index the block table.
+    needed = max(s.src_length, s.tgt_length, cfg.generation.max_new_tokens)
+    if needed > model_config.max_sequence_length:
+        raise ConfigError(f"seq2seq.src_length / tgt_length / generation.max_new_tokens ({needed}) "
+                          "exceed the model's position table "
+                          f"(model.max_sequence_length = {model_config.max_sequence_length})")
+    o = cfg.optim
+    module = GLMSeq2SeqModule(
+        model_config, tokenizer, label_smoothing=s.label_smoothing,
+        lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, warmup=o.warmup,
+        lr_decay_style=o.lr_decay_style, lr_decay_iters=o.lr_decay_iters, lr_decay_ratio=o.lr_decay_ratio,
+        generation=dict(cfg.generation), predictions_dir=str(run_dir / "predictions"),
+    )
+    if cfg.model.init_from:
+        try:
+            init_weights(module.model, cfg.model.init_from)
+        except ValueError as error:  # the checkpoint does not fit the configured model
+            raise ConfigError(f"model.init_from: {error}") from error
+    return module
+
+
+def run(cfg: DictConfig) -> Path:
+    """Finetune as configured (then test on test.jsonl if present); returns the run directory."""
+    if not cfg.data.dir:
+        raise ConfigError("'data.dir' is not set; it must name a folder with train.jsonl and val.jsonl")
+    if not Path(cfg.data.dir).is_dir():
+        raise ConfigError(f"invalid value {cfg.data.dir!r} for 'data.dir': no such folder")
+    L.seed_everything(cfg.seed, workers=True)
+    t = cfg.trainer
+    try:
+        strategy = build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
+                                  checkpoint_format=t.checkpoint_format)
+    except ValueError as error:
+        raise ConfigError(f"trainer settings: {error}") from error
+    # Ranks that Lightning launches (ddp/fsdp) find the run directory through the environment.
+    inherited = os.environ.get(RUN_DIR_VARIABLE)
+    run_dir = Path(inherited) if inherited else run_directory(cfg)
+    os.environ[RUN_DIR_VARIABLE] = str(run_dir)
+    try:
+        return _run(cfg, run_dir, strategy)
+    finally:
+        if not inherited:
+            del os.environ[RUN_DIR_VARIABLE]
+
+
+def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
+    t = cfg.trainer
+    ckpt_path = resume_checkpoint(cfg, run_dir)
+    if rank_zero_only.rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    tokenizer = build_tokenizer(cfg, [] if cfg.tokenizer.path else tokenizer_text(cfg))
+    if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":
+        shutil.copyfile(tokenizer.backend.path, run_dir / "tokenizer.model")
+    s, d = cfg.seq2seq, cfg.data
+    datamodule = Seq2SeqDataModule(tokenizer, d.dir, src_length=s.src_length, tgt_length=s.tgt_length,
+                                   task_mask=s.task_mask, prompt=s.prompt, batch_size=d.batch_size,
+                                   num_workers=d.num_workers, seed=cfg.seed)
+    datamodule.prepare_data()  # bad input fails before a run starts
+    module = build_module(cfg, tokenizer, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="step{step}", auto_insert_metric_name=False,
+                                 monitor="val/loss", mode="min", save_last=True, enable_version_counter=False)
+    last = LastCheckpoint(checkpoints / "last.ckpt")
+    logger = mlflow_logger(cfg, run_dir, resume=ckpt_path is not None) if cfg.logging.enabled else None
+    try:
+        trainer = L.Trainer(
+            max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+            strategy=strategy, precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
+            gradient_clip_val=cfg.optim.clip_grad or None, val_check_interval=t.val_check_interval,
+            check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
+            log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
+            callbacks=[checkpoint, last, throughput_monitor()],
+        )
+        if logger:
+            logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
+    except BaseException:
+        if logger:
+            logger.finalize("failed")
+        raise
+    started = time.time()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException as stop:
+        raise RunInterrupted(f"interrupted at step {trainer.global_step}; checkpoint saved to "
+                             f"{last.path}; continue with resume=auto") from stop
+    finally:
+        if trainer.is_global_zero:
+            summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,
+                                    time.time() - started, logger)
+    if datamodule.split_path("test").exists():  # scored with the best checkpoint by val/loss
+        best = "best" if checkpoint.best_model_path else None
+        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best)
+        if trainer.is_global_zero:
+            path = run_dir / "test_metrics.json"
+            path.write_text(json.dumps(test_metrics[0], indent=2) + "\n")
+            if logger:
+                logger.experiment.log_artifact(logger.run_id, str(path))
+    if trainer.is_global_zero:
+        line = result_line(summary, logger)
+        rouge = [f"{k} {summary['metrics'][f'val/{k}']:.3f}" for k in ("rouge1", "rouge2", "rougeL")
+                 if f"val/{k}" in summary["metrics"]]
+        print(line + (f"; val {', '.join(rouge)}" if rouge else ""))
+    return run_dir

@@ -1,0 +1,301 @@
+"""SuperGLUE finetuning job: the official GLM protocol (GLM_SPEC §7), one task after another.
+
+Per task: finetune from ``model.init_from`` for the configured epochs, validate on the dev set after
+every epoch, keep the best epoch on the task's main metric, reload it for the final dev score and
+the test predictions (leaderboard ``<Task>.jsonl`` files in the run directory). Each task is an
+MLflow child run of one parent run, which gets the Table-1 row (two-metric tasks averaged, then
+the mean over tasks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.superglue import TASKS, split_path
+from datamodules.superglue_data import SuperGLUEDataModule
+from datamodules.superglue_download import fetch_superglue
+from experiments.config import save_config
+from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
+from experiments.jobs.pretrain import resume_checkpoint, run_directory, throughput_monitor, write_summary
+from experiments.tracking import RunLogger, git_tags, mlflow_logger, tracking_uri
+from glm_lightning.checkpoint import load_glm
+from glm_lightning.config import ConfigError, superglue_tasks
+from glm_lightning.metrics import TABLE1_METRICS, table_row
+from glm_lightning.model import GLMConfig
+from glm_lightning.modules.cloze import GLMClozeModule
+from glm_lightning.parallel import build_strategy
+from glm_lightning.tokenizer import GLMTokenizer
+
+# The metric that picks the best epoch: the first of the official DEFAULT_METRICS of each task.
+MAIN_METRIC = {"CB": "accuracy", "MultiRC": "f1a", "ReCoRD": "em"}
+# Diagnostics predicted by the RTE model for the leaderboard, when their files are in the data.
+DIAGNOSTICS = ("AX-b", "AX-g")
+DROPOUT_FIELDS = ("embedding_dropout_prob", "attention_dropout_prob", "output_dropout_prob")
+
+
+def main_metric(task: str) -> str:
+    """Name of the dev metric that selects the best epoch of ``task``."""
+    return MAIN_METRIC.get(task, "accuracy")
+
+
+def superglue_data_dir(cfg: DictConfig, tasks: list[str]) -> Path:
+    """``data.superglue_dir``, or the official archive downloaded into the cache; every selected
+    task must have its train (or FewGLUE train) and val files."""
+    if cfg.data.superglue_dir:
+        data_dir = Path(cfg.data.superglue_dir)
+        if not data_dir.is_dir():
+            raise ConfigError(f"invalid value {cfg.data.superglue_dir!r} for 'data.superglue_dir': "
+                              "no such folder")
+    else:
+        data_dir = fetch_superglue(cfg.superglue.url, cfg.data.cache_dir, cfg.superglue.sha256)
+    for task in tasks:
+        train_key, train_dir = ("data.fewglue_dir", cfg.data.fewglue_dir) if cfg.data.fewglue_dir \
+            else ("data.superglue_dir", data_dir)
+        for key, folder, split in ((train_key, train_dir, "train"), ("data.superglue_dir", data_dir, "val")):
+            path = split_path(task, folder, split)
+            if not path.is_file():
+                raise ConfigError(f"'{key}': {path} does not exist ({task} needs its {split} split)")
+    return data_dir
+
+
+def load_backbone(cfg: DictConfig, tokenizer: GLMTokenizer) -> tuple[GLMConfig, dict[str, torch.Tensor]]:
+    """Config (sizes from the checkpoint, dropouts from ``model.*`` when set) and weights of
+    ``model.init_from``, checked against the tokenizer."""
+    path = require_checkpoint(cfg)
+    try:
+        model = load_glm(path)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"model.init_from: {error}") from error
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the checkpoint at 'model.init_from' "
+                          f"only {model.config.vocab_size}; set the tokenizer the model was trained with")
+    dropouts = {name: getattr(cfg.model, name) for name in DROPOUT_FIELDS
+                if getattr(cfg.model, name) is not None}
+    return dataclasses.replace(model.config, **dropouts), model.state_dict()
+
+
+def device_count(cfg: DictConfig) -> int:
+    """Processes that share a global batch (``trainer.devices`` x nodes; "auto" counts as one)."""
+    devices = cfg.trainer.devices
+    count = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else (
+        devices if isinstance(devices, int) and devices > 0 else 1)
+    return count * cfg.trainer.num_nodes
+
+
+def leaderboard_rows(task: str, examples: list[dict], predictions: dict) -> list[dict]:
+    """Predictions in the SuperGLUE leaderboard format, in file order (``predictions`` maps an
+    example's idx to the predicted class or candidate index)."""
+    if task == "ReCoRD":  # the predicted entity text, per query
+        return [{"idx": ex["idx"][1], "label": ex.get("candidates", ex["entities"])[predictions[ex["idx"]]]}
+                for ex in examples]
+    labels = TASKS[task].labels
+    if task == "MultiRC":  # nested: paragraph -> questions -> answers, each answer 0 or 1
+        paragraphs: dict[int, dict[int, list[dict]]] = {}
+        for ex in examples:
+            p, q, a = ex["idx"]
+            paragraphs.setdefault(p, {}).setdefault(q, []).append({"idx": a, "label": predictions[ex["idx"]]})
+        return [{"idx": p, "passage": {"questions": [{"idx": q, "answers": answers}
+                                                     for q, answers in questions.items()]}}
+                for p, questions in paragraphs.items()]
+    rows = []
+    for ex in examples:
+        label = labels[predictions[ex["idx"]]]
+        rows.append({"idx": ex["idx"], "label": str(label).lower() if isinstance(label, bool) else label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def predict(trainer: L.Trainer, module: GLMClozeModule, loader) -> dict:
+    """idx -> predicted class or candidate index for every example of ``loader``."""
+    predictions = {}
+    for batch in trainer.predict(module, dataloaders=loader):
+        ids = batch["idx"]  # a tensor, or a list where the file's ids are strings (AX-b)
+        for idx, prediction in zip(ids if isinstance(ids, list) else ids.tolist(),
+                                   batch["prediction"].tolist(), strict=True):
+            predictions[tuple(idx) if isinstance(idx, list) else idx] = prediction
+    return predictions
+
+
+def markdown_row(results: dict[str, dict[str, float]], row: dict[str, float]) -> str:
+    """Header and row of Table 1 (x100; two-metric tasks as "a/b") for the tasks that ran."""
+    tasks = [task for task in TABLE1_METRICS if task in results]
+    cells = ["/".join(f"{100 * results[t][m]:.1f}" for m in TABLE1_METRICS[t]) for t in tasks]
+    header = "| " + " | ".join([*tasks, "Avg"]) + " |"
+    return "\n".join([header, "|" + "---|" * (len(tasks) + 1),
+                      "| " + " | ".join([*cells, f"{100 * row['avg']:.1f}"]) + " |"])
+
+
+def child_logger(cfg: DictConfig, parent: RunLogger, run_name: str, task: str) -> RunLogger:
+    """An MLflow run for one task, nested under the sweep's run."""
+    return RunLogger(
+        experiment_name=cfg.logging.experiment_name or cfg.exp,
+        run_name=f"{run_name}/{task}",
+        tracking_uri=tracking_uri(cfg),
+        artifact_location=(Path(cfg.output_dir).resolve() / "mlartifacts").as_uri(),
+        tags={**git_tags(), "exp": cfg.exp, "task": task, "mlflow.parentRunId": parent.run_id},
+    )
+
+
+def run(cfg: DictConfig) -> Path:
+    """Finetune and evaluate every selected task; returns the run directory."""
+    tasks = superglue_tasks(cfg.task)
+    if not Path(require_checkpoint(cfg)).exists():
+        raise ConfigError(f"invalid value {cfg.model.init_from!r} for 'model.init_from': no such checkpoint")
+    if cfg.resume not in (None, "auto"):
+        raise ConfigError("a SuperGLUE sweep resumes per task: use resume=auto with its run_name")
+    data_dir = superglue_data_dir(cfg, tasks)
+    tokenizer = resolve_tokenizer(cfg)
+    model_config, weights = load_backbone(cfg, tokenizer)
+    for task in tasks:
+        length = cfg.superglue.tasks[task.lower()].max_seq_length
+        if length > model_config.max_sequence_length:
+            raise ConfigError(f"superglue.tasks.{task.lower()}.max_seq_length ({length}) exceeds the model's "
+                              f"position table ({model_config.max_sequence_length})")
+    run_dir = run_directory(cfg)
+    if rank_zero_only.rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    parent = mlflow_logger(cfg, run_dir, resume=cfg.resume == "auto") if cfg.logging.enabled else None
+    try:
+        results = {task: run_task(cfg, task, data_dir, tokenizer, model_config, weights, run_dir, parent)
+                   for task in tasks}
+        row = table_row(results)
+        (run_dir / "results.json").write_text(json.dumps({"tasks": results, "table1": row}, indent=2) + "\n")
+        table = markdown_row(results, row)
+        (run_dir / "table1.md").write_text(table + "\n")
+        if parent:
+            parent.log_metrics({**{f"{t}/{m}": v for t, ms in results.items() for m, v in ms.items()},
+                                **{f"table1/{k}": v for k, v in row.items()}})
+            for name in ("results.json", "table1.md", *(f"{t}.jsonl" for t in [*tasks, *DIAGNOSTICS])):
+                if (run_dir / name).exists():
+                    parent.experiment.log_artifact(parent.run_id, str(run_dir / name))
+    except BaseException:
+        if parent:
+            parent.finalize("failed")
+        raise
+    if parent:
+        parent.finalize("success")
+    print(table, flush=True)
+    print(f"SuperGLUE average {100 * row['avg']:.1f} over {len(results)} task(s); outputs in {run_dir}"
+          + (f"; MLflow run {parent.run_id} at {parent.tracking_uri}" if parent else ""), flush=True)
+    return run_dir
+
+
+def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer, model_config: GLMConfig,
+             weights: dict[str, torch.Tensor], run_dir: Path, parent: RunLogger | None) -> dict[str, float]:
+    """Finetune one task with best-epoch selection; returns its dev metrics (Table-1 names)."""
+    tc, t, o = cfg.superglue.tasks[task.lower()], cfg.trainer, cfg.optim
+    task_dir = run_dir / task
+    result_file = task_dir / "result.json"
+    if cfg.resume == "auto" and result_file.exists():  # finished before the sweep was interrupted
+        return json.loads(result_file.read_text())["dev"]
+    ckpt_path = resume_checkpoint(cfg, task_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    micro = cfg.superglue.micro_batch_size or tc.batch_size
+    datamodule = SuperGLUEDataModule(
+        task, data_dir, tokenizer, pattern_id=tc.pattern_id, max_seq_length=tc.max_seq_length,
+        batch_size=micro, eval_batch_size=cfg.superglue.eval_batch_size, head=cfg.superglue.head,
+        train_dir=cfg.data.fewglue_dir, seed=cfg.seed, num_workers=cfg.data.num_workers,
+    )
+    datamodule.prepare_data()
+    try:
+        datamodule.setup()
+    except ValueError as error:  # e.g. a verbalizer that this vocabulary splits into pieces
+        raise ConfigError(f"{task} with the tokenizer of 'tokenizer.path' / 'model.init_from': "
+                          f"{error}") from error
+    module = GLMClozeModule(
+        dataclasses.asdict(model_config), task=task, head=cfg.superglue.head, loss_func=tc.loss_func,
+        length_penalty=tc.length_penalty, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+        eps=o.eps, warmup=o.warmup, lr_decay_style=o.lr_decay_style, lr_decay_iters=o.lr_decay_iters,
+        lr_decay_ratio=o.lr_decay_ratio,
+    )
+    module.model.load_state_dict(weights)
+    metric = main_metric(task)
+    checkpoint = ModelCheckpoint(dirpath=task_dir / "checkpoints", filename="best", monitor=f"val/{metric}",
+                                 mode="max", save_top_k=1, save_last=True, enable_version_counter=False)
+    logger = child_logger(cfg, parent, run_dir.name, task) if parent else None
+    try:
+        strategy = build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
+                                  checkpoint_format=t.checkpoint_format)
+    except ValueError as error:
+        raise ConfigError(f"trainer settings: {error}") from error
+    started = time.time()
+    try:
+        if logger:
+            logger.log_hyperparams({"task": task, "head": cfg.superglue.head, "main_metric": metric,
+                                    **{f"superglue.{k}": v for k, v in OmegaConf.to_container(tc).items()},
+                                    "train_examples": len(datamodule.encoded["train"]),
+                                    "val_examples": len(datamodule.encoded["val"])})
+        trainer = L.Trainer(
+            max_epochs=tc.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+            strategy=strategy, precision=t.precision,
+            accumulate_grad_batches=max(1, tc.batch_size // (micro * device_count(cfg))),
+            gradient_clip_val=o.clip_grad or None, check_val_every_n_epoch=1, num_sanity_val_steps=0,
+            log_every_n_steps=t.log_every_n_steps, default_root_dir=task_dir, logger=logger or False,
+            callbacks=[checkpoint, throughput_monitor()], enable_model_summary=False,
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.is_global_zero:
+            write_summary(task_dir / "summary.json", trainer, checkpoint,
+                          task_dir / "checkpoints" / "last.ckpt", time.time() - started, logger)
+        dev = evaluate_best(cfg, task, datamodule, module, checkpoint.best_model_path, run_dir, logger) \
+            if trainer.is_global_zero else {}
+    except BaseException:
+        if logger:
+            logger.finalize("failed")
+        raise
+    if logger:
+        logger.finalize("success")
+    return dev
+
+
+def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, module: GLMClozeModule,
+                  best: str, run_dir: Path, logger: RunLogger | None) -> dict[str, float]:
+    """Reload the best epoch; score the dev set (and FewGLUE dev32), write the test predictions."""
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    names = TABLE1_METRICS[task]
+    scores = trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)[0]
+    dev = {name: float(scores[f"val/{name}"]) for name in names}
+    metrics = {f"dev/{name}": value for name, value in dev.items()}
+    dev32 = Path(cfg.data.fewglue_dir or "") / task / "dev32.jsonl"
+    if cfg.data.fewglue_dir and dev32.is_file():
+        _, loader = datamodule.eval_loader(task, cfg.data.fewglue_dir, "dev32")
+        scores = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+        metrics.update({f"dev32/{name}": float(scores[f"val/{name}"]) for name in names})
+    written = []
+    if datamodule.has_split("test"):
+        predictions = predict(trainer, module, datamodule.predict_dataloader())
+        written.append(write_jsonl(run_dir / f"{task}.jsonl",
+                                   leaderboard_rows(task, datamodule.examples["test"], predictions)))
+    if task == "RTE":  # the diagnostics are scored by the RTE model
+        for name in DIAGNOSTICS:
+            if split_path(name, datamodule.data_dir, "test").is_file():
+                examples, loader = datamodule.eval_loader(name, datamodule.data_dir, "test")
+                rows = leaderboard_rows(name, examples, predict(trainer, module, loader))
+                written.append(write_jsonl(run_dir / f"{name}.jsonl", rows))
+    result = {"task": task, "dev": dev, "metrics": metrics, "best_checkpoint": best,
+              "predictions": [str(p) for p in written]}
+    (run_dir / task / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if logger:
+        logger.log_metrics(metrics)
+        for path in [*written, run_dir / task / "result.json"]:
+            logger.experiment.log_artifact(logger.run_id, str(path))
+    print(f"{task}: best epoch reloaded from {best}; dev "
+          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+    return dev
+
+

@@ -1,0 +1,92 @@
+"""exp=generate and exp=lm_eval end to end in a subprocess (usage errors through the same entry
+point, in-process), on a random tiny checkpoint laid out as a pretraining run
+(``<run>/checkpoints/last.ckpt`` beside ``<run>/tokenizer.model``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from experiments.run import main
+from glm_lightning.checkpoint import save_ours
+from glm_lightning.model import GLMConfig, GLMModel
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["The curious student [MASK] the story.", "A famous doctor visits the"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer, sentencepiece_model) -> Path:
+    run = tmp_path_factory.mktemp("pretrain_run")
+    shutil.copyfile(sentencepiece_model, run / "tokenizer.model")
+    torch.manual_seed(0)
+    model = GLMModel(GLMConfig.from_name("tiny", vocab_size=len(tokenizer), max_sequence_length=64))
+    save_ours(model, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_generate_prints_one_filled_text_per_prompt(run_dir, tmp_path):
+    prompts = "prompts=[" + ",".join(json.dumps(p) for p in PROMPTS) + "]"
+    result = cli("exp=generate", f"model.init_from={run_dir / 'checkpoints' / 'last.ckpt'}", prompts,
+                 "generation.max_new_tokens=4", f"output_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("filled texts (greedy"))
+    filled = lines[header + 1:]
+    assert len(filled) == len(PROMPTS)
+    assert filled[0].startswith("The curious student") and filled[0].endswith(" the story.")
+    assert "[MASK]" not in filled[0]
+    assert filled[1].startswith("A famous doctor visits the")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["'prompts=[\"a [MASK]\"]'"], "'model.init_from' is not set"),
+    (["model.init_from=CKPT"], "'prompts' is empty"),
+])
+def test_generate_usage_errors_are_one_line(run_dir, tmp_path, capsys, args, message):
+    args = [a.strip("'").replace("CKPT", str(run_dir / "checkpoints" / "last.ckpt")) for a in args]
+    assert main(["exp=generate", *args, f"output_dir={tmp_path}"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and stderr.startswith(f"error: {message}")
+
+
+def test_generate_needs_a_tokenizer_beside_a_foreign_checkpoint(run_dir, tmp_path, capsys):
+    lone = tmp_path / "model.ckpt"
+    shutil.copyfile(run_dir / "checkpoints" / "last.ckpt", lone)
+    assert main(["exp=generate", f"model.init_from={lone}", "prompts=[hello]", f"output_dir={tmp_path}"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "'tokenizer.path' is not set" in stderr
+
+
+def test_lm_eval_prints_and_logs_metrics(run_dir, tmp_path, make_text):
+    text_file = tmp_path / "eval.txt"
+    text_file.write_text(make_text(6, seed=3), encoding="utf-8")
+    result = cli("exp=lm_eval", f"model.init_from={run_dir / 'checkpoints' / 'last.ckpt'}",
+                 f"lm_eval.file={text_file}", "lm_eval.max_length=32", "lm_eval.stride=8",
+                 f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split(": ", 1) for line in result.stdout.splitlines()
+                   if line.startswith("perplexity/"))
+    assert {"perplexity/ppl", "perplexity/adjusted_ppl", "perplexity/num_predicted"} <= set(printed)
+    assert int(float(printed["perplexity/num_predicted"])) == int(float(printed["perplexity/num_tokens"])) - 1
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["lm_eval"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["perplexity/ppl"] == pytest.approx(float(printed["perplexity/ppl"]), rel=1e-5)
+    assert run.data.params["lm_eval.stride"] == "8"
+    assert run.data.params["model.init_from"].endswith("last.ckpt")
