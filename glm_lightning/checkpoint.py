@@ -93,9 +93,32 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return read_checkpoint(path).weights
 
 
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # e.g. THUDM/glm-large
+HUB_FILES = ["*.bin", "*.safetensors", "*.json", "*.model", "*.txt"]
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local path as is; a Hugging Face repo id that is not a local path (``THUDM/glm-large``)
+    downloaded once into the hub cache (weights, configs and vocabulary files only)."""
+    path = Path(source)
+    if path.exists() or not HUB_REPO_ID.match(str(source)):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), allow_patterns=HUB_FILES))
+    except Exception as error:  # offline, unknown repo, no permission: one clear message
+        raise FileNotFoundError(
+            f"{source} is not a local path and could not be fetched from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}); "
+            "download the checkpoint and pass its folder"
+        ) from error
+
+
 def read_checkpoint(path: str | Path) -> StoredCheckpoint:
-    """The weights of ``path`` in any supported layout, plus the config stored beside them."""
-    path = Path(path)
+    """The weights of ``path`` (or of a Hugging Face repo id) in any supported layout, plus the
+    config stored beside them."""
+    path = resolve_source(path)
     if path.is_dir():
         return _read_folder(path)
     if not path.is_file():

@@ -316,3 +316,23 @@ def test_the_command_line_converts_and_inspects(tmp_path):
     assert "num_attention_heads: 4" in done.stdout and "max_sequence_length: 256" in done.stdout
     done = run_cli("inspect", tmp_path / "missing")
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr
+
+
+def test_a_hub_repo_id_that_cannot_be_fetched_is_a_clear_error(monkeypatch):
+    # No network at test time: the hub client fails fast offline, and the error says what to do.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # if imported before
+    with pytest.raises(FileNotFoundError, match="THUDM/glm-large is not a local path .* pass its folder"):
+        read_state_dict("THUDM/glm-large")
+
+
+def test_local_paths_are_never_taken_for_hub_repo_ids(tmp_path, monkeypatch):
+    source = source_model()
+    folder = tmp_path / "org" / "model"
+    folder.mkdir(parents=True)
+    torch.save(source.state_dict(), folder / "pytorch_model.bin")
+    monkeypatch.chdir(tmp_path)
+    weights = read_state_dict("org/model")  # a relative path that looks like a repo id
+    assert torch.equal(weights["word_embeddings.weight"], source.state_dict()["word_embeddings.weight"])
