@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from glm_lightning.metrics import (
     Accuracy,
@@ -50,6 +51,26 @@ def test_macro_f1_leaves_out_classes_never_seen():
     metric = MacroF1(num_classes=3)
     metric.update(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1]), ids=torch.arange(3))
     assert metric.compute().item() == pytest.approx(1.0)  # class 2 absent: not a 0 in the mean
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_accuracy_and_cb_macro_f1_match_torchmetrics(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 40, (1,), generator=generator))
+    preds = torch.randint(0, 3, (n,), generator=generator)
+    target = torch.randint(0, 3, (n,), generator=generator)
+    ids = torch.randperm(1000, generator=generator)[:n]  # distinct ids, in any order
+    metrics = superglue_metrics("CB")
+    for metric in metrics.values():
+        metric.update(preds[: n // 2], target[: n // 2], ids=ids[: n // 2])
+        metric.update(preds[n // 2:], target[n // 2:], ids=ids[n // 2:])
+    expected_acc = MulticlassAccuracy(num_classes=3, average="micro")(preds, target)
+    expected_f1 = MulticlassF1Score(num_classes=3, average="macro")(preds, target)
+    assert metrics["accuracy"].compute().item() == pytest.approx(expected_acc.item())
+    assert metrics["f1"].compute().item() == pytest.approx(expected_f1.item())
+    accuracy = Accuracy()
+    accuracy.update(preds, target, ids=ids)
+    assert accuracy.compute().item() == pytest.approx(expected_acc.item())
 
 
 # Ids (paragraph, question, answer): question (0, 0) has 3 options, (0, 1) has 2, (1, 0) has 1.

@@ -17,11 +17,11 @@ import torch
 
 from datamodules.superglue_download import fetch_superglue
 from experiments.config import load_config
-from experiments.jobs.superglue import leaderboard_rows, run
+from experiments.jobs.superglue import leaderboard_rows, main_metric, run
 from experiments.run import main
 from glm_lightning.checkpoint import save_ours
 from glm_lightning.config import ConfigError, superglue_tasks
-from glm_lightning.metrics import table_row
+from glm_lightning.metrics import TABLE1_METRICS, table_row
 from glm_lightning.model import GLMConfig, GLMModel
 from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
 
@@ -52,16 +52,84 @@ def write_superglue(root: Path) -> Path:
     return root
 
 
+def span(text: str, word: str) -> tuple[int, int]:
+    """Character offsets [start, end) of `word` after its first preceding space in `text`."""
+    start = text.index(f" {word}") + 1
+    return start, start + len(word)
+
+
+def write_all_tasks(root: Path) -> Path:
+    """All eight tasks in the official jsonl formats (RTE and COPA from `write_superglue`); the
+    test splits have no labels. Returns `root`."""
+    write_superglue(root)
+    cb_labels = ("entailment", "contradiction", "neutral")
+    entities = ("student", "doctor", "market", "river")
+    for split, n in (("train", 6), ("val", 6), ("test", 3)):
+        labeled = split != "test"
+
+        def label(value, labeled=labeled):
+            return {"label": value} if labeled else {}
+
+        write_jsonl(root, "BoolQ", split, [
+            {"idx": i, "passage": sentence(i), "question": sentence(i + 2).lower().rstrip("."),
+             **label(i % 2 == 0)} for i in range(n)])
+        write_jsonl(root, "CB", split, [
+            {"idx": i, "premise": sentence(i), "hypothesis": sentence(i + 1), **label(cb_labels[i % 3])}
+            for i in range(n)])
+        wic = []
+        for i in range(n):
+            s1, s2 = sentence(i), sentence(i + 1)
+            word = s1.split()[2]  # also word 1 of s2
+            (start1, end1), (start2, end2) = span(s1, word), span(s2, word)
+            wic.append({"idx": i, "word": word, "sentence1": s1, "sentence2": s2, "start1": start1,
+                        "end1": end1, "start2": start2, "end2": end2, **label(i % 2 == 1)})
+        write_jsonl(root, "WiC", split, wic)
+        # "The doctor visits the student and he reads a story.": span 1 is word 3 or 0, "he" word 6.
+        write_jsonl(root, "WSC", split, [
+            {"idx": i, "text": "The doctor visits the student and he reads a story.",
+             "target": {"span1_text": "the student" if i % 2 == 0 else "The doctor",
+                        "span1_index": 3 if i % 2 == 0 else 0, "span2_text": "he", "span2_index": 6},
+             **label(i % 2 == 0)} for i in range(n)])
+        multirc = []
+        for p in range(max(1, n // 3)):  # two paragraphs (one on test), two questions each
+            questions = []
+            for q in range(2):
+                qi = 2 * p + q
+                answers = [{"idx": 3 * qi + a, "text": WORDS[(qi + a) % len(WORDS)], **label((qi + a) % 2)}
+                           for a in range(2 + q)]
+                questions.append({"idx": qi, "question": sentence(qi + 1).rstrip("."), "answers": answers})
+            multirc.append({"idx": p, "passage": {"text": sentence(p) + " " + sentence(p + 4),
+                                                  "questions": questions}})
+        write_jsonl(root, "MultiRC", split, multirc)
+        record = []
+        for p in range(max(1, n // 3)):  # two passages (one on test), two queries each
+            first, second = entities[p % 4], entities[(p + 1) % 4]
+            text = f"The {first} reads a story.\n@highlight\nThe {second} visits the city"
+            spans = [span(text, first), span(text, second)]
+            qas = []
+            for q in range(2):
+                gold = (first, second)[q]
+                start, end = spans[q]
+                answers = {"answers": [{"start": start, "end": end - 1, "text": gold}]} if labeled else {}
+                query = "A story for the @placeholder in the city."
+                qas.append({"idx": 2 * p + q, "query": query, **answers})
+            record.append({"idx": p, "passage": {"text": text, "entities": [
+                {"start": start, "end": end - 1} for start, end in spans]}, "qas": qas})
+        write_jsonl(root, "ReCoRD", split, record)
+    return root
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, make_text) -> Path:
     """A random tiny checkpoint laid out as a pretraining run, with a tokenizer trained here in
-    which the verbalizers " Yes" / " No" are single pieces."""
+    which the verbalizers " Yes" / " No" / " Maybe" are single pieces."""
     run_dir = tmp_path_factory.mktemp("pretrain_run")
     text = run_dir / "text.txt"
-    answers = "".join(f"{sentence(i)} Yes, it is. No, it is not.\n" for i in range(200))
+    answers = "".join(f"{sentence(i)} Yes, it is. No, it is not. Maybe.\n" for i in range(200))
     text.write_text(make_text() + answers, encoding="utf-8")
     model_path = train_sentencepiece([str(text)], 400, str(run_dir / "sp"), character_coverage=1.0,
-                                     user_defined_symbols=["\u2581Yes", "\u2581No"], hard_vocab_limit=False)
+                                     user_defined_symbols=["\u2581Yes", "\u2581No", "\u2581Maybe"],
+                                     hard_vocab_limit=False)
     shutil.copyfile(model_path, run_dir / "tokenizer.model")
     tokenizer = GLMTokenizer.from_sentencepiece(str(run_dir / "tokenizer.model"))
     torch.manual_seed(0)
@@ -77,13 +145,20 @@ def overrides(tmp_path: Path, checkpoint: Path, *extra: str) -> list[str]:
     ]
 
 
+# Epochs per task (RTE and COPA run more than one, to check the best-epoch reload), and the lines
+# of each leaderboard file: one per test example, per MultiRC paragraph, per ReCoRD query.
+EPOCHS = {"BoolQ": 1, "CB": 1, "COPA": 2, "MultiRC": 1, "ReCoRD": 1, "RTE": 2, "WiC": 1, "WSC": 1}
+TEST_LINES = {"BoolQ": 3, "CB": 3, "COPA": 2, "MultiRC": 1, "ReCoRD": 2, "RTE": 3, "WiC": 3, "WSC": 3}
+
+
 def test_sweep_end_to_end(tmp_path, pretrained):
-    data = write_superglue(tmp_path / "superglue")
+    data = write_all_tasks(tmp_path / "superglue")
+    per_task = [f"superglue.tasks.{task.lower()}.{key}={value}" for task, epochs in EPOCHS.items()
+                for key, value in (("epochs", epochs), ("max_seq_length", 64), ("batch_size", 4))]
     code = main(["exp=superglue", *overrides(
-        tmp_path, pretrained, f"data.superglue_dir={data}", "task=[rte,COPA]",
-        "superglue.tasks.rte.epochs=3", "superglue.tasks.rte.max_seq_length=64",
-        "superglue.tasks.rte.batch_size=4", "superglue.tasks.copa.epochs=2",
-        "superglue.tasks.copa.max_seq_length=64", "superglue.tasks.copa.batch_size=4")])
+        tmp_path, pretrained, f"data.superglue_dir={data}",
+        "task=[boolq,cb,copa,multirc,record,rte,wic,wsc]", *per_task,
+        "superglue.tasks.wsc.pattern_id=0")])  # pattern 2's question does not fit 64 positions here
     assert code == 0
     run_dir = tmp_path / "outputs" / "superglue" / "sweep"
 
@@ -95,32 +170,48 @@ def test_sweep_end_to_end(tmp_path, pretrained):
     parent = parents[0]
     children = {r.data.tags["task"]: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"RTE", "COPA"}
+    assert set(children) == set(EPOCHS)
 
     dev = {}
-    for task, epochs in (("RTE", 3), ("COPA", 2)):
+    for task, epochs in EPOCHS.items():
         child = children[task]
         assert child.info.status == "FINISHED"
-        history = client.get_metric_history(child.info.run_id, "val/accuracy")
+        metric = main_metric(task)
+        history = client.get_metric_history(child.info.run_id, f"val/{metric}")
         assert len(history) == epochs  # validated after every epoch
         # The best epoch was reloaded: the final dev score is the best per-epoch score.
-        assert child.data.metrics["dev/accuracy"] == pytest.approx(max(m.value for m in history))
+        assert child.data.metrics[f"dev/{metric}"] == pytest.approx(max(m.value for m in history))
         assert (run_dir / task / "checkpoints" / "best.ckpt").exists()
-        dev[task] = {"accuracy": child.data.metrics["dev/accuracy"]}
+        dev[task] = {name: child.data.metrics[f"dev/{name}"] for name in TABLE1_METRICS[task]}
+        assert all(0.0 <= value <= 1.0 for value in dev[task].values())
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert f"{task}.jsonl" in artifacts
     row = table_row(dev)
     assert parent.data.metrics["table1/avg"] == pytest.approx(row["avg"])
-    assert parent.data.metrics["table1/RTE"] == pytest.approx(row["RTE"])
+    for task in EPOCHS:
+        assert parent.data.metrics[f"table1/{task}"] == pytest.approx(row[task])
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"RTE.jsonl", "COPA.jsonl", "table1.md"} <= parent_artifacts
+    assert {*(f"{task}.jsonl" for task in EPOCHS), "table1.md"} <= parent_artifacts
 
-    rte = [json.loads(line) for line in (run_dir / "RTE.jsonl").read_text().splitlines()]
-    assert [r["idx"] for r in rte] == [0, 1, 2]
-    assert all(r["label"] in ("entailment", "not_entailment") for r in rte)
-    copa = [json.loads(line) for line in (run_dir / "COPA.jsonl").read_text().splitlines()]
-    assert len(copa) == 2 and all(r["label"] in (0, 1) for r in copa)
-    assert "| COPA | RTE | Avg |" in (run_dir / "table1.md").read_text()
+    lines = {task: [json.loads(line) for line in (run_dir / f"{task}.jsonl").read_text().splitlines()]
+             for task in EPOCHS}
+    assert {task: len(rows) for task, rows in lines.items()} == TEST_LINES
+    labels = {"BoolQ": ("true", "false"), "CB": ("entailment", "contradiction", "neutral"), "COPA": (0, 1),
+              "RTE": ("entailment", "not_entailment"), "WiC": ("true", "false"), "WSC": ("true", "false")}
+    for task, allowed in labels.items():
+        assert [r["idx"] for r in lines[task]] == list(range(TEST_LINES[task]))
+        assert all(set(r) == {"idx", "label"} and r["label"] in allowed for r in lines[task]), task
+    # MultiRC: nested per paragraph (one on the test split), one 0/1 label per answer option
+    predicted = [[a["label"] for a in q["answers"]] for q in lines["MultiRC"][0]["passage"]["questions"]]
+    assert all(label in (0, 1) for labels in predicted for label in labels)
+    assert lines["MultiRC"] == [{"idx": 0, "passage": {"questions": [
+        {"idx": q, "answers": [{"idx": 3 * q + a, "label": predicted[q][a]} for a in range(2 + q)]}
+        for q in range(2)]}}]
+    # ReCoRD: one line per query, labelled with one of the passage's entity strings
+    assert [r["idx"] for r in lines["ReCoRD"]] == [0, 1]
+    assert all(set(r) == {"idx", "label"} and r["label"] in ("student", "doctor") for r in lines["ReCoRD"])
+    header = "| ReCoRD | COPA | WSC | RTE | BoolQ | WiC | CB | MultiRC | Avg |"
+    assert header in (run_dir / "table1.md").read_text()
 
 
 def test_leaderboard_formats():
