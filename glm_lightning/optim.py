@@ -52,3 +52,17 @@ def annealing_lr(optimizer: torch.optim.Optimizer, *, decay_iters: int, warmup: 
     factor = partial(annealing_factor, decay_iters=decay_iters, warmup=warmup, style=style,
                      decay_ratio=decay_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def adamw_with_annealing(module: nn.Module, hparams, decay_iters: int | None) -> dict:
+    """AdamW over ``parameter_groups`` and the AnnealingLR schedule stepped every optimiser step,
+    in the form Lightning's ``configure_optimizers`` returns. ``hparams`` carries lr, weight_decay,
+    betas, eps, warmup, lr_decay_style and lr_decay_ratio; ``decay_iters`` is the schedule length."""
+    if decay_iters is None or decay_iters <= 0:
+        raise ValueError("the learning-rate schedule needs a positive number of steps "
+                         "(lr_decay_iters or the Trainer's max_steps)")
+    optimizer = torch.optim.AdamW(parameter_groups(module, hparams.weight_decay), lr=hparams.lr,
+                                  betas=tuple(hparams.betas), eps=hparams.eps)
+    scheduler = annealing_lr(optimizer, decay_iters=decay_iters, warmup=hparams.warmup,
+                             style=hparams.lr_decay_style, decay_ratio=hparams.lr_decay_ratio)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

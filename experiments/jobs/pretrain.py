@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -141,12 +142,17 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def run(cfg: DictConfig) -> Path:
-    """Pretrain as configured; returns the run directory (config, checkpoints).
+    """Pretrain as configured; returns the run directory (config, checkpoints)."""
+    L.seed_everything(cfg.seed, workers=True)
+    return launch(cfg, _run)
+
+
+def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], Path]) -> Path:
+    """Resolve the strategy and the run directory, then run ``body(cfg, run_dir, strategy)``.
 
     Under ddp/fsdp on one machine Lightning starts the other ranks by running the same command
     again; they find the run directory through the environment they inherit.
     """
-    L.seed_everything(cfg.seed, workers=True)
     t = cfg.trainer
     try:
         strategy = build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
@@ -157,7 +163,7 @@ def run(cfg: DictConfig) -> Path:
     run_dir = Path(inherited) if inherited else run_directory(cfg)
     os.environ[RUN_DIR_VARIABLE] = str(run_dir)
     try:
-        return _run(cfg, run_dir, strategy)
+        return body(cfg, run_dir, strategy)
     finally:
         if not inherited:
             del os.environ[RUN_DIR_VARIABLE]

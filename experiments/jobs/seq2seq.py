@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,11 +23,10 @@ from datamodules.seq2seq import Seq2SeqDataModule, read_jsonl
 from experiments.config import save_config
 from experiments.errors import RunInterrupted
 from experiments.jobs.pretrain import (
-    RUN_DIR_VARIABLE,
     build_tokenizer,
+    launch,
     result_line,
     resume_checkpoint,
-    run_directory,
     throughput_monitor,
     write_summary,
 )
@@ -38,7 +36,6 @@ from glm_lightning.checkpoint import init_weights
 from glm_lightning.config import ConfigError, model_overrides
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.seq2seq import GLMSeq2SeqModule
-from glm_lightning.parallel import build_strategy
 from glm_lightning.tokenizer import GLMTokenizer
 
 
@@ -86,21 +83,7 @@ def run(cfg: DictConfig) -> Path:
     if not Path(cfg.data.dir).is_dir():
         raise ConfigError(f"invalid value {cfg.data.dir!r} for 'data.dir': no such folder")
     L.seed_everything(cfg.seed, workers=True)
-    t = cfg.trainer
-    try:
-        strategy = build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
-                                  checkpoint_format=t.checkpoint_format)
-    except ValueError as error:
-        raise ConfigError(f"trainer settings: {error}") from error
-    # Ranks that Lightning launches (ddp/fsdp) find the run directory through the environment.
-    inherited = os.environ.get(RUN_DIR_VARIABLE)
-    run_dir = Path(inherited) if inherited else run_directory(cfg)
-    os.environ[RUN_DIR_VARIABLE] = str(run_dir)
-    try:
-        return _run(cfg, run_dir, strategy)
-    finally:
-        if not inherited:
-            del os.environ[RUN_DIR_VARIABLE]
+    return launch(cfg, _run)
 
 
 def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:

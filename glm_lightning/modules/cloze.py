@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from glm_lightning.metrics import ReCoRDMetric, superglue_metrics
 from glm_lightning.model import GLMConfig, GLMModel
-from glm_lightning.optim import annealing_lr, parameter_groups
+from glm_lightning.optim import adamw_with_annealing
 
 LOSS_FUNCS = ("cross_entropy", "mix", "generative")
 HEADS = ("cloze", "classifier")
@@ -237,12 +237,5 @@ class GLMClozeModule(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(parameter_groups(self, hp.weight_decay), lr=hp.lr,
-                                      betas=tuple(hp.betas), eps=hp.eps)
-        decay_iters = hp.lr_decay_iters or int(self.trainer.estimated_stepping_batches)
-        if decay_iters <= 0:
-            raise ValueError("lr_decay_iters or the Trainer's total steps must be positive")
-        scheduler = annealing_lr(optimizer, decay_iters=decay_iters, warmup=hp.warmup,
-                                 style=hp.lr_decay_style, decay_ratio=hp.lr_decay_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        return adamw_with_annealing(self, self.hparams, self.hparams.lr_decay_iters or total_steps)

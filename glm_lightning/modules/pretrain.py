@@ -14,7 +14,7 @@ from torchmetrics import Metric
 
 from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.model import GLMConfig, GLMModel
-from glm_lightning.optim import annealing_lr, parameter_groups
+from glm_lightning.optim import adamw_with_annealing
 
 OBJECTIVES = ("span", "sentence", "document", "masked_lm")
 
@@ -195,13 +195,6 @@ class GLMPretrainModule(L.LightningModule):
         apply_fsdp2_for_precision(self.model, self.device_mesh["data_parallel"], self.trainer.precision)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, hp.weight_decay), lr=hp.lr,
-                                      betas=tuple(hp.betas), eps=hp.eps)
-        decay_iters = hp.lr_decay_iters or self.trainer.max_steps
-        if decay_iters is None or decay_iters <= 0:
-            raise ValueError("lr_decay_iters or trainer.max_steps must be a positive number of steps")
-        scheduler = annealing_lr(optimizer, decay_iters=decay_iters, warmup=hp.warmup,
-                                 style=hp.lr_decay_style, decay_ratio=hp.lr_decay_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        decay_iters = self.hparams.lr_decay_iters or self.trainer.max_steps
+        return adamw_with_annealing(self.model, self.hparams, decay_iters)
 

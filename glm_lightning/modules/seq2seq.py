@@ -16,7 +16,7 @@ from torchmetrics.text.rouge import ROUGEScore
 from glm_lightning.generation import generate
 from glm_lightning.model import GLMConfig, GLMModel
 from glm_lightning.modules.pretrain import TokenWeightedLoss
-from glm_lightning.optim import annealing_lr, parameter_groups
+from glm_lightning.optim import adamw_with_annealing
 from glm_lightning.tokenizer import GLMTokenizer
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -145,12 +145,5 @@ class GLMSeq2SeqModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, hp.weight_decay), lr=hp.lr,
-                                      betas=tuple(hp.betas), eps=hp.eps)
-        decay_iters = hp.lr_decay_iters or self.trainer.max_steps
-        if decay_iters is None or decay_iters <= 0:
-            raise ValueError("lr_decay_iters or trainer.max_steps must be a positive number of steps")
-        scheduler = annealing_lr(optimizer, decay_iters=decay_iters, warmup=hp.warmup,
-                                 style=hp.lr_decay_style, decay_ratio=hp.lr_decay_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        decay_iters = self.hparams.lr_decay_iters or self.trainer.max_steps
+        return adamw_with_annealing(self.model, self.hparams, decay_iters)
