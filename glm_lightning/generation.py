@@ -386,7 +386,7 @@ def fill_blanks(
         model(ids, position_ids, torch.tensor([len(context)], device=device), kv_cache=cache)
         for i, mask_position in enumerate(mask_positions):
             dim1 = torch.tensor([mask_position], device=device)
-            saved = (cache.keys, cache.values, cache.length)
+            saved = cache.snapshot()
             key_valid = torch.ones(1, cache.length, dtype=torch.bool, device=device)
             fill = _decode(model, cache, key_valid, dim1, sop_id=tokenizer.sop_id, end_ids=end_ids,
                            strategy=strategy, max_new_tokens=max_new_tokens, **decoding)[0]
@@ -394,7 +394,7 @@ def fill_blanks(
             if i + 1 < len(mask_positions):
                 # Rewind to before this blank (beam search reorders the cache rows) and keep
                 # exactly "[sop] fill" for the blanks that follow.
-                cache.keys, cache.values, cache.length = saved
+                cache.restore(saved)
                 block = torch.tensor([[tokenizer.sop_id, *fill]], device=device)
                 _forward_new(model, cache, key_valid, block, dim1, 1)
     if return_ids:

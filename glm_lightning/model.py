@@ -120,6 +120,14 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def snapshot(self) -> tuple[list[Tensor], list[Tensor], int]:
+        """A point to come back to with :meth:`restore` (tokens appended later are discarded;
+        appends never overwrite the slots before ``length``, and reorder makes new tensors)."""
+        return self.keys, self.values, self.length
+
+    def restore(self, snapshot: tuple[list[Tensor], list[Tensor], int]) -> None:
+        self.keys, self.values, self.length = snapshot
+
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search keeps the surviving beams)."""
         self.keys = [k.index_select(0, index) for k in self.keys]

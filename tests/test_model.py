@@ -297,3 +297,15 @@ def test_roberta_preset_is_glm_large_with_the_bpe_vocabulary():
     # The paper quotes 335M for GLM-RoBERTa as for GLM-Large; the architecture is the same and
     # only the embedding differs (50304 BPE rows instead of 30592 WordPiece rows).
     assert parameter_count("glm-roberta-large") - parameter_count("glm-large") == (50304 - 30592) * 1024
+
+
+def test_kv_cache_restore_returns_to_a_snapshot(model):
+    ids, pos = inputs()
+    cache = model.new_kv_cache(B, L)
+    model(ids[:, :6], pos[:, :, :6], SEP.clamp(max=6), kv_cache=cache)
+    point = cache.snapshot()
+    first = model(ids[:, 6:7], pos[:, :, 6:7], kv_cache=cache)
+    model(ids[:, 7:9], pos[:, :, 7:9], kv_cache=cache)  # tokens to be discarded
+    cache.restore(point)
+    assert cache.length == 6
+    torch.testing.assert_close(model(ids[:, 6:7], pos[:, :, 6:7], kv_cache=cache), first, atol=0, rtol=0)
