@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,46 @@ class SentencePieceBackend:
         return hashlib.sha256(self._proto).hexdigest()
 
 
-class WordPieceBackend:
+class _TokenizersBackend(ABC):
+    """A backend over a `tokenizers.Tokenizer` that subclasses build in `_load` from the text of
+    their vocabulary files. Pickles as that text (not the Rust object), so DataLoader workers
+    rebuild it and a pickled tokenizer outlives its files."""
+
+    _tok: Tokenizer
+    _num_pieces: int
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Build ``self._tok`` and ``self._num_pieces`` from the stored vocabulary text."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tok", "_num_pieces")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._load()
+
+    @property
+    def num_pieces(self) -> int:
+        return self._num_pieces
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode_ids(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        piece = self._tok.id_to_token(i)
+        if piece is None:
+            raise IndexError(f"piece id {i} outside the vocabulary")
+        return piece
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self._tok.token_to_id(piece)
+
+
+class WordPieceBackend(_TokenizersBackend):
     """BERT WordPiece backend (lower-casing and accent stripping as BERT uncased).
 
     Pickles as the vocabulary text so DataLoader workers can rebuild it. Decoded pieces are joined
@@ -160,40 +200,12 @@ class WordPieceBackend:
         self._tok = tok
         self._num_pieces = max(vocab.values()) + 1
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "lower_case": self.lower_case, "vocab_text": self._vocab_text}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = state["path"]
-        self.lower_case = state["lower_case"]
-        self._vocab_text = state["vocab_text"]
-        self._load()
-
-    @property
-    def num_pieces(self) -> int:
-        return self._num_pieces
-
-    def encode_text(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode_ids(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-    def id_to_piece(self, i: int) -> str:
-        piece = self._tok.id_to_token(i)
-        if piece is None:
-            raise IndexError(f"piece id {i} outside the vocabulary")
-        return piece
-
-    def piece_to_id(self, piece: str) -> int | None:
-        return self._tok.token_to_id(piece)
-
     def fingerprint(self) -> str:
         options = f"wordpiece|lower_case={self.lower_case}|"
         return hashlib.sha256(options.encode() + self._vocab_text.encode()).hexdigest()
 
 
-class BPEBackend:
+class BPEBackend(_TokenizersBackend):
     """GPT-2 byte-level BPE backend (also RoBERTa, which reuses GPT-2's merges).
 
     No prefix space is added, and no special tokens: command-token strings never reach the backend.
@@ -229,34 +241,6 @@ class BPEBackend:
         tok.decoder = tk_decoders.ByteLevel()
         self._tok = tok
         self._num_pieces = max(vocab.values()) + 1
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"paths": self.paths, "vocab_json": self._vocab_json, "merges_text": self._merges_text}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.paths = state["paths"]
-        self._vocab_json = state["vocab_json"]
-        self._merges_text = state["merges_text"]
-        self._load()
-
-    @property
-    def num_pieces(self) -> int:
-        return self._num_pieces
-
-    def encode_text(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode_ids(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-    def id_to_piece(self, i: int) -> str:
-        piece = self._tok.id_to_token(i)
-        if piece is None:
-            raise IndexError(f"piece id {i} outside the vocabulary")
-        return piece
-
-    def piece_to_id(self, piece: str) -> int | None:
-        return self._tok.token_to_id(piece)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(b"bpe|byte_level|add_prefix_space=False|")

@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -170,7 +171,6 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
 
 
 def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
-    t = cfg.trainer
     ckpt_path = resume_checkpoint(cfg, run_dir)
     if rank_zero_only.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
@@ -182,6 +182,28 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     datamodule = build_datamodule(cfg, tokenizer, files)
     datamodule.prepare_data()  # tokenize (or find the cache) now: bad input fails before a run starts
     module = build_module(cfg, tokenizer)
+    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path)
+    if run.trainer.is_global_zero:
+        print(result_line(run.summary, run.logger))
+    return run_dir
+
+
+@dataclass
+class FittedRun:
+    """What ``fit`` leaves for a job to report or evaluate further."""
+
+    trainer: L.Trainer
+    checkpoint: ModelCheckpoint  # best by val/loss
+    logger: RunLogger | None
+    summary: dict | None  # summary.json (rank 0 only)
+
+
+def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.LightningModule,
+        datamodule: L.LightningDataModule, ckpt_path: str | None) -> FittedRun:
+    """Train ``module`` with the run's checkpoints, MLflow run and interruption handling:
+    the MLflow run never stays RUNNING, Ctrl-C/SIGTERM become ``RunInterrupted`` after saving
+    ``last.ckpt``, and ``summary.json`` is written however training ends."""
+    t = cfg.trainer
     checkpoints = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="step{step}", auto_insert_metric_name=False,
                                  monitor="val/loss", mode="min", save_last=True,
@@ -213,9 +235,7 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
         if trainer.is_global_zero:
             summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,
                                     time.time() - started, logger)
-    if trainer.is_global_zero:
-        print(result_line(summary, logger))
-    return run_dir
+    return FittedRun(trainer, checkpoint, logger, summary if trainer.is_global_zero else None)
 
 
 def result_line(summary: dict, logger: RunLogger | None) -> str:

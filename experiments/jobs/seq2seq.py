@@ -9,29 +9,22 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from datamodules.seq2seq import Seq2SeqDataModule, read_jsonl
 from experiments.config import save_config
-from experiments.errors import RunInterrupted
 from experiments.jobs.pretrain import (
     build_tokenizer,
+    fit,
     launch,
     result_line,
     resume_checkpoint,
-    throughput_monitor,
-    write_summary,
 )
-from experiments.tracking import mlflow_logger
-from glm_lightning.callbacks import LastCheckpoint
 from glm_lightning.checkpoint import init_weights
 from glm_lightning.config import ConfigError, model_overrides
 from glm_lightning.model import GLMConfig
@@ -87,7 +80,6 @@ def run(cfg: DictConfig) -> Path:
 
 
 def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
-    t = cfg.trainer
     ckpt_path = resume_checkpoint(cfg, run_dir)
     if rank_zero_only.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
@@ -100,38 +92,10 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
                                    num_workers=d.num_workers, seed=cfg.seed)
     datamodule.prepare_data()  # bad input fails before a run starts
     module = build_module(cfg, tokenizer, run_dir)
-    checkpoints = run_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="step{step}", auto_insert_metric_name=False,
-                                 monitor="val/loss", mode="min", save_last=True, enable_version_counter=False)
-    last = LastCheckpoint(checkpoints / "last.ckpt")
-    logger = mlflow_logger(cfg, run_dir, resume=ckpt_path is not None) if cfg.logging.enabled else None
-    try:
-        trainer = L.Trainer(
-            max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-            strategy=strategy, precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
-            gradient_clip_val=cfg.optim.clip_grad or None, val_check_interval=t.val_check_interval,
-            check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
-            log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
-            callbacks=[checkpoint, last, throughput_monitor()],
-        )
-        if logger:
-            logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
-    except BaseException:
-        if logger:
-            logger.finalize("failed")
-        raise
-    started = time.time()
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException as stop:
-        raise RunInterrupted(f"interrupted at step {trainer.global_step}; checkpoint saved to "
-                             f"{last.path}; continue with resume=auto") from stop
-    finally:
-        if trainer.is_global_zero:
-            summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,
-                                    time.time() - started, logger)
+    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path)
+    trainer, logger = run.trainer, run.logger
     if datamodule.split_path("test").exists():  # scored with the best checkpoint by val/loss
-        best = "best" if checkpoint.best_model_path else None
+        best = "best" if run.checkpoint.best_model_path else None
         test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best)
         if trainer.is_global_zero:
             path = run_dir / "test_metrics.json"
@@ -139,8 +103,8 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
             if logger:
                 logger.experiment.log_artifact(logger.run_id, str(path))
     if trainer.is_global_zero:
-        line = result_line(summary, logger)
-        rouge = [f"{k} {summary['metrics'][f'val/{k}']:.3f}" for k in ("rouge1", "rouge2", "rougeL")
-                 if f"val/{k}" in summary["metrics"]]
+        line = result_line(run.summary, logger)
+        rouge = [f"{k} {run.summary['metrics'][f'val/{k}']:.3f}" for k in ("rouge1", "rouge2", "rougeL")
+                 if f"val/{k}" in run.summary["metrics"]]
         print(line + (f"; val {', '.join(rouge)}" if rouge else ""))
     return run_dir
