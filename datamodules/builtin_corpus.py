@@ -275,6 +275,10 @@ def _questions(rng: random.Random) -> str:
                     (f"When was {c.name} founded?", f"In {c.founded}."),
                     (f"What stands in {c.name}?", f"{_cap(c.landmark)}."),
                     (f"Which region is {c.name} in?", f"{_cap(c.region)}."),
+                    (f"Will it be {c.weather} in {c.name} tomorrow?", "Maybe. It often is."),
+                    (f"Is {c.name} older than the river?", "Maybe, but nobody can tell."),
+                    (f"Is {c.name} known for its {c.goods}?", "Yes, everyone knows it."),
+                    (f"Does {c.name} lie by the sea?", f"No, on {c.water}."),
                 ]
             )
         else:
@@ -285,6 +289,12 @@ def _questions(rng: random.Random) -> str:
                     (f"What is {p.first}'s job?", f"{_cap(p.pronoun)} is a {p.job}."),
                     (f"What pet does {p.name} keep?", f"A {p.colour} {p.pet}."),
                     (f"How old is {p.name}?", f"{p.age}."),
+                    (f"Does {p.name} live in {p.city}?", f"Yes, {p.first} does."),
+                    (f"Is {p.first} a {p.job}?", "Yes."),
+                    (f"Does {p.first} keep a {p.colour} {p.pet}?", "Yes, and it is well loved."),
+                    (f"Is {p.first} rich?", "Maybe. Nobody knows."),
+                    (f"Does {p.name} live on the moon?", f"No, {p.first} lives in {p.city}."),
+                    (f"Is {p.first} a king?", f"No. {_cap(p.pronoun)} is a {p.job}."),
                 ]
             )
         lines.append(f"Q: {q}\nA: {a}")

@@ -1,13 +1,28 @@
-"""Compare SuperGLUE sweeps in the layout of the paper's Table 1 (GLM_SPEC §9.1).
+"""Compare runs read back from MLflow in the layout of the paper's Table 1 / Table 6 (GLM_SPEC §9).
 
-Reads the parent runs of an ``exp=superglue`` experiment from MLflow (runs without a parent that
-logged ``table1/avg``), one row per run name: several runs with the same name (seeds) are shown as
-mean ± std. Columns are the eight tasks in Table-1 order (two-metric tasks as "x/y" in the paper's
-metric order) and the average, all x100 with one decimal. ``--baseline`` adds a block of deltas of
-every row against the baseline row.
+Two kinds of experiment:
 
-    python -m experiments.compare --experiment superglue [--tracking-uri URI] [--runs NAME ...]
-        [--baseline NAME] [--format md|csv|latex] [--output FILE]
+* SuperGLUE sweeps (``exp=superglue``): the parent runs (no parent themselves) that logged
+  ``table1/avg``, one row per run name; runs sharing a name are seeds.
+* Ablation sweeps (``exp=ablations``): experiments holding sweep runs (tag ``glm.role=sweep``). The
+  rows are the variants of one sweep (``--sweep NAME``, default the most recent sweep; a re-run
+  sweep name means its most recent run), in the order of the sweep's ``variants`` tag; the finished
+  variant runs of a variant are its seeds. Deltas are taken against the sweep's ``baseline`` tag
+  unless ``--baseline`` names another row.
+
+Seeds are shown as mean ± sample std. Task columns follow Table 1 (two-metric tasks as "x/y" in the
+paper's metric order; for sweeps only the tasks some variant was finetuned on), then the average,
+all x100 with one decimal. ``--metric`` adds columns of other logged metrics, shown as logged with two
+decimals (sweeps default to ``pretrain/val_loss`` and ``perplexity/ppl``). ``--paper`` adds the
+published rows of ``experiments.paper_results``. ``--plot DIR`` writes ``tasks.png`` (per-task bars)
+and, for sweeps, ``curves.png`` (pretraining learning curves).
+
+    python -m experiments.compare --experiment NAME [--tracking-uri URI] [--sweep NAME]
+        [--runs NAME ...] [--baseline NAME] [--metric KEY ...] [--paper]
+        [--format md|csv|latex] [--output FILE] [--plot DIR]
+
+``write_report`` writes comparison.md, comparison.csv, curves.png and tasks.png of one sweep run (the
+ablation job calls it when its variants are done).
 """
 
 from __future__ import annotations
@@ -19,15 +34,31 @@ import os
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from experiments import paper_results
 from glm_lightning.metrics import TABLE1_METRICS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 USAGE_ERROR = 2
 AVG = "table1/avg"
 MISSING = "-"
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "glm.role"
+SWEEP_METRICS = ("pretrain/val_loss", "perplexity/ppl")  # extra columns of a sweep by default
+CURVE_KEYS = ("train/loss", "val/loss")
+OBJECTIVES = ("span", "sentence", "document", "masked_lm")  # the train/loss_<objective> histories
+PAPER_TABLE1_TITLE = "paper (GLM_SPEC 9.1)"
+PAPER_TABLE6_TITLE = "paper (GLM_SPEC 9.2)"
+PAPER_PREFIX = "paper: "
 
-# One row: run name -> one {metric key: value} dict per run (seed) with that name.
+# One row: row name -> one {metric key: value} dict per run (seed) of that row.
 Rows = dict[str, list[dict[str, float]]]
 
 
@@ -35,9 +66,181 @@ class CompareError(Exception):
     """A problem reported in one line on the command line (exit status 2)."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+
+
 def default_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` or the default store of ``experiments.run`` (``outputs/mlflow.db``)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('outputs').resolve() / 'mlflow.db'}"
+
+
+def open_store(tracking_uri: str) -> MlflowClient:
+    """A client of an existing store (a missing sqlite file is an error, not a new empty store)."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise CompareError(f"no MLflow store at {tracking_uri}")
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def fetch_runs(experiment: str, tracking_uri: str) -> list[Run]:
+    """Every run of the experiment, oldest first."""
+    client = open_store(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise CompareError(f"unknown experiment {experiment!r}; "
+                           f"existing experiments: {', '.join(names) or 'none'}")
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"],
+                              max_results=50000)
+
+
+def select_rows(rows: Rows, names: Sequence[str] | None, what: str, experiment: str) -> Rows:
+    """``rows`` restricted to ``names`` in that order (all rows when ``names`` is empty)."""
+    if not names:
+        return rows
+    missing = [name for name in names if name not in rows]
+    if missing:
+        raise CompareError(f"no {what} named {', '.join(map(repr, missing))} "
+                           f"in {experiment!r}; runs: {', '.join(rows) or 'none'}")
+    return {name: rows[name] for name in dict.fromkeys(names)}
+
+
+def parent_rows(found: Sequence[Run], experiment: str, runs: Sequence[str] | None = None) -> Rows:
+    """Metrics of the SuperGLUE parent runs grouped by run name (order of ``runs`` if given, else
+    by start time)."""
+    rows: Rows = {}
+    for run in found:
+        if PARENT_TAG not in run.data.tags and AVG in run.data.metrics:
+            rows.setdefault(run.info.run_name, []).append(dict(run.data.metrics))
+    rows = select_rows(rows, runs, "SuperGLUE parent run", experiment)
+    if not rows:
+        raise CompareError(f"no SuperGLUE parent runs (with {AVG!r}) in experiment {experiment!r}")
+    return rows
+
+
+def load_rows(experiment: str, tracking_uri: str, runs: Sequence[str] | None = None) -> Rows:
+    """Metrics of the experiment's SuperGLUE parent runs grouped by run name."""
+    return parent_rows(fetch_runs(experiment, tracking_uri), experiment, runs)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One ablation sweep read back from MLflow: its variants' finished runs (seeds) in table order."""
+
+    run_id: str
+    name: str
+    tags: dict[str, str]
+    rows: Rows  # variant -> metrics of each finished seed
+    pretrain_runs: dict[str, list[str]]  # variant -> pretraining run id of each seed ("" if untagged)
+    tracking_uri: str
+
+    @property
+    def baseline(self) -> str | None:
+        """The sweep's ``baseline`` tag when that variant has finished runs."""
+        name = self.tags.get("baseline")
+        return name if name in self.rows else None
+
+
+def sweep_runs(found: Sequence[Run]) -> list[Run]:
+    """The sweep runs among ``found`` (top-level runs tagged ``glm.role=sweep``), oldest first."""
+    return [run for run in found
+            if run.data.tags.get(ROLE_TAG) == "sweep" and PARENT_TAG not in run.data.tags]
+
+
+def choose_sweep(sweeps: Sequence[Run], experiment: str, name: str | None = None,
+                 run_id: str | None = None) -> Run:
+    """The sweep run with ``run_id``, else the most recent one named ``name``, else the most recent."""
+    if run_id is not None:
+        chosen = [run for run in sweeps if run.info.run_id == run_id]
+        if not chosen:
+            raise CompareError(f"no sweep run with id {run_id!r} in {experiment!r}")
+    else:
+        chosen = [run for run in sweeps if name is None or run.info.run_name == name]
+        if not chosen:
+            names = sorted({run.info.run_name for run in sweeps})
+            raise CompareError(f"unknown sweep {name!r} in {experiment!r}; "
+                               f"sweeps: {', '.join(names) or 'none'}")
+    return max(chosen, key=lambda run: run.info.start_time or 0)
+
+
+def variant_runs(found: Sequence[Run], sweep_id: str) -> dict[str, list[Run]]:
+    """The sweep's FINISHED variant runs by variant name, one run per seed (the latest)."""
+    by_seed: dict[tuple[str, str], Run] = {}
+    for run in found:
+        tags = run.data.tags
+        if (tags.get(PARENT_TAG) == sweep_id and tags.get(ROLE_TAG) == "variant"
+                and run.info.status == "FINISHED"):
+            by_seed[tags.get("variant", run.info.run_name), tags.get("seed", run.info.run_id)] = run
+    variants: dict[str, list[Run]] = {}
+    for (variant, _), run in by_seed.items():
+        variants.setdefault(variant, []).append(run)
+    return variants
+
+
+def variant_order(sweep: Run, variants: Mapping[str, object]) -> list[str]:
+    """The variants in the order of the sweep's ``variants`` tag, then any others as found."""
+    listed = [name.strip() for name in sweep.data.tags.get("variants", "").split(",") if name.strip()]
+    return [name for name in dict.fromkeys([*listed, *variants]) if name in variants]
+
+
+def sweep_from_runs(found: Sequence[Run], experiment: str, tracking_uri: str, name: str | None = None,
+                    run_id: str | None = None, variants: Sequence[str] | None = None) -> Sweep:
+    """The chosen sweep of ``found`` (see ``choose_sweep``), rows restricted to ``variants`` if given."""
+    sweep = choose_sweep(sweep_runs(found), experiment, name, run_id)
+    runs = variant_runs(found, sweep.info.run_id)
+    if not runs:
+        raise CompareError(f"no finished variant runs in sweep {sweep.info.run_name!r} "
+                           f"({sweep.info.run_id}) of {experiment!r}")
+    runs = {variant: runs[variant] for variant in variant_order(sweep, runs)}
+    rows = select_rows({v: [dict(r.data.metrics) for r in seeds] for v, seeds in runs.items()},
+                       variants, "finished variant run", experiment)
+    return Sweep(run_id=sweep.info.run_id, name=sweep.info.run_name, tags=dict(sweep.data.tags), rows=rows,
+                 pretrain_runs={v: [r.data.tags.get("pretrain_run_id", "") for r in runs[v]] for v in rows},
+                 tracking_uri=tracking_uri)
+
+
+def load_sweep(experiment: str, tracking_uri: str, name: str | None = None, *, run_id: str | None = None,
+               variants: Sequence[str] | None = None) -> Sweep:
+    """An ablation sweep of the experiment: by run id, else the latest named ``name``, else the latest."""
+    return sweep_from_runs(fetch_runs(experiment, tracking_uri), experiment, tracking_uri, name, run_id,
+                           variants)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: the metric keys of its cell ("x/y"), the factor they are shown with, digits."""
+
+    header: str
+    keys: tuple[str, ...]
+    scale: float = 100.0
+    digits: int = 1
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What a table shows: rows of seeds, columns, the baseline of the deltas, published rows."""
+
+    rows: Rows
+    columns: tuple[Column, ...]
+    baseline: str | None = None
+    paper: Rows = field(default_factory=dict)
+    paper_title: str = PAPER_TABLE1_TITLE
+    label: str = "run"  # header of the row-name column
+
+
+@dataclass(frozen=True)
+class Block:
+    """Body rows under one title (markdown); CSV and LaTeX prefix the row names instead."""
+
+    title: str | None
+    rows: list[list[str]]
+    prefix: str = ""
 
 
 def cell_keys(task: str) -> list[str]:
@@ -45,142 +248,366 @@ def cell_keys(task: str) -> list[str]:
     return [f"{task}/{metric}" for metric in TABLE1_METRICS[task]]
 
 
-def load_rows(experiment: str, tracking_uri: str, runs: Sequence[str] | None = None) -> Rows:
-    """Metrics of the experiment's parent runs grouped by run name (order of ``runs`` if given,
-    else by start time)."""
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        raise CompareError(f"no MLflow store at {tracking_uri}")
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise CompareError(f"unknown experiment {experiment!r}; "
-                           f"existing experiments: {', '.join(names) or 'none'}")
-    found_runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"],
-                                    max_results=50000)
-    parents = [run for run in found_runs
-               if "mlflow.parentRunId" not in run.data.tags and AVG in run.data.metrics]
-    rows: Rows = {}
-    for run in parents:
-        rows.setdefault(run.info.run_name, []).append(dict(run.data.metrics))
-    if runs:
-        missing = [name for name in runs if name not in rows]
-        if missing:
-            raise CompareError(f"no SuperGLUE parent run named {', '.join(map(repr, missing))} "
-                               f"in {experiment!r}; runs: {', '.join(rows) or 'none'}")
-        rows = {name: rows[name] for name in dict.fromkeys(runs)}
-    if not rows:
-        raise CompareError(f"no SuperGLUE parent runs (with {AVG!r}) in experiment {experiment!r}")
-    return rows
+def task_columns(rows: Rows | None = None) -> list[Column]:
+    """The Table-1 task columns in the paper's order, then Avg; with ``rows`` only the tasks that
+    some row has."""
+    present = None if rows is None else {key for seeds in rows.values() for seed in seeds for key in seed}
+    tasks = [task for task in TABLE1_METRICS
+             if present is None or any(key in present for key in cell_keys(task))]
+    return [*(Column(task, tuple(cell_keys(task))) for task in tasks), Column("Avg", (AVG,))]
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value), both x100."""
-    scaled = [100 * v for v in values]
+def metric_columns(keys: Sequence[str]) -> list[Column]:
+    """One column per extra metric, shown as logged (not x100) with two decimals."""
+    return [Column(key, (key,), scale=1.0, digits=2) for key in keys]
+
+
+def available_metrics(rows: Rows) -> list[str]:
+    """Every metric key logged by some run of ``rows``, sorted."""
+    return sorted({key for seeds in rows.values() for seed in seeds for key in seed})
+
+
+def check_metrics(rows: Rows, keys: Sequence[str]) -> None:
+    """Fail on a metric key that no run of ``rows`` logged."""
+    unknown = [key for key in keys if key not in available_metrics(rows)]
+    if unknown:
+        raise CompareError(f"unknown metric {', '.join(map(repr, unknown))}; "
+                           f"available: {', '.join(available_metrics(rows))}")
+
+
+def table1_paper_rows() -> Rows:
+    """The published Table-1 rows, by paper row name."""
+    return {name: [row] for name, row in paper_results.TABLE1.items()}
+
+
+def table6_paper_rows(variants: Sequence[str]) -> Rows:
+    """The published Table-6 rows of the variants that have one, named "<variant> = <paper row>"."""
+    return {f"{variant} = {paper_results.VARIANT_ROWS[variant]}":
+            [paper_results.TABLE6[paper_results.VARIANT_ROWS[variant]]]
+            for variant in variants if variant in paper_results.VARIANT_ROWS}
+
+
+def plain_comparison(rows: Rows, baseline: str | None = None, metrics: Sequence[str] = (),
+                     paper: bool = False) -> Comparison:
+    """A SuperGLUE comparison: all eight Table-1 columns, then the ``metrics`` columns."""
+    check_metrics(rows, metrics)
+    return Comparison(rows, (*task_columns(), *metric_columns(metrics)), baseline,
+                      table1_paper_rows() if paper else {}, PAPER_TABLE1_TITLE)
+
+
+def sweep_comparison(sweep: Sweep, baseline: str | None = None, metrics: Sequence[str] | None = None,
+                     paper: bool = False) -> Comparison:
+    """An ablation comparison: the finetuned tasks, then ``metrics`` (default: those of SWEEP_METRICS
+    some variant logged); deltas against ``baseline`` or else the sweep's baseline."""
+    if metrics is None:
+        metrics = [key for key in SWEEP_METRICS if key in available_metrics(sweep.rows)]
+    check_metrics(sweep.rows, metrics)
+    return Comparison(sweep.rows, (*task_columns(sweep.rows), *metric_columns(metrics)),
+                      baseline or sweep.baseline, table6_paper_rows(list(sweep.rows)) if paper else {},
+                      PAPER_TABLE6_TITLE, label="variant")
+
+
+def mean_std(values: Sequence[float], scale: float = 100.0) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value) of the values times ``scale``."""
+    scaled = [scale * v for v in values]
     return statistics.fmean(scaled), statistics.stdev(scaled) if len(scaled) > 1 else None
 
 
-def stat_cell(seeds: Sequence[Mapping[str, float]], keys: Sequence[str], pm: str) -> str:
-    """"x/y" (x100, one decimal) with "±std" per metric when there are several seeds."""
+def stat_cell(seeds: Sequence[Mapping[str, float]], column: Column, pm: str) -> str:
+    """"x/y" (scaled, ``column.digits`` decimals) with "±std" per metric when there are several seeds."""
     parts = []
-    for key in keys:
+    for key in column.keys:
         values = [seed[key] for seed in seeds if key in seed]
         if not values:
             parts.append(MISSING)
             continue
-        mean, std = mean_std(values)
-        parts.append(f"{mean:.1f}" if std is None else f"{mean:.1f}{pm}{std:.1f}")
+        mean, std = mean_std(values, column.scale)
+        d = column.digits
+        parts.append(f"{mean:.{d}f}" if std is None else f"{mean:.{d}f}{pm}{std:.{d}f}")
     return MISSING if all(p == MISSING for p in parts) else "/".join(parts)
 
 
 def delta_cell(seeds: Sequence[Mapping[str, float]], base: Sequence[Mapping[str, float]],
-               keys: Sequence[str]) -> str:
-    """Signed difference of the means (x100, one decimal) per metric, "x/y" like the scores."""
+               column: Column) -> str:
+    """Signed difference of the means (scaled, ``column.digits`` decimals) per metric, "x/y"."""
     parts = []
-    for key in keys:
+    for key in column.keys:
         values = [seed[key] for seed in seeds if key in seed]
         base_values = [seed[key] for seed in base if key in seed]
         if not values or not base_values:
             parts.append(MISSING)
         else:
-            parts.append(f"{mean_std(values)[0] - mean_std(base_values)[0]:+.1f}")
+            delta = mean_std(values, column.scale)[0] - mean_std(base_values, column.scale)[0]
+            parts.append(f"{delta:+.{column.digits}f}")
     return MISSING if all(p == MISSING for p in parts) else "/".join(parts)
 
 
-def columns() -> list[tuple[str, list[str]]]:
-    """(header, metric keys) of every column: the Table-1 tasks, then the average."""
-    return [*((task, cell_keys(task)) for task in TABLE1_METRICS), ("Avg", [AVG])]
-
-
-def build_table(rows: Rows, baseline: str | None = None, pm: str = "±") -> list[list[list[str]]]:
-    """Blocks of body rows ([name, cells...]): the scores, then the deltas against ``baseline``."""
+def build_table(table: Comparison, pm: str = "±") -> list[Block]:
+    """The body: the scores, the deltas against the baseline (if any), the published rows (if any)."""
+    rows, baseline = table.rows, table.baseline
     if baseline is not None and baseline not in rows:
         raise CompareError(f"unknown baseline {baseline!r}; runs: {', '.join(rows)}")
-    blocks = [[[name, *(stat_cell(seeds, keys, pm) for _, keys in columns())]
-               for name, seeds in rows.items()]]
+    blocks = [Block(None, [[name, *(stat_cell(seeds, col, pm) for col in table.columns)]
+                           for name, seeds in rows.items()])]
     if baseline is not None:
-        blocks.append([[f"{name} - {baseline}",
-                        *(delta_cell(seeds, rows[baseline], keys) for _, keys in columns())]
-                       for name, seeds in rows.items() if name != baseline])
-    return blocks
+        blocks.append(Block(f"delta vs {baseline}",
+                            [[f"{name} - {baseline}", *(delta_cell(seeds, rows[baseline], col)
+                                                        for col in table.columns)]
+                             for name, seeds in rows.items() if name != baseline]))
+    if table.paper:
+        blocks.append(Block(table.paper_title,
+                            [[name, *(stat_cell(seeds, col, pm) for col in table.columns)]
+                             for name, seeds in table.paper.items()], prefix=PAPER_PREFIX))
+    return [block for block in blocks if block.rows]
+
+
+def header(table: Comparison) -> list[str]:
+    """The header row: the row-name label, then the column headers."""
+    return [table.label, *(col.header for col in table.columns)]
 
 
 def latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped."""
     for char in "\\&%$#_{}":
         text = text.replace(char, "\\" + char)
     return text
 
 
-def format_table(rows: Rows, baseline: str | None = None, fmt: str = "md") -> str:
-    """The table as markdown, CSV or LaTeX (a ``tabular``), ending with a newline."""
-    header = ["run", *(name for name, _ in columns())]
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(header)
-        for block in build_table(rows, baseline):
-            writer.writerows(block)
-        return out.getvalue()
-    if fmt == "latex":
-        blocks = build_table(rows, baseline, pm="$\\pm$")
-        lines = ["\\begin{tabular}{l" + "c" * (len(header) - 1) + "}", "\\toprule",
-                 " & ".join(header) + " \\\\", "\\midrule"]
-        for i, block in enumerate(blocks):
-            if i:
-                lines.append("\\midrule")
-            lines += [" & ".join([latex_escape(row[0]), *row[1:]]) + " \\\\" for row in block]
-        return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
-    if fmt != "md":
-        raise CompareError(f"unknown format {fmt!r} (md, csv or latex)")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for i, block in enumerate(build_table(rows, baseline)):
+def format_csv(table: Comparison) -> str:
+    """The table as CSV; delta and published rows follow, named "<row> - <baseline>", "paper: <row>"."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header(table))
+    for block in build_table(table):
+        writer.writerows([block.prefix + row[0], *row[1:]] for row in block.rows)
+    return out.getvalue()
+
+
+def format_latex(table: Comparison) -> str:
+    """The table as a LaTeX ``tabular`` (booktabs rules), blocks separated by ``\\midrule``."""
+    head = header(table)
+    lines = ["\\begin{tabular}{l" + "c" * (len(head) - 1) + "}", "\\toprule",
+             " & ".join(map(latex_escape, head)) + " \\\\", "\\midrule"]
+    for i, block in enumerate(build_table(table, pm="$\\pm$")):
         if i:
-            lines.append("| " + " | ".join([f"*delta vs {baseline}*", *[""] * (len(header) - 1)]) + " |")
-        lines += ["| " + " | ".join(row) + " |" for row in block]
+            lines.append("\\midrule")
+        lines += [" & ".join([latex_escape(block.prefix + row[0]), *row[1:]]) + " \\\\" for row in block.rows]
+    return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
+
+
+def format_markdown(table: Comparison) -> str:
+    """The table in markdown; later blocks start with an italic title row."""
+    head = header(table)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for block in build_table(table):
+        if block.title is not None:
+            lines.append("| " + " | ".join([f"*{block.title}*", *[""] * (len(head) - 1)]) + " |")
+        lines += ["| " + " | ".join(row) + " |" for row in block.rows]
     return "\n".join(lines) + "\n"
+
+
+def format_table(table: Comparison, fmt: str = "md") -> str:
+    """The table as markdown, CSV or LaTeX, ending with a newline."""
+    formats = {"md": format_markdown, "csv": format_csv, "latex": format_latex}
+    if fmt not in formats:
+        raise CompareError(f"unknown format {fmt!r} (md, csv or latex)")
+    return formats[fmt](table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib is imported only here, so the table command stays fast)
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """{step: value} of one metric history (the last value logged at a step wins)."""
+    metrics = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in metrics}
+
+
+def mean_curve(histories: Sequence[Mapping[int, float]]) -> tuple[list[int], list[float]]:
+    """The mean over ``histories`` at the steps that all of them logged."""
+    if not histories:
+        return [], []
+    steps = sorted(set.intersection(*(set(h) for h in histories)))
+    return steps, [statistics.fmean(h[step] for h in histories) for step in steps]
+
+
+def curve_groups(pretrain_runs: Mapping[str, Sequence[str]]) -> list[tuple[list[str], list[str]]]:
+    """(variant names, pretraining run ids) of each curve to draw. A variant whose pretraining runs
+    were all drawn for an earlier variant (the classifier reuses glm's) joins that curve's names;
+    variants without a pretraining run are left out."""
+    groups: list[tuple[list[str], list[str]]] = []
+    for variant, run_ids in pretrain_runs.items():
+        ids = list(dict.fromkeys(run_id for run_id in run_ids if run_id))
+        if not ids:
+            continue
+        shared = next((names for names, drawn in groups if set(ids) <= set(drawn)), None)
+        if shared is not None:
+            shared.append(variant)
+        else:
+            groups.append(([variant], ids))
+    return groups
+
+
+def curve_data(sweep: Sweep, key: str) -> list[tuple[str, list[int], list[float]]]:
+    """(label, steps, mean over seeds) of metric ``key`` for each curve of ``curve_groups``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=sweep.tracking_uri)
+    curves = []
+    for names, run_ids in curve_groups(sweep.pretrain_runs):
+        histories = [h for h in (history(client, run_id, key) for run_id in run_ids) if h]
+        steps, values = mean_curve(histories)
+        if steps:
+            curves.append((", ".join(names), steps, values))
+    return curves
+
+
+def objective_keys(sweep: Sweep, prefix: str = "train/loss_") -> list[str]:
+    """The per-objective loss keys (``prefix`` + objective) some pretraining run of the sweep logged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=sweep.tracking_uri)
+    logged = {key for _, run_ids in curve_groups(sweep.pretrain_runs) for run_id in run_ids
+              for key in client.get_run(run_id).data.metrics if key.startswith(prefix)}
+    known = [prefix + objective for objective in OBJECTIVES if prefix + objective in logged]
+    return [*known, *sorted(logged - set(known))]
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Render ``fig`` with the Agg canvas into the PNG file ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def plot_curves(sweep: Sweep, path: Path, keys: Sequence[str] = CURVE_KEYS) -> Path:
+    """A PNG of the pretraining histories ``keys`` (one panel each, side by side) against the step,
+    one curve per pretraining (mean over seeds); returns ``path``."""
+    from matplotlib.figure import Figure
+
+    if not keys:
+        raise CompareError(f"no pretraining histories to plot for sweep {sweep.name!r}")
+    fig = Figure(figsize=(4.5 * len(keys), 3.5), layout="constrained")
+    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys, strict=True):
+        for label, steps, values in curve_data(sweep, key):
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+        ax.set(title=key, xlabel="step", ylabel="loss")
+        if ax.has_data():
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"pretraining ({sweep.name}; mean over seeds)")
+    return save_png(fig, Path(path))
+
+
+def task_scores(seeds: Sequence[Mapping[str, float]], column: Column) -> list[float]:
+    """Per-seed score of a task column x100: the mean of its metrics (Table-1 convention)."""
+    return [100 * statistics.fmean(seed[key] for key in column.keys)
+            for seed in seeds if all(key in seed for key in column.keys)]
+
+
+def plot_tasks(rows: Rows, path: Path) -> Path:
+    """A PNG of grouped bars: one group per task present in ``rows`` (and Avg), one bar per row,
+    x100, seed std as error bars; returns ``path``."""
+    from matplotlib.figure import Figure
+
+    columns, nan = task_columns(rows), float("nan")
+    width = 0.8 / max(len(rows), 1)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(columns) + 0.2 * len(columns) * len(rows)), 4),
+                 layout="constrained")
+    ax = fig.subplots()
+    for i, (name, seeds) in enumerate(rows.items()):
+        scores = [task_scores(seeds, col) for col in columns]
+        stats = [mean_std(values, 1.0) if values else (nan, None) for values in scores]
+        ax.bar([c + (i - (len(rows) - 1) / 2) * width for c in range(len(columns))],
+               [mean for mean, _ in stats], width, yerr=[nan if std is None else std for _, std in stats],
+               capsize=3, label=name)
+    ax.set_xticks(range(len(columns)), [col.header for col in columns])
+    ax.set(ylabel="dev score (x100)", title="SuperGLUE dev: mean ± std over seeds")
+    ax.legend(fontsize="small")
+    return save_png(fig, Path(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report and command line
+
+
+def report_markdown(sweep: Sweep, table: Comparison) -> str:
+    """comparison.md: a title, what the numbers are, and the table."""
+    scale = sweep.tags.get("scale")
+    return (f"# Ablation sweep {sweep.name}" + (f" (scale {scale})" if scale else "") + "\n\n"
+            "SuperGLUE dev scores x100 (two-metric tasks as x/y), other metrics as logged; seeds as "
+            "mean ± sample std" + (f"; deltas against {table.baseline}" if table.baseline else "")
+            + ".\n\n" + format_table(table, "md"))
+
+
+def write_report(experiment: str, tracking_uri: str, sweep_run_id: str, out_dir: Path) -> list[Path]:
+    """Write comparison.md (table, deltas against the sweep's baseline, the paper's rows),
+    comparison.csv, curves.png and tasks.png of the sweep run ``sweep_run_id`` into ``out_dir``;
+    returns their paths. Raises CompareError when the sweep has no finished variant runs."""
+    sweep = load_sweep(experiment, tracking_uri, run_id=sweep_run_id)
+    table = sweep_comparison(sweep, paper=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown, table_csv = out_dir / "comparison.md", out_dir / "comparison.csv"
+    markdown.write_text(report_markdown(sweep, table), encoding="utf-8")
+    table_csv.write_text(format_table(table, "csv"), encoding="utf-8")
+    return [markdown, table_csv, plot_curves(sweep, out_dir / "curves.png"),
+            plot_tasks(sweep.rows, out_dir / "tasks.png")]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.compare",
-                                     description="SuperGLUE runs from MLflow in the layout of Table 1.")
+                                     description="MLflow runs in the layout of Table 1 / Table 6.")
     parser.add_argument("--experiment", required=True, help="MLflow experiment name")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/outputs/mlflow.db)")
-    parser.add_argument("--runs", nargs="+", default=None, metavar="RUN_NAME", help="only these run names")
-    parser.add_argument("--baseline", default=None, metavar="RUN_NAME", help="add deltas against this run")
+    parser.add_argument("--sweep", default=None, metavar="NAME",
+                        help="ablation sweep to show (default: the most recent one)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="RUN_NAME",
+                        help="only these run names (variants of a sweep)")
+    parser.add_argument("--baseline", default=None, metavar="RUN_NAME",
+                        help="add deltas against this run (default for sweeps: the sweep's baseline)")
+    parser.add_argument("--metric", nargs="+", default=None, metavar="KEY",
+                        help="extra metric columns (default for sweeps: " + " ".join(SWEEP_METRICS) + ")")
+    parser.add_argument("--paper", action="store_true", help="add the paper's published rows")
     parser.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     parser.add_argument("--output", default=None, metavar="FILE", help="write here instead of stdout")
+    parser.add_argument("--plot", default=None, metavar="DIR",
+                        help="write tasks.png (and curves.png for sweeps) into DIR")
     return parser.parse_args(argv)
+
+
+def run_command(args: argparse.Namespace) -> str:
+    """The table the arguments ask for (plots written on the way)."""
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    found = fetch_runs(args.experiment, tracking_uri)
+    if sweep_runs(found):
+        sweep = sweep_from_runs(found, args.experiment, tracking_uri, args.sweep, variants=args.runs)
+        table = sweep_comparison(sweep, args.baseline, args.metric, args.paper)
+    elif args.sweep is not None:
+        raise CompareError(f"unknown sweep {args.sweep!r} in {args.experiment!r}; sweeps: none")
+    else:
+        sweep = None
+        table = plain_comparison(parent_rows(found, args.experiment, args.runs), args.baseline,
+                                 args.metric or (), args.paper)
+    text = format_table(table, args.format)
+    if args.plot:
+        plot_tasks(table.rows, Path(args.plot) / "tasks.png")
+        if sweep is not None:
+            plot_curves(sweep, Path(args.plot) / "curves.png")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        rows = load_rows(args.experiment, args.tracking_uri or default_tracking_uri(), args.runs)
-        text = format_table(rows, args.baseline, args.format)
+        text = run_command(args)
     except CompareError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR

@@ -179,7 +179,12 @@ def _check_keys(data: Any, schema: type, prefix: str, where: str) -> None:
                 f"{where}unknown key '{dotted}'{hint}; valid keys of {section}: {', '.join(names)}"
             )
         expected = hints[key]
-        if dataclasses.is_dataclass(expected):
+        if typing.get_origin(expected) is dict:  # a mapping of user-chosen names (ablations.catalogue)
+            item = typing.get_args(expected)[1]
+            if isinstance(value, dict) and dataclasses.is_dataclass(item):
+                for name, entry in value.items():
+                    _check_keys(entry, item, f"{dotted}.{name}.", where)
+        elif dataclasses.is_dataclass(expected):
             if isinstance(value, dict):
                 _check_keys(value, expected, f"{dotted}.", where)
             else:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -26,6 +27,28 @@ def git_tags() -> dict[str, str]:
         return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain")))}
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def artifact_location(cfg: DictConfig) -> str:
+    """Where new MLflow experiments keep their artifacts: ``<output_dir>/mlartifacts``."""
+    return (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri()
+
+
+def experiment_id(cfg: DictConfig) -> str:
+    """The id of the run's MLflow experiment (``logging.experiment_name`` or the exp name), created
+    with its artifacts under ``output_dir`` when it does not exist yet."""
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    name = cfg.logging.experiment_name or cfg.exp
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name, artifact_location(cfg))
+
+
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    """Tags of a run: code version, experiment, ``logging.tags`` and the parent run of a sweep."""
+    tags = {**git_tags(), "exp": cfg.exp, **cfg.logging.tags}
+    if cfg.logging.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.logging.parent_run_id
+    return tags
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -62,8 +85,8 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> Ru
         experiment_name=cfg.logging.experiment_name or cfg.exp,
         run_name=run_dir.name,
         tracking_uri=tracking_uri(cfg),
-        artifact_location=(Path(cfg.output_dir).resolve() / "mlartifacts").as_uri(),
-        tags={**git_tags(), "exp": cfg.exp},
+        artifact_location=artifact_location(cfg),
+        tags=run_tags(cfg),
         run_id=run_id,
         log_model=True,
     )

@@ -193,6 +193,7 @@ class SuperGLUEConfig:
     # The official archive, fetched into data.cache_dir when data.superglue_dir is unset.
     url: str = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/combined.zip"
     sha256: str | None = None  # expected digest of the archive; None = not checked
+    test_predictions: bool = True  # write the leaderboard files (<Task>.jsonl) from the test splits
     tasks: SuperGLUETasksConfig = field(default_factory=SuperGLUETasksConfig)
 
 
@@ -229,6 +230,42 @@ class LoggingConfig:
     tracking_uri: str | None = None  # MLflow store; None = a sqlite database under output_dir
     experiment_name: str | None = None  # MLflow experiment; None = the exp name
     enabled: bool = True  # log to MLflow at all
+    parent_run_id: str | None = None  # nest this run's MLflow run under that run (sweeps)
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags of the run
+
+
+@dataclass
+class AblationVariantConfig:
+    """One row of an ablation table (GLM_SPEC 9.2): what it changes, as command-line overrides."""
+
+    description: str = ""
+    pretrain: list[str] = field(default_factory=list)  # key=value overrides of its pretraining run
+    finetune: list[str] = field(default_factory=list)  # key=value overrides of its SuperGLUE run
+    lm_eval: list[str] = field(default_factory=list)  # e.g. data.task_masks=true for task-mask models
+
+
+@dataclass
+class AblationScaleConfig:
+    """Sizes and budgets every variant shares: overrides of exp=pretrain, exp=superglue, exp=lm_eval."""
+
+    pretrain: list[str] = field(default_factory=list)
+    finetune: list[str] = field(default_factory=list)
+    lm_eval: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AblationsConfig:
+    """exp=ablations: variants x seeds, each pretrained, finetuned on SuperGLUE and LM-evaluated."""
+
+    variants: list[str] = field(default_factory=list)  # names from `catalogue`, in table order
+    baseline: str = "glm"  # the variant the comparison's deltas are taken against
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    catalogue: dict[str, AblationVariantConfig] = field(default_factory=dict)
+    scales: dict[str, AblationScaleConfig] = field(default_factory=dict)  # chosen by the top-level `scale`
+    # Overrides for every variant, applied after the scale's and the variant's own.
+    pretrain: list[str] = field(default_factory=list)
+    finetune: list[str] = field(default_factory=list)
+    lm_eval: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -253,6 +290,8 @@ class ExperimentConfig:
     prompts: list[str] = field(default_factory=list)  # exp=generate: texts whose blanks are filled
     superglue: SuperGLUEConfig = field(default_factory=SuperGLUEConfig)
     task: Any = None  # exp=superglue: a task name or a list of them (any case); None = all eight
+    scale: str = "mini"  # exp=ablations: which of ablations.scales sizes the sweep
+    ablations: AblationsConfig = field(default_factory=AblationsConfig)
 
 
 # Range checks by dotted key; None values (unset overrides) are skipped.

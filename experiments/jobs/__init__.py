@@ -17,6 +17,7 @@ JOBS: dict[str, str] = {
     "lm_eval": "experiments.jobs.lm_eval:run",
     "seq2seq": "experiments.jobs.seq2seq:run",
     "superglue": "experiments.jobs.superglue:run",
+    "ablations": "experiments.jobs.ablations:run",
 }
 
 

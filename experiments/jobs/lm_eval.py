@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.config import save_config
 from experiments.jobs.generate import load_model, require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import run_directory
-from experiments.tracking import flatten, git_tags, tracking_uri
+from experiments.tracking import experiment_id, flatten, run_tags, tracking_uri
 from glm_lightning.config import ConfigError
 from glm_lightning.lm_eval import evaluate_lambada, evaluate_perplexity, read_lambada
 
@@ -53,13 +53,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def log_to_mlflow(cfg: DictConfig, run_dir: Path, metrics: dict[str, float]) -> str:
     """One FINISHED MLflow run with the flattened config as params and the metrics; its id."""
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    name = cfg.logging.experiment_name or cfg.exp
-    if mlflow.get_experiment_by_name(name) is None:
-        artifacts = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri()
-        mlflow.create_experiment(name, artifact_location=artifacts)
-    mlflow.set_experiment(name)
+    mlflow.set_experiment(experiment_id=experiment_id(cfg))
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    with mlflow.start_run(run_name=run_dir.name, tags={**git_tags(), "exp": cfg.exp}) as active:
+    with mlflow.start_run(run_name=run_dir.name, tags=run_tags(cfg)) as active:
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(run_dir / "config.yaml"))

@@ -152,7 +152,7 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
     """Resolve the strategy and the run directory, then run ``body(cfg, run_dir, strategy)``.
 
     Under ddp/fsdp on one machine Lightning starts the other ranks by running the same command
-    again; they find the run directory through the environment they inherit.
+    again; without a run name they find the run directory through the environment they inherit.
     """
     t = cfg.trainer
     try:
@@ -160,7 +160,8 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
                                   checkpoint_format=t.checkpoint_format)
     except ValueError as error:  # an unsupported combination of trainer settings
         raise ConfigError(f"trainer settings: {error}") from error
-    inherited = os.environ.get(RUN_DIR_VARIABLE)
+    # A named run is found by its name; only a timestamped one needs the inherited directory.
+    inherited = None if cfg.run_name else os.environ.get(RUN_DIR_VARIABLE)
     run_dir = Path(inherited) if inherited else run_directory(cfg)
     os.environ[RUN_DIR_VARIABLE] = str(run_dir)
     try:

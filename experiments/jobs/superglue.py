@@ -26,7 +26,7 @@ from datamodules.superglue_download import fetch_superglue
 from experiments.config import save_config
 from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import resume_checkpoint, run_directory, throughput_monitor, write_summary
-from experiments.tracking import RunLogger, git_tags, mlflow_logger, tracking_uri
+from experiments.tracking import RunLogger, artifact_location, mlflow_logger, run_tags, tracking_uri
 from glm_lightning.checkpoint import load_glm
 from glm_lightning.config import ConfigError, superglue_tasks
 from glm_lightning.metrics import TABLE1_METRICS, table_row
@@ -144,8 +144,8 @@ def child_logger(cfg: DictConfig, parent: RunLogger, run_name: str, task: str) -
         experiment_name=cfg.logging.experiment_name or cfg.exp,
         run_name=f"{run_name}/{task}",
         tracking_uri=tracking_uri(cfg),
-        artifact_location=(Path(cfg.output_dir).resolve() / "mlartifacts").as_uri(),
-        tags={**git_tags(), "exp": cfg.exp, "task": task, "mlflow.parentRunId": parent.run_id},
+        artifact_location=artifact_location(cfg),
+        tags={**run_tags(cfg), "task": task, "mlflow.parentRunId": parent.run_id},
     )
 
 
@@ -277,11 +277,11 @@ def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, m
         scores = trainer.validate(module, dataloaders=loader, verbose=False)[0]
         metrics.update({f"dev32/{name}": float(scores[f"val/{name}"]) for name in names})
     written = []
-    if datamodule.has_split("test"):
+    if cfg.superglue.test_predictions and datamodule.has_split("test"):
         predictions = predict(trainer, module, datamodule.predict_dataloader())
         written.append(write_jsonl(run_dir / f"{task}.jsonl",
                                    leaderboard_rows(task, datamodule.examples["test"], predictions)))
-    if task == "RTE":  # the diagnostics are scored by the RTE model
+    if task == "RTE" and cfg.superglue.test_predictions:  # the diagnostics are scored by the RTE model
         for name in DIAGNOSTICS:
             if split_path(name, datamodule.data_dir, "test").is_file():
                 examples, loader = datamodule.eval_loader(name, datamodule.data_dir, "test")

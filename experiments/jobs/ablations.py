@@ -1,0 +1,311 @@
+"""Ablation sweeps (GLM_SPEC §9.2): every variant x seed is pretrained, finetuned on SuperGLUE and
+evaluated as a language model, with the same sizes and budgets (the ``scale``), in one MLflow
+experiment.
+
+MLflow layout: one sweep run (tag ``glm.role=sweep``) -> one run per variant and seed
+(``glm.role=variant``, tags ``variant``, ``seed``, ``pretrain_run_id``) holding the final metrics ->
+the stage runs of that variant (``glm.role=stage``, ``stage=pretrain|finetune|lm_eval``) with their
+curves. Variants whose pretraining settings coincide (GLM and its classifier-head ablation) share
+one pretraining and LM evaluation. The sweep lives in ``<output_dir>/ablations/<run_name or scale>``;
+running the same command again continues it: finished variants are skipped (if their settings are
+unchanged) and an interrupted pretraining resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.builtin_corpus import builtin_documents
+from experiments.config import format_config, load_config, save_config
+from experiments.errors import RunInterrupted
+from experiments.jobs import get_job
+from experiments.tracking import experiment_id, git_tags, tracking_uri
+from glm_lightning.config import ConfigError
+
+# Stage -> the experiment whose YAML it starts from.
+STAGES = {"pretrain": "pretrain", "finetune": "superglue", "lm_eval": "lm_eval"}
+# Keys of the sweep's own config handed to a stage when they are set (data paths, task selection).
+PASS_THROUGH = {
+    "pretrain": ("data.train_files", "data.val_files", "data.cache_dir"),
+    "finetune": ("task", "data.superglue_dir", "data.fewglue_dir", "data.cache_dir", "superglue.url",
+                 "superglue.sha256"),
+    "lm_eval": ("lm_eval.file",),
+}
+# Fields that name or place a run rather than change its result (left out of fingerprints).
+PLACEMENT = ("run_name", "output_dir", "resume", "logging", "print_config")
+LM_EVAL_TEXT = "lm_eval.txt"  # held-out built-in documents, written when no lm_eval.file is given
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One variant x seed of the sweep with the names of its stage runs."""
+
+    name: str
+    seed: int
+    pretraining: str  # run name of the pretraining (shared by variants with the same settings)
+    overrides: dict[str, list[str]]  # stage -> key=value overrides (scale, variant, sweep, seed)
+    fingerprint: str  # of the resolved stage configs: a finished variant is reused only if equal
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.name}-seed{self.seed}"
+
+
+def override(key: str, value: Any) -> str:
+    """``key=value`` with the value written so that the command-line parser reads it back exactly."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    return f"{key}={json.dumps(value)}"
+
+
+def sweep_directory(cfg: DictConfig) -> Path:
+    """``<output_dir>/ablations/<run_name or scale>``: the same command finds the same sweep."""
+    return Path(cfg.output_dir) / cfg.exp / (cfg.run_name or cfg.scale)
+
+
+def stage_overrides(cfg: DictConfig, stage: str, variant: str, seed: int) -> list[str]:
+    """The overrides of one stage: the scale's, the variant's, the sweep-wide ones, then the sweep's
+    data paths and the seed."""
+    spec = cfg.ablations.catalogue[variant]
+    scale = cfg.ablations.scales[cfg.scale]
+    overrides = [*scale[stage], *spec[stage], *cfg.ablations[stage]]
+    for key in PASS_THROUGH[stage]:
+        value = OmegaConf.select(cfg, key)
+        if value not in (None, "") and not (OmegaConf.is_list(value) and len(value) == 0):
+            overrides.append(override(key, value))
+    return [*overrides, f"seed={seed}"]
+
+
+def stage_config(cfg: DictConfig, stage: str, overrides: list[str], *, run_name: str | None = None,
+                 parent: str | None = None, tags: dict[str, str] | None = None,
+                 extra: tuple[str, ...] = ()) -> DictConfig:
+    """The validated config of one stage run, placed inside the sweep directory and its MLflow
+    experiment."""
+    placement = [
+        override("output_dir", str(sweep_directory(cfg))),
+        override("logging.tracking_uri", tracking_uri(cfg)),
+        override("logging.experiment_name", cfg.logging.experiment_name or cfg.exp),
+        override("logging.parent_run_id", parent),
+        override("logging.tags", tags or {}),
+        override("run_name", run_name),
+    ]
+    return load_config(STAGES[stage], [*overrides, *extra, *placement])
+
+
+def result_settings(stage_cfg: DictConfig) -> dict:
+    """What determines a stage's results: its config without run names and places."""
+    settings = OmegaConf.to_container(stage_cfg, resolve=True)
+    return {key: value for key, value in settings.items() if key not in PLACEMENT}
+
+
+def fingerprint(settings: Any) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan(cfg: DictConfig) -> list[Variant]:
+    """Every variant x seed with its overrides, checked now so that a typo stops the sweep before
+    anything runs; variants with identical pretraining settings share the first one's pretraining."""
+    a = cfg.ablations
+    if cfg.scale not in a.scales:
+        raise ConfigError(f"invalid value {cfg.scale!r} for 'scale'; valid choices: {', '.join(a.scales)}")
+    if not a.variants:
+        raise ConfigError("'ablations.variants' is empty; name the variants to run, e.g. "
+                          f"ablations.variants=[{','.join(list(a.catalogue)[:2])}]")
+    unknown = [name for name in a.variants if name not in a.catalogue]
+    if unknown:
+        raise ConfigError(f"unknown variant {unknown[0]!r} in 'ablations.variants'; "
+                          f"the catalogue has: {', '.join(a.catalogue)}")
+    if a.baseline not in a.variants:
+        raise ConfigError(f"invalid value {a.baseline!r} for 'ablations.baseline': it must be one of "
+                          f"the variants run ({', '.join(a.variants)})")
+    if not a.seeds or len(set(a.seeds)) != len(a.seeds):
+        raise ConfigError(f"'ablations.seeds' must list distinct seeds (got {list(a.seeds)})")
+    if not cfg.logging.enabled:
+        raise ConfigError("an ablation sweep keeps its results in MLflow: logging.enabled must be true")
+    variants, pretrainings = [], {}
+    for seed in a.seeds:
+        for name in a.variants:
+            overrides = {stage: stage_overrides(cfg, stage, name, seed) for stage in STAGES}
+            settings = {}
+            for stage in STAGES:
+                try:
+                    # A placeholder checkpoint: the real one exists only once the pretraining ran.
+                    extra = () if stage == "pretrain" else ("model.init_from=<pretrained>",)
+                    settings[stage] = result_settings(stage_config(cfg, stage, overrides[stage], extra=extra))
+                except ConfigError as error:
+                    raise ConfigError(f"ablation variant {name!r} ({stage} stage): {error}") from None
+            if settings["lm_eval"]["lm_eval"]["file"] is None and settings["pretrain"]["data"]["train_files"]:
+                raise ConfigError("set lm_eval.file to held-out text for the LM evaluation of the sweep "
+                                  "(its pretraining reads data.train_files)")
+            pretraining = pretrainings.setdefault(fingerprint(settings["pretrain"]), f"{name}-seed{seed}")
+            variants.append(Variant(name, seed, pretraining, overrides, fingerprint(settings)))
+    return variants
+
+
+class SweepTracker:
+    """The sweep's own MLflow runs (sweep and variants), reopened when the sweep runs again so that
+    the stage runs of a resumed variant stay under one parent."""
+
+    def __init__(self, cfg: DictConfig, sweep_dir: Path):
+        self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        self.experiment_id = experiment_id(cfg)
+        self.sweep_dir = sweep_dir
+
+    def open(self, id_file: Path, run_name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        """The run recorded in ``id_file`` set RUNNING again, or a new run recorded there."""
+        if id_file.exists():
+            run_id = id_file.read_text().strip()
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        tags = {**git_tags(), **tags, **({"mlflow.parentRunId": parent} if parent else {})}
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+        return run_id
+
+    @contextmanager
+    def running(self, run_id: str) -> Iterator[None]:
+        """FINISHED when the body completes, KILLED when it was interrupted, FAILED otherwise."""
+        try:
+            yield
+        except (RunInterrupted, KeyboardInterrupt):
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+            raise
+        except BaseException:
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+            raise
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def run(cfg: DictConfig) -> Path:
+    """Run the sweep; returns its directory (config, stage runs, comparison)."""
+    variants = plan(cfg)
+    sweep_dir = sweep_directory(cfg)
+    if rank_zero_only.rank != 0:  # ranks started by a multi-device stage only join its training
+        for variant in variants:
+            run_variant(cfg, variant, sweep_dir, None, None)
+        return sweep_dir
+    save_config(cfg, sweep_dir / "config.yaml")
+    tracker = SweepTracker(cfg, sweep_dir)
+    a = cfg.ablations
+    sweep_id = tracker.open(sweep_dir / "mlflow_run_id", sweep_dir.name, {
+        "glm.role": "sweep", "exp": cfg.exp, "scale": cfg.scale, "baseline": a.baseline,
+        "variants": ",".join(a.variants)})
+    started = time.time()
+    with tracker.running(sweep_id):
+        tracker.client.log_text(sweep_id, format_config(cfg), "config.yaml")
+        for variant in variants:
+            run_variant(cfg, variant, sweep_dir, tracker, sweep_id)
+        tracker.client.log_metric(sweep_id, "sweep/seconds", time.time() - started)
+        report = write_comparison(cfg, tracker, sweep_id, sweep_dir)
+    print(report.read_text(encoding="utf-8"), end="", flush=True)
+    print(f"ablation sweep of {len(variants)} run(s) finished; outputs in {sweep_dir}; "
+          f"MLflow run {sweep_id} at {tracking_uri(cfg)}", flush=True)
+    return sweep_dir
+
+
+def write_comparison(cfg: DictConfig, tracker: SweepTracker, sweep_id: str, sweep_dir: Path) -> Path:
+    """The comparison table and plots in the sweep directory, logged as the sweep run's artifacts;
+    returns the markdown table."""
+    from experiments.compare import write_report
+
+    paths = write_report(cfg.logging.experiment_name or cfg.exp, tracking_uri(cfg), sweep_id, sweep_dir)
+    for path in paths:
+        tracker.client.log_artifact(sweep_id, str(path))
+    return next(path for path in paths if path.suffix == ".md")
+
+
+def run_variant(cfg: DictConfig, variant: Variant, sweep_dir: Path, tracker: SweepTracker | None,
+                sweep_id: str | None) -> None:
+    """Pretrain (or reuse the shared pretraining), LM-evaluate and finetune one variant x seed, then
+    log its final metrics to its variant run; skipped when it finished before with the same settings."""
+    record = sweep_dir / "variants" / f"{variant.run_name}.json"
+    if record.exists():
+        finished = json.loads(record.read_text())
+        if finished["fingerprint"] != variant.fingerprint:
+            raise ConfigError(f"{variant.run_name} of the sweep in {sweep_dir} finished with other settings; "
+                              "run the changed sweep under another run_name")
+        print(f"{variant.run_name}: finished before, skipped", flush=True)
+        return
+    tags = {"variant": variant.name, "seed": str(variant.seed), "scale": cfg.scale}
+    run_id = None
+    if tracker:
+        run_id = tracker.open(record.with_suffix(".run_id"), f"{variant.name}/seed{variant.seed}",
+                              {**tags, "glm.role": "variant", "exp": cfg.exp}, parent=sweep_id)
+    with tracker.running(run_id) if tracker else nullcontext():
+        def stage(name: str, run_name: str, extra: tuple[str, ...] = ()) -> DictConfig:
+            return stage_config(cfg, name, variant.overrides[name], run_name=run_name, parent=run_id,
+                                tags={**tags, "glm.role": "stage", "stage": name}, extra=extra)
+
+        pretrain_dir = run_stage(stage("pretrain", variant.pretraining, ("resume=auto",)),
+                                 done=pretraining_finished)
+        checkpoint = override("model.init_from", str(pretrain_dir / "checkpoints" / "last.ckpt"))
+        lm_cfg = stage("lm_eval", variant.pretraining, (checkpoint,))
+        if lm_cfg.lm_eval.file is None:
+            lm_cfg = stage("lm_eval", variant.pretraining, (checkpoint, held_out_text(sweep_dir)))
+        lm_dir = run_stage(lm_cfg, done=lambda run_dir: (run_dir / "metrics.json").is_file())
+        finetune_dir = run_stage(stage("finetune", variant.run_name, (checkpoint, "resume=auto")))
+        if tracker is None:
+            return
+        metrics = variant_metrics(pretrain_dir, lm_dir, finetune_dir)
+        client = tracker.client
+        client.set_tag(run_id, "pretrain_run_id", (pretrain_dir / "mlflow_run_id").read_text().strip())
+        client.log_param(run_id, "description", cfg.ablations.catalogue[variant.name].description[:6000])
+        for stage_name, overrides in variant.overrides.items():
+            client.log_param(run_id, f"overrides.{stage_name}", " ".join(overrides)[:6000])
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        record.write_text(json.dumps({"fingerprint": variant.fingerprint, "run_id": run_id,
+                                      "metrics": metrics}, indent=2) + "\n")
+
+
+def run_stage(stage_cfg: DictConfig, done: Callable[[Path], bool] = lambda _: False) -> Path:
+    """Run a stage's job unless ``done(run_dir)`` says an earlier sweep already completed it."""
+    from experiments.jobs.pretrain import run_directory
+
+    run_dir = run_directory(stage_cfg)
+    if not done(run_dir):
+        get_job(stage_cfg.job)(stage_cfg)
+    return run_dir
+
+
+def pretraining_finished(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text())["status"] == "finished"
+
+
+def held_out_text(sweep_dir: Path) -> str:
+    """The LM evaluation's text for sweeps on the built-in corpus: held-out documents of the same
+    generator (another seed), written into the sweep directory; returned as an override."""
+    path = sweep_dir / LM_EVAL_TEXT
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n\n".join(builtin_documents(40, seed=1)), encoding="utf-8")
+    return override("lm_eval.file", str(path))
+
+
+def variant_metrics(pretrain_dir: Path, lm_dir: Path, finetune_dir: Path) -> dict[str, float]:
+    """The final numbers of a variant: pretraining validation losses (own objective), LM
+    evaluation, SuperGLUE dev scores and their Table-1 average."""
+    summary = json.loads((pretrain_dir / "summary.json").read_text())
+    metrics = {f"pretrain/val_{key.removeprefix('val/')}": value for key, value in summary["metrics"].items()
+               if key.startswith("val/loss") or key == "val/unigram_baseline"}
+    metrics["pretrain/seconds"] = summary["seconds"]
+    metrics.update(json.loads((lm_dir / "metrics.json").read_text()))
+    results = json.loads((finetune_dir / "results.json").read_text())
+    for task, scores in results["tasks"].items():
+        metrics.update({f"{task}/{name}": value for name, value in scores.items()})
+    metrics.update({f"table1/{key}": value for key, value in results["table1"].items()})
+    return {key: float(value) for key, value in metrics.items()}

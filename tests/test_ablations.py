@@ -1,0 +1,196 @@
+"""exp=ablations: the sweep plan (overrides, shared pretraining, early errors) and a micro sweep end
+to end (MLflow parent/child structure, comparison numbers, plots, skipping finished variants)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_superglue_job import write_superglue
+
+from experiments.config import load_config
+from experiments.jobs.ablations import plan, stage_config, stage_overrides
+from experiments.run import main
+from glm_lightning.config import ConfigError
+
+DEFAULT_VARIANTS = ["glm", "classifier", "no_shuffle", "sentinel_tokens", "masked_lm", "no_2d_positions",
+                    "span_sentence", "span_document"]
+
+
+def sweep_config(*overrides: str):
+    return load_config("ablations", list(overrides))
+
+
+def test_default_plan_shares_the_pretraining_of_glm_and_classifier():
+    variants = plan(sweep_config())
+    expected = [(name, seed) for seed in (1, 2) for name in DEFAULT_VARIANTS]
+    assert [(v.name, v.seed) for v in variants] == expected
+    pretraining = {(v.name, v.seed): v.pretraining for v in variants}
+    assert pretraining["classifier", 1] == "glm-seed1" and pretraining["classifier", 2] == "glm-seed2"
+    others = [v for v in variants if v.name != "classifier"]
+    assert all(v.pretraining == v.run_name for v in others)
+    assert len({v.fingerprint for v in variants}) == len(variants)
+
+
+def test_stage_configs_apply_scale_variant_sweep_and_seed_in_order(tmp_path):
+    cfg = sweep_config(f"output_dir={tmp_path}", "ablations.pretrain=[trainer.max_steps=7]",
+                       "data.train_files=[a.txt]", "lm_eval.file=held_out.txt", "task=[rte]")
+    overrides = stage_overrides(cfg, "pretrain", "no_2d_positions", 2)
+    pretrain = stage_config(cfg, "pretrain", overrides, run_name="x")
+    assert pretrain.job == "pretrain" and pretrain.seed == 2 and pretrain.run_name == "x"
+    assert pretrain.model.hidden_size == 128 and pretrain.trainer.max_steps == 7  # scale, then the sweep
+    assert not pretrain.data.block_positions and not pretrain.model.block_position_encoding
+    assert list(pretrain.data.train_files) == ["a.txt"]
+    assert pretrain.output_dir == str(tmp_path / "ablations" / "mini")
+    assert pretrain.logging.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert pretrain.logging.experiment_name == "ablations"
+    finetune = stage_config(cfg, "finetune", stage_overrides(cfg, "finetune", "classifier", 1))
+    assert finetune.job == "superglue" and finetune.superglue.head == "classifier"
+    assert list(finetune.task) == ["rte"] and finetune.optim.lr == pytest.approx(3e-4)
+    lm_eval = stage_config(cfg, "lm_eval", stage_overrides(cfg, "lm_eval", "glm", 1))
+    assert lm_eval.job == "lm_eval" and lm_eval.lm_eval.file == "held_out.txt"
+    assert lm_eval.lm_eval.stride == 64
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["ablations.variants=[glm,nope]"],
+     r"unknown variant 'nope' in 'ablations.variants'; the catalogue has: glm,"),
+    (["scale=huge"], r"invalid value 'huge' for 'scale'; valid choices: mini, paper"),
+    (["ablations.baseline=masked_lm", "ablations.variants=[glm]"], r"'ablations.baseline'"),
+    (["ablations.seeds=[1,1]"], r"distinct seeds"),
+    (["ablations.pretrain=[data.shufle_spans=false]"],
+     r"ablation variant 'glm' \(pretrain stage\): .*unknown key 'data.shufle_spans' \(did you mean "
+     r"'data.shuffle_spans'\?\)"),
+    (["data.train_files=[a.txt]"], r"set lm_eval.file"),
+    (["logging.enabled=false"], r"logging.enabled must be true"),
+])
+def test_plan_errors_name_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        plan(sweep_config(*overrides))
+
+
+def test_variant_typo_in_the_catalogue_is_named_with_its_variant():
+    cfg = sweep_config("ablations.catalogue.no_shuffle.pretrain=[data.shuffle_spans=maybe]")
+    with pytest.raises(ConfigError, match=r"variant 'no_shuffle' \(pretrain stage\).*data.shuffle_spans"):
+        plan(cfg)
+
+
+def micro_sweep(tmp_path: Path, *extra: str) -> list[str]:
+    """Two variants x two seeds of a 2-layer, 32-wide GLM: a few steps of each stage."""
+    return [
+        "exp=ablations", f"output_dir={tmp_path / 'outputs'}", f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.superglue_dir={write_superglue(tmp_path / 'superglue')}", "task=[rte,copa]",
+        "ablations.variants=[glm,classifier]", "ablations.seeds=[1,2]",
+        "ablations.pretrain=[model.num_layers=2,model.hidden_size=32,data.batch_size=4,"
+        "trainer.max_steps=6,trainer.val_check_interval=3,trainer.limit_val_batches=2,trainer.log_every_n_steps=2,"
+        "trainer.accelerator=cpu]",
+        "ablations.finetune=[superglue.tasks.rte.epochs=1,superglue.tasks.copa.epochs=1,"
+        "superglue.tasks.rte.batch_size=4,superglue.tasks.copa.batch_size=4,superglue.eval_batch_size=4,"
+        "trainer.accelerator=cpu]",
+        "ablations.lm_eval=[lm_eval.stride=32,trainer.accelerator=cpu]",
+        *extra,
+    ]
+
+
+def csv_rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(encoding="utf-8") as f:
+        return {row["variant"]: row for row in csv.DictReader(f)}
+
+
+def cell(values: list[float], scale: float, digits: int) -> str:
+    scaled = [scale * v for v in values]
+    mean, std = statistics.fmean(scaled), statistics.stdev(scaled)
+    return f"{mean:.{digits}f}±{std:.{digits}f}"
+
+
+@pytest.mark.slow
+def test_micro_sweep_end_to_end(tmp_path, capsys):
+    assert main(micro_sweep(tmp_path)) == 0
+    sweep_dir = tmp_path / "outputs" / "ablations" / "mini"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ablations")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    by_role: dict[str, list] = {}
+    for run in runs:
+        by_role.setdefault(run.data.tags.get("glm.role"), []).append(run)
+
+    # One sweep run > one run per variant x seed > its stage runs; everything FINISHED.
+    (sweep,) = by_role["sweep"]
+    assert sweep.info.status == "FINISHED" and "mlflow.parentRunId" not in sweep.data.tags
+    assert sweep.data.tags["variants"] == "glm,classifier" and sweep.data.tags["baseline"] == "glm"
+    variants = {(r.data.tags["variant"], int(r.data.tags["seed"])): r for r in by_role["variant"]}
+    assert sorted(variants) == [("classifier", 1), ("classifier", 2), ("glm", 1), ("glm", 2)]
+    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+               for r in variants.values())
+    stages, tasks = {}, []
+    variant_of = {run.info.run_id: key for key, run in variants.items()}
+    for run in by_role["stage"]:
+        assert run.info.status == "FINISHED"
+        if "task" in run.data.tags:  # a SuperGLUE task, nested under its finetuning run
+            tasks.append(run)
+            continue
+        parent = variant_of[run.data.tags["mlflow.parentRunId"]]
+        stages.setdefault(parent, {})[run.data.tags["stage"]] = run
+        assert (run.data.tags["variant"], int(run.data.tags["seed"])) == parent
+    finetunes = {stage["finetune"].info.run_id for stage in stages.values()}
+    assert sorted(run.data.tags["task"] for run in tasks) == ["COPA"] * 4 + ["RTE"] * 4
+    assert all(run.data.tags["mlflow.parentRunId"] in finetunes for run in tasks)
+    # The classifier ablation finetunes glm's pretraining: no pretraining or LM evaluation of its own.
+    for seed in (1, 2):
+        assert sorted(stages["glm", seed]) == ["finetune", "lm_eval", "pretrain"]
+        assert sorted(stages["classifier", seed]) == ["finetune"]
+        pretrain_id = stages["glm", seed]["pretrain"].info.run_id
+        assert variants["glm", seed].data.tags["pretrain_run_id"] == pretrain_id
+        assert variants["classifier", seed].data.tags["pretrain_run_id"] == pretrain_id
+        assert stages["classifier", seed]["finetune"].data.params["superglue.head"] == "classifier"
+        assert len(client.get_metric_history(pretrain_id, "train/loss")) >= 1
+
+    # The variant runs hold their stages' results ...
+    for (name, seed), run in variants.items():
+        pretraining = sweep_dir / "pretrain" / f"glm-seed{seed}"
+        summary = json.loads((pretraining / "summary.json").read_text())
+        results = json.loads((sweep_dir / "superglue" / f"{name}-seed{seed}" / "results.json").read_text())
+        lm = json.loads((sweep_dir / "lm_eval" / f"glm-seed{seed}" / "metrics.json").read_text())
+        metrics = run.data.metrics
+        assert summary["global_step"] == 6
+        assert metrics["pretrain/val_loss"] == pytest.approx(summary["metrics"]["val/loss"])
+        assert metrics["perplexity/ppl"] == pytest.approx(lm["perplexity/ppl"])
+        assert metrics["RTE/accuracy"] == pytest.approx(results["tasks"]["RTE"]["accuracy"])
+        assert metrics["COPA/accuracy"] == pytest.approx(results["tasks"]["COPA"]["accuracy"])
+        assert metrics["table1/avg"] == pytest.approx(results["table1"]["avg"])
+
+    # ... and the comparison table shows exactly their mean ± std over the two seeds.
+    table = csv_rows(sweep_dir / "comparison.csv")
+    assert list(table)[:2] == ["glm", "classifier"]
+    for name in ("glm", "classifier"):
+        seeds = [variants[name, seed].data.metrics for seed in (1, 2)]
+        for column, key, scale, digits in (("RTE", "RTE/accuracy", 100, 1), ("COPA", "COPA/accuracy", 100, 1),
+                                           ("Avg", "table1/avg", 100, 1),
+                                           ("pretrain/val_loss", "pretrain/val_loss", 1, 2),
+                                           ("perplexity/ppl", "perplexity/ppl", 1, 2)):
+            assert table[name][column] == cell([s[key] for s in seeds], scale, digits), (name, column)
+    delta = statistics.fmean(100 * variants["classifier", s].data.metrics["table1/avg"] for s in (1, 2)) \
+        - statistics.fmean(100 * variants["glm", s].data.metrics["table1/avg"] for s in (1, 2))
+    assert table["classifier - glm"]["Avg"] == f"{delta:+.1f}"
+    for png in ("curves.png", "tasks.png"):
+        data = (sweep_dir / png).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+    artifacts = {a.path for a in client.list_artifacts(sweep.info.run_id)}
+    assert {"comparison.md", "comparison.csv", "curves.png", "tasks.png", "config.yaml"} <= artifacts
+    out = capsys.readouterr().out
+    assert "| variant | COPA | RTE | Avg | pretrain/val_loss | perplexity/ppl |" in out
+
+    # Running the same command again skips every finished variant and starts no new run.
+    assert main(micro_sweep(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished before, skipped") == 4
+    again = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert len(again) == len(runs)
+    assert client.get_run(sweep.info.run_id).info.status == "FINISHED"
+    # A changed setting is not mixed into the finished sweep.
+    assert main(micro_sweep(tmp_path, "ablations.lm_eval=[lm_eval.stride=16,trainer.accelerator=cpu]")) == 2
+    assert "finished with other settings" in capsys.readouterr().err
