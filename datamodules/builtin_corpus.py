@@ -293,6 +293,10 @@ def _questions(rng: random.Random) -> str:
                     (f"Is {p.first} a {p.job}?", "Yes."),
                     (f"Does {p.first} keep a {p.colour} {p.pet}?", "Yes, and it is well loved."),
                     (f"Is {p.first} rich?", "Maybe. Nobody knows."),
+                    (f"{p.name} lives in {p.city}: true or false?", "That is true."),
+                    (f"{p.name} keeps a dragon: true or false?", "That is false."),
+                    (f"Is {p.first} tall or short?", f"{_cap(p.pronoun)} is neither tall nor short."),
+                    (f"Is {p.first} young or old?", f"{_cap(p.pronoun)} is neither, they say."),
                     (f"Does {p.name} live on the moon?", f"No, {p.first} lives in {p.city}."),
                     (f"Is {p.first} a king?", f"No. {_cap(p.pronoun)} is a {p.job}."),
                 ]

@@ -53,7 +53,7 @@ def test_stage_configs_apply_scale_variant_sweep_and_seed_in_order(tmp_path):
     assert list(finetune.task) == ["rte"] and finetune.optim.lr == pytest.approx(3e-4)
     lm_eval = stage_config(cfg, "lm_eval", stage_overrides(cfg, "lm_eval", "glm", 1))
     assert lm_eval.job == "lm_eval" and lm_eval.lm_eval.file == "held_out.txt"
-    assert lm_eval.lm_eval.stride == 64
+    assert lm_eval.lm_eval.stride == 127
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -194,3 +194,8 @@ def test_micro_sweep_end_to_end(tmp_path, capsys):
     # A changed setting is not mixed into the finished sweep.
     assert main(micro_sweep(tmp_path, "ablations.lm_eval=[lm_eval.stride=16,trainer.accelerator=cpu]")) == 2
     assert "finished with other settings" in capsys.readouterr().err
+    # Nor is a stage that an interrupted sweep left behind with other settings.
+    for record in (sweep_dir / "variants").glob("*.json"):
+        record.unlink()
+    assert main(micro_sweep(tmp_path, "ablations.lm_eval=[lm_eval.stride=16,trainer.accelerator=cpu]")) == 2
+    assert f"{sweep_dir / 'lm_eval' / 'glm-seed1'} was run with other settings" in capsys.readouterr().err

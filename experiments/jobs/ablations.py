@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.builtin_corpus import builtin_documents
-from experiments.config import format_config, load_config, save_config
+from experiments.config import format_config, load_config, load_saved_config, save_config
 from experiments.errors import RunInterrupted
 from experiments.jobs import get_job
 from experiments.tracking import experiment_id, git_tags, tracking_uri
@@ -111,6 +111,7 @@ def result_settings(stage_cfg: DictConfig) -> dict:
 
 
 def fingerprint(settings: Any) -> str:
+    """A short digest of JSON-able settings."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -158,10 +159,9 @@ class SweepTracker:
     """The sweep's own MLflow runs (sweep and variants), reopened when the sweep runs again so that
     the stage runs of a resumed variant stay under one parent."""
 
-    def __init__(self, cfg: DictConfig, sweep_dir: Path):
+    def __init__(self, cfg: DictConfig):
         self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
         self.experiment_id = experiment_id(cfg)
-        self.sweep_dir = sweep_dir
 
     def open(self, id_file: Path, run_name: str, tags: dict[str, str], parent: str | None = None) -> str:
         """The run recorded in ``id_file`` set RUNNING again, or a new run recorded there."""
@@ -198,7 +198,7 @@ def run(cfg: DictConfig) -> Path:
             run_variant(cfg, variant, sweep_dir, None, None)
         return sweep_dir
     save_config(cfg, sweep_dir / "config.yaml")
-    tracker = SweepTracker(cfg, sweep_dir)
+    tracker = SweepTracker(cfg)
     a = cfg.ablations
     sweep_id = tracker.open(sweep_dir / "mlflow_run_id", sweep_dir.name, {
         "glm.role": "sweep", "exp": cfg.exp, "scale": cfg.scale, "baseline": a.baseline,
@@ -272,10 +272,15 @@ def run_variant(cfg: DictConfig, variant: Variant, sweep_dir: Path, tracker: Swe
 
 
 def run_stage(stage_cfg: DictConfig, done: Callable[[Path], bool] = lambda _: False) -> Path:
-    """Run a stage's job unless ``done(run_dir)`` says an earlier sweep already completed it."""
+    """Run a stage's job unless ``done(run_dir)`` says an earlier sweep already completed it. A run
+    directory left by other settings (an interrupted sweep that was then changed) is never reused."""
     from experiments.jobs.pretrain import run_directory
 
     run_dir = run_directory(stage_cfg)
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and result_settings(load_saved_config(saved)) != result_settings(stage_cfg):
+        raise ConfigError(f"{run_dir} was run with other settings; run the changed sweep under "
+                          "another run_name")
     if not done(run_dir):
         get_job(stage_cfg.job)(stage_cfg)
     return run_dir
