@@ -10,7 +10,8 @@ Two kinds of experiment:
   variant runs of a variant are its seeds. Deltas are taken against the sweep's ``baseline`` tag
   unless ``--baseline`` names another row.
 
-Seeds are shown as mean ± sample std. Task columns follow Table 1 (two-metric tasks as "x/y" in the
+Seeds are shown as mean ± sample std; a delta is the difference of the means, ± its standard error
+when both rows have several seeds. Task columns follow Table 1 (two-metric tasks as "x/y" in the
 paper's metric order; for sweeps only the tasks some variant was finetuned on), then the average,
 all x100 with one decimal. ``--metric`` adds columns of other logged metrics, shown as logged with two
 decimals (sweeps default to ``pretrain/val_loss`` and ``perplexity/ppl``). ``--paper`` adds the
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import os
 import statistics
 import sys
@@ -325,17 +327,23 @@ def stat_cell(seeds: Sequence[Mapping[str, float]], column: Column, pm: str) -> 
 
 
 def delta_cell(seeds: Sequence[Mapping[str, float]], base: Sequence[Mapping[str, float]],
-               column: Column) -> str:
-    """Signed difference of the means (scaled, ``column.digits`` decimals) per metric, "x/y"."""
+               column: Column, pm: str) -> str:
+    """Signed difference of the means (scaled, ``column.digits`` decimals) per metric, "x/y", with
+    "±" its standard error sqrt(s1²/n1 + s2²/n2) when both rows have several seeds."""
     parts = []
     for key in column.keys:
         values = [seed[key] for seed in seeds if key in seed]
         base_values = [seed[key] for seed in base if key in seed]
         if not values or not base_values:
             parts.append(MISSING)
-        else:
-            delta = mean_std(values, column.scale)[0] - mean_std(base_values, column.scale)[0]
-            parts.append(f"{delta:+.{column.digits}f}")
+            continue
+        mean, std = mean_std(values, column.scale)
+        base_mean, base_std = mean_std(base_values, column.scale)
+        d = column.digits
+        cell = f"{mean - base_mean:+.{d}f}"
+        if std is not None and base_std is not None:
+            cell += f"{pm}{math.sqrt(std**2 / len(values) + base_std**2 / len(base_values)):.{d}f}"
+        parts.append(cell)
     return MISSING if all(p == MISSING for p in parts) else "/".join(parts)
 
 
@@ -348,7 +356,7 @@ def build_table(table: Comparison, pm: str = "±") -> list[Block]:
                            for name, seeds in rows.items()])]
     if baseline is not None:
         blocks.append(Block(f"delta vs {baseline}",
-                            [[f"{name} - {baseline}", *(delta_cell(seeds, rows[baseline], col)
+                            [[f"{name} - {baseline}", *(delta_cell(seeds, rows[baseline], col, pm)
                                                         for col in table.columns)]
                              for name, seeds in rows.items() if name != baseline]))
     if table.paper:
@@ -420,7 +428,8 @@ def report_markdown(sweep: Sweep, table: Comparison) -> str:
     scale = sweep.tags.get("scale")
     return (f"# Ablation sweep {sweep.name}" + (f" (scale {scale})" if scale else "") + "\n\n"
             "SuperGLUE dev scores x100 (two-metric tasks as x/y), other metrics as logged; seeds as "
-            "mean ± sample std" + (f"; deltas against {table.baseline}" if table.baseline else "")
+            "mean ± sample std" + (f"; deltas against {table.baseline} as difference of the means ± its "
+                                   "standard error" if table.baseline else "")
             + ".\n\n" + format_table(table, "md"))
 
 

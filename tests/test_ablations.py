@@ -173,9 +173,12 @@ def test_micro_sweep_end_to_end(tmp_path, capsys):
                                            ("pretrain/val_loss", "pretrain/val_loss", 1, 2),
                                            ("perplexity/ppl", "perplexity/ppl", 1, 2)):
             assert table[name][column] == cell([s[key] for s in seeds], scale, digits), (name, column)
-    delta = statistics.fmean(100 * variants["classifier", s].data.metrics["table1/avg"] for s in (1, 2)) \
-        - statistics.fmean(100 * variants["glm", s].data.metrics["table1/avg"] for s in (1, 2))
-    assert table["classifier - glm"]["Avg"] == f"{delta:+.1f}"
+    averages = {name: [100 * variants[name, s].data.metrics["table1/avg"] for s in (1, 2)]
+                for name in ("glm", "classifier")}
+    delta = statistics.fmean(averages["classifier"]) - statistics.fmean(averages["glm"])
+    error = (statistics.variance(averages["classifier"]) / 2
+             + statistics.variance(averages["glm"]) / 2) ** 0.5
+    assert table["classifier - glm"]["Avg"] == f"{delta:+.1f}±{error:.1f}"
     for png in ("curves.png", "tasks.png"):
         data = (sweep_dir / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
