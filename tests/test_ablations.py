@@ -56,6 +56,20 @@ def test_stage_configs_apply_scale_variant_sweep_and_seed_in_order(tmp_path):
     assert lm_eval.lm_eval.stride == 127
 
 
+def test_paper_scale_is_the_official_setup(tmp_path):
+    cfg = sweep_config("scale=paper", f"output_dir={tmp_path}", "data.train_files=[/data/wiki]",
+                       "lm_eval.file=/data/wiki.test.tokens", "data.superglue_dir=/data/superglue")
+    pretrain = stage_config(cfg, "pretrain", stage_overrides(cfg, "pretrain", "sentinel_tokens", 1))
+    assert pretrain.model.name == "glm-large" and pretrain.trainer.max_steps == 200000
+    assert pretrain.optim.lr == pytest.approx(2e-4) and pretrain.data.sentinel_tokens
+    finetune = stage_config(cfg, "finetune", stage_overrides(cfg, "finetune", "glm", 1))
+    assert finetune.task is None  # all eight tasks
+    assert (finetune.superglue.tasks.copa.epochs, finetune.superglue.tasks.wsc.loss_func) == (50, "mix")
+    assert finetune.superglue.test_predictions and finetune.optim.lr == pytest.approx(1e-5)
+    lm_eval = stage_config(cfg, "lm_eval", stage_overrides(cfg, "lm_eval", "glm", 1))
+    assert lm_eval.lm_eval.stride == 256 and lm_eval.lm_eval.file == "/data/wiki.test.tokens"
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["ablations.variants=[glm,nope]"],
      r"unknown variant 'nope' in 'ablations.variants'; the catalogue has: glm,"),
