@@ -117,5 +117,5 @@ def plot_tasks(rows: Rows, path: Path) -> Path:
                capsize=3, label=name)
     ax.set_xticks(range(len(columns)), [col.header for col in columns])
     ax.set(ylabel="dev score (x100)", title="SuperGLUE dev: mean ± std over seeds")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars
     return save_png(fig, Path(path))
