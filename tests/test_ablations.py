@@ -216,3 +216,34 @@ def test_micro_sweep_end_to_end(tmp_path, capsys):
         record.unlink()
     assert main(micro_sweep(tmp_path, "ablations.lm_eval=[lm_eval.stride=16,trainer.accelerator=cpu]")) == 2
     assert f"{sweep_dir / 'lm_eval' / 'glm-seed1'} was run with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_failed_sweep_is_recorded_and_continues_where_it_stopped(tmp_path, capsys):
+    args = [*micro_sweep(tmp_path), "ablations.variants=[glm]", "ablations.seeds=[1]"]  # writes the data
+    copa_val = tmp_path / "superglue" / "COPA" / "val.jsonl"
+    text = copa_val.read_text()
+    copa_val.unlink()
+    assert main(args) == 2  # the finetuning stage finds no COPA dev set
+    assert "COPA/val.jsonl does not exist" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ablations")
+
+    def runs(role: str) -> list:
+        return [run for run in client.search_runs([experiment.experiment_id], max_results=1000)
+                if run.data.tags.get("glm.role") == role]
+
+    (sweep,), (variant,) = runs("sweep"), runs("variant")
+    assert sweep.info.status == "FAILED" and variant.info.status == "FAILED"
+    stages = {run.data.tags["stage"]: run for run in runs("stage")}
+    assert sorted(stages) == ["lm_eval", "pretrain"] and stages["pretrain"].info.status == "FINISHED"
+
+    copa_val.write_text(text)
+    assert main(args) == 0
+    # The same sweep and variant runs finish; the pretraining and LM evaluation are not run again.
+    assert [r.info.run_id for r in runs("sweep")] == [sweep.info.run_id]
+    assert [r.info.run_id for r in runs("variant")] == [variant.info.run_id]
+    assert client.get_run(sweep.info.run_id).info.status == "FINISHED"
+    assert client.get_run(variant.info.run_id).info.status == "FINISHED"
+    stage_names = sorted(run.data.tags["stage"] for run in runs("stage") if "task" not in run.data.tags)
+    assert stage_names == ["finetune", "lm_eval", "pretrain"]
