@@ -33,10 +33,11 @@ def cloze_collate(examples: Sequence[dict]) -> dict:
     """Stack encoded examples into a batch.
 
     Returns torch tensors ``input_ids, target_ids, logit_mask [B, C, L]``, ``position_ids
-    [B, C, 2, L]``, ``sep [B, C]``, ``candidate_mask [B, C]`` (False for filler candidates),
-    ``label [B]`` (when every example carries an integer one), ``verbalizer_ids [K]`` (single-token
-    tasks; the same for the whole task) and ``idx [B]`` or ``[B, K]`` (example ids). Any other key
-    (candidate strings, gold answers, non-integer labels or ids) is passed through as a list.
+    [B, C, 2, L]`` (L: the longest row of the batch without its padding), ``sep [B, C]``,
+    ``candidate_mask [B, C]`` (False for filler candidates), ``label [B]`` (when every example
+    carries an integer one), ``verbalizer_ids [K]`` (single-token tasks; the same for the whole
+    task) and ``idx [B]`` or ``[B, K]`` (example ids). Any other key (candidate strings, gold
+    answers, non-integer labels or ids) is passed through as a list.
     """
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
@@ -48,6 +49,14 @@ def cloze_collate(examples: Sequence[dict]) -> dict:
             batch[key] = torch.from_numpy(np.stack([
                 _pad_length(_pad_candidates(np.asarray(ex[key]), num_candidates), length) for ex in examples
             ])).long()
+    # Rows are padded to max_seq_length when encoded; cut the columns that are padding in every row.
+    # Every real token after the first has a dim-1 position >= 1 ([CLS] is 0; Part-B tokens carry
+    # their [MASK]'s position), and padding sits at the end, after all tokens a real one attends to.
+    real = batch["position_ids"][..., 0, :].reshape(-1, length).any(0).nonzero()
+    used = 1 + (int(real.max()) if len(real) else 0)
+    for key in ROW_KEYS:
+        if key in batch:
+            batch[key] = batch[key][..., :used].contiguous()
     batch["sep"] = torch.from_numpy(np.stack([
         _pad_candidates(np.asarray(ex["sep"]).reshape(-1), num_candidates) for ex in examples
     ])).long()

@@ -214,18 +214,20 @@ def test_collate_repeats_candidate_zero_and_masks_fillers():
     first = multi_token_example([MASK, 11, 12], [[20], [21, 22]], 10, 1, 5)
     second = multi_token_example([13, MASK], [[30], [31], [32, 33, 34]], 12, 2, 6)
     batch = cloze_collate([first, second])
-    assert batch["input_ids"].shape == (2, 3, 12) and batch["position_ids"].shape == (2, 3, 2, 12)
+    # Rows of 10 and 12 columns; the longest row holds 8 real tokens, the columns after it are cut.
+    assert batch["input_ids"].shape == (2, 3, 8) and batch["position_ids"].shape == (2, 3, 2, 8)
+    assert not first["position_ids"][..., 8:].any() and not second["position_ids"][..., 8:].any()
     assert batch["candidate_mask"].tolist() == [[True, True, False], [True, True, True]]
     for key in ("input_ids", "position_ids", "target_ids", "logit_mask", "sep"):
         assert torch.equal(batch[key][0, 2], batch[key][0, 0]), key
-    assert torch.equal(batch["input_ids"][0, :2, :10], torch.from_numpy(first["input_ids"]))
-    assert (batch["input_ids"][0, :, 10:] == 0).all() and (batch["logit_mask"][0, :, 10:] == 0).all()
+    assert torch.equal(batch["input_ids"][0, :2], torch.from_numpy(first["input_ids"][:, :8]))
+    assert torch.equal(batch["input_ids"][1], torch.from_numpy(second["input_ids"][:, :8]))
     assert batch["label"].tolist() == [1, 2] and batch["idx"].tolist() == [5, 6]
     assert "verbalizer_ids" not in batch
 
     single = cloze_collate([single_token_example([MASK, 11], 8, 0, 0),
                             single_token_example([12, MASK], 8, 1, 1)])
-    assert single["input_ids"].shape == (2, 1, 8) and single["candidate_mask"].all()
+    assert single["input_ids"].shape == (2, 1, 5) and single["candidate_mask"].all()  # [CLS] x x eos [sop]
     assert single["verbalizer_ids"].tolist() == VERBALIZERS.tolist()
 
 
@@ -245,3 +247,24 @@ def test_record_scores_predicted_candidate_strings_with_tuple_ids():
     metrics = trainer.validate(module, DataLoader([batch], batch_size=None), verbose=False)[0]
     assert metrics["val/em"] == pytest.approx(0.5)
     assert module.predictions == [((0, 0), predicted[0]), ((0, 1), predicted[1])]
+
+
+def pad_columns(batch: dict, extra: int) -> dict:
+    """``batch`` with ``extra`` padding columns appended to every row (as encoded rows carry)."""
+    keys = ("input_ids", "position_ids", "target_ids", "logit_mask")
+    return {**batch, **{key: torch.nn.functional.pad(batch[key], (0, extra)) for key in keys if key in batch}}
+
+
+@pytest.mark.parametrize("kind", ["single_token", "multi_token", "classifier"])
+def test_cut_padding_columns_do_not_change_scores(kind):
+    torch.manual_seed(0)
+    if kind == "single_token":
+        module = GLMClozeModule(tiny_config(), task="RTE")
+        batch = cloze_collate([single_token_example([*range(10, 10 + n), MASK], 16, 0, n) for n in (2, 5)])
+    elif kind == "multi_token":
+        module, batch = GLMClozeModule(tiny_config(), task="COPA"), multi_token_batch()
+    else:
+        module, batch = GLMClozeModule(tiny_config(), task="RTE", head="classifier"), classifier_batch()
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(batch), module(pad_columns(batch, 9)), rtol=1e-5, atol=1e-5)
