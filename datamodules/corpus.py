@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from datamodules.jsonl import jsonl_records
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -141,14 +143,8 @@ def _decode(path: Path, data: bytes) -> str:
 
 def _jsonl_documents(path: Path, text: str) -> list[str]:
     documents = []
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for line_no, record in jsonl_records(path, text.split("\n"), CorpusError):
         where = f"{path}:{line_no}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise CorpusError(f"{where}: expected a JSON object, got {type(record).__name__}")
         if "text" not in record:

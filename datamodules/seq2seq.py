@@ -11,7 +11,6 @@ would be attended bidirectionally by every token).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.corpus import CorpusError
+from datamodules.jsonl import jsonl_records
 from glm_lightning.tokenizer import GLMTokenizer
 
 SPLITS = ("train", "val", "test")
@@ -37,13 +37,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     examples = []
     with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise Seq2SeqDataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        for number, record in jsonl_records(path, lines, Seq2SeqDataError):
             if not isinstance(record, dict):
                 raise Seq2SeqDataError(f"{path}:{number}: expected an object with 'source' and 'target'")
             for name in FIELDS:

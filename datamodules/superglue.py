@@ -11,11 +11,11 @@ the line number and the field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datamodules.jsonl import jsonl_records
 from glm_lightning.metrics import TABLE1_METRICS
 
 __all__ = ["TASKS", "SPLITS", "TaskSpec", "punctuation_standardization", "read_split"]
@@ -305,12 +305,6 @@ def read_split(task: str, data_dir: str, split: str) -> list[dict]:
     spec, parse = TASKS[task], _PARSERS[task]
     examples: list[dict] = []
     with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        for lineno, obj in jsonl_records(path, f, ValueError):
             examples.extend(parse(_Line(path, lineno, obj, split), spec))
     return examples

@@ -360,6 +360,13 @@ def model_overrides(model_section: ModelConfig | DictConfig) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
+def optimizer_settings(optim: OptimConfig | DictConfig) -> dict[str, Any]:
+    """The optimiser and schedule keyword arguments every training module takes, from ``optim``."""
+    return dict(lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas), eps=optim.eps,
+                warmup=optim.warmup, lr_decay_style=optim.lr_decay_style, lr_decay_iters=optim.lr_decay_iters,
+                lr_decay_ratio=optim.lr_decay_ratio)
+
+
 def superglue_tasks(value: Any) -> list[str]:
     """The official names of the tasks that ``task`` selects (a name or a list, any case; None =
     all eight in Table-1 order); an unknown name is a ConfigError listing the valid ones."""

@@ -310,21 +310,14 @@ def generate(
     sop_id: int,
     eop_id: int,
     eos_id: int | None = None,
-    strategy: Strategy = "greedy",
     max_new_tokens: int = 32,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    min_length: int = 0,
-    no_repeat_ngram_size: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    **decoding: Any,
 ) -> list[list[int]]:
     """Fill one blank per sample: the tokens generated for it, without the end token.
 
     ``input_ids [B, L]`` / ``position_ids [B, 2, L]`` are right-padded contexts (Part A) of
     lengths ``sep [B]``; ``mask_positions [B]`` is the dim-1 position every generated token takes.
+    ``decoding`` takes the keyword options of ``_decode`` (one list for this and ``fill_blanks``):
     ``strategy`` is "greedy", "sample" (``temperature``, ``top_k``, ``top_p``, ``generator``) or
     "beam" (``num_beams``, ``length_penalty``). Decoding stops at ``[eop]`` (or ``eos_id``) or after
     ``max_new_tokens``; ``min_length`` and ``no_repeat_ngram_size`` constrain every strategy.
@@ -336,10 +329,7 @@ def generate(
         key_valid = torch.arange(length, device=input_ids.device)[None] < sep.to(input_ids.device)[:, None]
         end_ids = [eop_id] if eos_id is None else [eop_id, eos_id]
         return _decode(model, cache, key_valid, mask_positions.to(input_ids.device), sop_id=sop_id,
-                       end_ids=end_ids, strategy=strategy, max_new_tokens=max_new_tokens,
-                       num_beams=num_beams, length_penalty=length_penalty, min_length=min_length,
-                       no_repeat_ngram_size=no_repeat_ngram_size, temperature=temperature,
-                       top_k=top_k, top_p=top_p, generator=generator)
+                       end_ids=end_ids, max_new_tokens=max_new_tokens, **decoding)
 
 
 def infilling_context(tokenizer: GLMTokenizer, text: str) -> tuple[list[int], list[int]]:

@@ -94,7 +94,7 @@ def test_malformed_lines_name_file_line_and_field(tmp_path: Path) -> None:
     with pytest.raises(Seq2SeqDataError, match=r"train\.jsonl:1: field 'target' is not a string"):
         read_jsonl(path)
     path.write_text('{"source": "a", "target": "b"}\nnot json\n')
-    with pytest.raises(Seq2SeqDataError, match=r"train\.jsonl:2: not valid JSON"):
+    with pytest.raises(Seq2SeqDataError, match=r"train\.jsonl:2: invalid JSON"):
         read_jsonl(path)
 
 

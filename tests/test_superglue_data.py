@@ -163,7 +163,7 @@ GOOD_RTE = {"premise": "P", "hypothesis": "H", "label": "entailment", "idx": 0}
 @pytest.mark.parametrize(
     ("task", "split", "bad_row", "message"),
     [
-        ("RTE", "train", '{"premise": "P", "hypo', "malformed JSON"),
+        ("RTE", "train", '{"premise": "P", "hypo', "invalid JSON"),
         ("RTE", "train", "[1, 2]", "field '<line>': expected a JSON object"),
         ("RTE", "train", {"premise": "P", "label": "entailment", "idx": 1}, "field 'hypothesis': missing"),
         ("RTE", "val", {**GOOD_RTE, "label": "maybe"}, "field 'label': unknown label 'maybe'"),

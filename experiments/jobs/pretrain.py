@@ -26,7 +26,7 @@ from experiments.errors import RunInterrupted
 from experiments.tracking import RunLogger, mlflow_logger
 from glm_lightning.callbacks import LastCheckpoint
 from glm_lightning.checkpoint import init_weights
-from glm_lightning.config import ConfigError, model_overrides
+from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.pretrain import GLMPretrainModule
 from glm_lightning.parallel import build_strategy
@@ -89,12 +89,11 @@ def build_module(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMPretrainModule:
     if cfg.data.seq_length > model_config.max_sequence_length:
         raise ConfigError(f"data.seq_length ({cfg.data.seq_length}) exceeds the model's position table "
                           f"(model.max_sequence_length = {model_config.max_sequence_length})")
-    o = cfg.optim
-    module = GLMPretrainModule(
-        model_config, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
-        warmup=o.warmup, lr_decay_style=o.lr_decay_style, lr_decay_iters=o.lr_decay_iters,
-        lr_decay_ratio=o.lr_decay_ratio,
-    )
+    return initialized(GLMPretrainModule(model_config, **optimizer_settings(cfg.optim)), cfg)
+
+
+def initialized(module: L.LightningModule, cfg: DictConfig) -> L.LightningModule:
+    """``module`` with its ``model`` loaded from ``model.init_from`` when that is set."""
     if cfg.model.init_from:
         try:
             init_weights(module.model, cfg.model.init_from)

@@ -21,12 +21,12 @@ from experiments.config import save_config
 from experiments.jobs.pretrain import (
     build_tokenizer,
     fit,
+    initialized,
     launch,
     result_line,
     resume_checkpoint,
 )
-from glm_lightning.checkpoint import init_weights
-from glm_lightning.config import ConfigError, model_overrides
+from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.seq2seq import GLMSeq2SeqModule
 from glm_lightning.tokenizer import GLMTokenizer
@@ -54,19 +54,11 @@ def build_module(cfg: DictConfig, tokenizer: GLMTokenizer, run_dir: Path) -> GLM
         raise ConfigError(f"seq2seq.src_length / tgt_length / generation.max_new_tokens ({needed}) "
                           "exceed the model's position table "
                           f"(model.max_sequence_length = {model_config.max_sequence_length})")
-    o = cfg.optim
     module = GLMSeq2SeqModule(
-        model_config, tokenizer, label_smoothing=s.label_smoothing,
-        lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, warmup=o.warmup,
-        lr_decay_style=o.lr_decay_style, lr_decay_iters=o.lr_decay_iters, lr_decay_ratio=o.lr_decay_ratio,
-        generation=dict(cfg.generation), predictions_dir=str(run_dir / "predictions"),
+        model_config, tokenizer, label_smoothing=s.label_smoothing, generation=dict(cfg.generation),
+        predictions_dir=str(run_dir / "predictions"), **optimizer_settings(cfg.optim),
     )
-    if cfg.model.init_from:
-        try:
-            init_weights(module.model, cfg.model.init_from)
-        except ValueError as error:  # the checkpoint does not fit the configured model
-            raise ConfigError(f"model.init_from: {error}") from error
-    return module
+    return initialized(module, cfg)
 
 
 def run(cfg: DictConfig) -> Path:

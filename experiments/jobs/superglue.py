@@ -28,7 +28,7 @@ from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import resume_checkpoint, run_directory, throughput_monitor, write_summary
 from experiments.tracking import RunLogger, artifact_location, mlflow_logger, run_tags, tracking_uri
 from glm_lightning.checkpoint import load_glm
-from glm_lightning.config import ConfigError, superglue_tasks
+from glm_lightning.config import ConfigError, optimizer_settings, superglue_tasks
 from glm_lightning.metrics import TABLE1_METRICS, table_row
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.cloze import GLMClozeModule
@@ -217,9 +217,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
                           f"{error}") from error
     module = GLMClozeModule(
         dataclasses.asdict(model_config), task=task, head=cfg.superglue.head, loss_func=tc.loss_func,
-        length_penalty=tc.length_penalty, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
-        eps=o.eps, warmup=o.warmup, lr_decay_style=o.lr_decay_style, lr_decay_iters=o.lr_decay_iters,
-        lr_decay_ratio=o.lr_decay_ratio,
+        length_penalty=tc.length_penalty, **optimizer_settings(o),
     )
     module.model.load_state_dict(weights)
     metric = main_metric(task)
