@@ -178,7 +178,7 @@ def _wsc(line: _Line, spec: TaskSpec) -> list[dict]:
     span1_index, span2_index, words = _fix_wsc_spans(words, span1_text, span1_index, span2_text, span2_index)
     if not 0 <= span2_index < len(words) or words[span2_index] != span2_text:
         raise line.error("target.span2_index", f"word {span2_index} is not {span2_text!r}")
-    return [{
+    example = {
         "idx": line.get("idx", int),
         "text": " ".join(words),
         "span1_text": span1_text,
@@ -186,7 +186,21 @@ def _wsc(line: _Line, spec: TaskSpec) -> list[dict]:
         "span2_text": span2_text,
         "span2_index": span2_index,
         "label": line.label(spec.labels),
-    }]
+    }
+    if "candidates" in line.obj:  # the WSC-negative files of the official --wsc-negative runs
+        example["candidates"] = [_wsc_candidate(line, i, c, spec.standardize)
+                                 for i, c in enumerate(line.get("candidates", list))]
+    return [example]
+
+
+def _wsc_candidate(line: _Line, index: int, candidate: Any, standardize: bool) -> str:
+    """One negative candidate: a string, or an object with a "text" field."""
+    if isinstance(candidate, dict):
+        return line.text("text", standardize, candidate, f"candidates[{index}].")
+    if not isinstance(candidate, str):
+        raise line.error(f"candidates[{index}]", f"expected a string or an object with 'text', "
+                         f"got {type(candidate).__name__}")
+    return punctuation_standardization(candidate) if standardize else candidate
 
 
 def _fix_wsc_spans(

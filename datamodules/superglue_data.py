@@ -3,11 +3,14 @@
 Examples are encoded once in ``setup`` (they are small) and batched by ``cloze_collate``. Training
 order comes from a generator seeded by ``seed``, so a run is reproducible. Evaluation examples
 carry what the metrics need beyond the model inputs: WSC's truth value as the label, ReCoRD's
-candidate strings and gold answers; test examples (no labels) get label -1.
+candidate strings and gold answers; test examples (no labels) get label -1. With
+``shared_context`` the multi-token tasks are batched in the packed layout of
+``datamodules.cloze_collate.pack_candidates`` (each Part A once per example).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -16,17 +19,22 @@ from torch.utils.data import DataLoader
 
 from datamodules.cloze_collate import cloze_collate
 from datamodules.superglue import read_split, split_path
-from glm_lightning.cloze import answer_candidates, augment_training_examples, encode_example
+from glm_lightning.cloze import (
+    MULTI_TOKEN_TASKS,
+    answer_candidates,
+    augment_training_examples,
+    encode_example,
+)
 from glm_lightning.tokenizer import GLMTokenizer
 
 UNLABELLED = -1  # label of examples without a gold label; the module skips them in its metrics
 
 
 def encode_for_eval(task: str, example: dict, tokenizer: GLMTokenizer, *, pattern_id: int,
-                    max_seq_length: int, head: str = "cloze") -> dict:
+                    max_seq_length: int, head: str = "cloze", wsc_mode: str = "candidates") -> dict:
     """Model inputs of one dev/test example plus its ``idx`` and what scoring needs."""
     encoded = encode_example(task, example, tokenizer, pattern_id=pattern_id,
-                             max_seq_length=max_seq_length, mode=head)
+                             max_seq_length=max_seq_length, mode=head, wsc_mode=wsc_mode)
     encoded["idx"] = example["idx"]
     if example["label"] is None:
         encoded["label"] = UNLABELLED
@@ -43,13 +51,18 @@ class SuperGLUEDataModule(L.LightningDataModule):
 
     ``data_dir`` holds the official ``<Task>/{train,val,test}.jsonl``; ``train_dir`` (FewGLUE)
     replaces the training file only, so few-shot runs are still scored on the full dev set.
+    ``wsc_mode="generative"`` trains WSC on its positive examples' referents (see ``encode_example``).
     """
 
     def __init__(self, task: str, data_dir: str | Path, tokenizer: GLMTokenizer, *, pattern_id: int,
                  max_seq_length: int, batch_size: int, eval_batch_size: int = 16, head: str = "cloze",
-                 train_dir: str | Path | None = None, seed: int = 1234, num_workers: int = 0):
+                 train_dir: str | Path | None = None, seed: int = 1234, num_workers: int = 0,
+                 wsc_mode: str = "candidates", shared_context: bool = False):
         super().__init__()
-        self.task, self.tokenizer, self.head = task, tokenizer, head
+        self.task, self.tokenizer, self.head, self.wsc_mode = task, tokenizer, head, wsc_mode
+        generative = task == "WSC" and wsc_mode == "generative"
+        self.shared_context = shared_context and head == "cloze" and task in MULTI_TOKEN_TASKS \
+            and not generative
         self.data_dir, self.train_dir = Path(data_dir), Path(train_dir or data_dir)
         self.pattern_id, self.max_seq_length = pattern_id, max_seq_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -71,9 +84,14 @@ class SuperGLUEDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.encoded:
             return
-        options = dict(pattern_id=self.pattern_id, max_seq_length=self.max_seq_length)
-        train = augment_training_examples(self.task, read_split(self.task, str(self.train_dir), "train"),
-                                          seed=42)  # the official fixed seed of the augmentation
+        options = dict(pattern_id=self.pattern_id, max_seq_length=self.max_seq_length, wsc_mode=self.wsc_mode)
+        train = read_split(self.task, str(self.train_dir), "train")
+        if self.task == "WSC" and self.wsc_mode == "generative":  # positives only, no candidate chunks
+            train = [{k: v for k, v in ex.items() if k != "candidates"} for ex in train]
+        train = augment_training_examples(self.task, train, seed=42)  # the official fixed seed
+        if not train:
+            raise ValueError(f"{self.task} has no training examples in "
+                             f"{split_path(self.task, self.train_dir, 'train')}")
         self.examples["train"] = train
         self.encoded["train"] = [
             {**encode_example(self.task, ex, self.tokenizer, mode=self.head, **options), "idx": ex["idx"]}
@@ -90,7 +108,11 @@ class SuperGLUEDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         batch_size = self.batch_size if shuffle else self.eval_batch_size
         return DataLoader(self.encoded[split], batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=cloze_collate, num_workers=self.num_workers)
+                          collate_fn=self.collate, num_workers=self.num_workers)
+
+    @property
+    def collate(self) -> partial:
+        return partial(cloze_collate, shared_context=self.shared_context)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -109,7 +131,8 @@ class SuperGLUEDataModule(L.LightningDataModule):
         or FewGLUE's dev32)."""
         examples = read_split(task, str(data_dir), split)
         encoded = [encode_for_eval(task, ex, self.tokenizer, head=self.head, pattern_id=self.pattern_id,
-                                   max_seq_length=self.max_seq_length) for ex in examples]
-        loader = DataLoader(encoded, batch_size=self.eval_batch_size, collate_fn=cloze_collate,
+                                   max_seq_length=self.max_seq_length, wsc_mode=self.wsc_mode)
+                   for ex in examples]
+        loader = DataLoader(encoded, batch_size=self.eval_batch_size, collate_fn=self.collate,
                             num_workers=self.num_workers)
         return examples, loader

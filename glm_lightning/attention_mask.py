@@ -42,3 +42,20 @@ def glm_attention_mask(
     part_a = key_pos[None] < sep.reshape(-1, 1, 1)  # [B, 1, Lk]
     return (causal[None] | part_a)[:, None]
 
+
+
+def candidate_attention_mask(sep: Tensor, candidate_index: Tensor) -> Tensor:
+    """Boolean ``[N, 1, L, L]`` mask of rows that hold one Part A followed by the Part B of several
+    answer candidates (the shared-context cloze layout).
+
+    ``candidate_index [N, L]`` names the candidate each Part-B token belongs to (-1 on Part A and
+    padding). Part A attends to itself bidirectionally, as in the row-per-candidate layout; each
+    candidate's tokens attend to Part A and causally to that candidate's earlier tokens only, so a
+    candidate's logits equal those of its own row. Padding queries see Part A (no empty rows).
+    """
+    length = candidate_index.shape[1]
+    pos = torch.arange(length, device=candidate_index.device)
+    part_a = pos[None, None, :] < sep.reshape(-1, 1, 1)  # [N, 1, Lk]
+    same = (candidate_index[:, :, None] == candidate_index[:, None, :]) & (candidate_index[:, None, :] >= 0)
+    causal = pos[:, None] >= pos[None, :]  # [Lq, Lk]
+    return (part_a | (same & causal[None]))[:, None]

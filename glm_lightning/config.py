@@ -47,6 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # SuperGLUE tasks in Table-1 order, by their official folder names; config keys use lower case.
 SUPERGLUE_TASKS = ("ReCoRD", "COPA", "WSC", "RTE", "BoolQ", "WiC", "CB", "MultiRC")
 CHOICES["superglue.head"] = ("cloze", "classifier")
+CHOICES["superglue.tasks.wsc.mode"] = ("auto", "generative", "candidates")
 for _task in SUPERGLUE_TASKS:
     CHOICES[f"superglue.tasks.{_task.lower()}.loss_func"] = ("cross_entropy", "mix", "generative")
 
@@ -117,6 +118,7 @@ class DataConfig:
     gpt_min_ratio: float = 0.5  # document objective: minimum fraction of the text to generate
     dir: str | None = None  # seq2seq: a folder with train/val(/test).jsonl of {"source", "target"}
     superglue_dir: str | None = None  # SuperGLUE: <dir>/<Task>/{train,val,test}.jsonl; None = download
+    wsc_negatives: str | None = None  # WSC files with a "candidates" field (<dir>/{train,val,test}.jsonl)
     fewglue_dir: str | None = None  # few-shot SuperGLUE: train on <dir>/<Task>/train.jsonl (FewGLUE)
 
 
@@ -170,12 +172,22 @@ class SuperGLUETaskConfig:
 
 
 @dataclass
+class WSCTaskConfig(SuperGLUETaskConfig):
+    """WSC also chooses its formulation: ``candidates`` scores span1_text against negative
+    candidates (needs files that carry them, the official ``--wsc-negative``); ``generative``
+    trains the LM on span1_text and predicts True iff greedy decoding reproduces it (the official
+    path without negatives); ``auto`` picks candidates iff the training file has any."""
+
+    mode: str = "auto"
+
+
+@dataclass
 class SuperGLUETasksConfig:
     """Per-task settings, keyed by the lower-cased official task name (superglue.tasks.rte.epochs=3)."""
 
     record: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
     copa: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
-    wsc: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
+    wsc: WSCTaskConfig = field(default_factory=WSCTaskConfig)
     rte: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
     boolq: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
     wic: SuperGLUETaskConfig = field(default_factory=SuperGLUETaskConfig)
@@ -194,6 +206,9 @@ class SuperGLUEConfig:
     url: str = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/combined.zip"
     sha256: str | None = None  # expected digest of the archive; None = not checked
     test_predictions: bool = True  # write the leaderboard files (<Task>.jsonl) from the test splits
+    # COPA, WSC, ReCoRD: run each example's Part A once and every candidate's Part B against it
+    # (false: one full row per candidate, the official layout; the scores are the same)
+    shared_context: bool = True
     tasks: SuperGLUETasksConfig = field(default_factory=SuperGLUETasksConfig)
 
 

@@ -207,7 +207,7 @@ def test_trainer_learns_a_separable_cloze_task():
 def test_wsc_predicts_true_when_span1_wins():
     module = GLMClozeModule(tiny_config(), task="WSC")
     scores = torch.tensor([[0.0, -1.0, -2.0], [-3.0, -1.0, -10003.0]])
-    assert module._predict(scores).tolist() == [1, 0]
+    assert module.prediction(scores).tolist() == [1, 0]
 
 
 def test_collate_repeats_candidate_zero_and_masks_fillers():

@@ -20,12 +20,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.superglue import TASKS, split_path
+from datamodules.superglue import TASKS, read_split, split_path
 from datamodules.superglue_data import SuperGLUEDataModule
 from datamodules.superglue_download import fetch_superglue
 from experiments.config import save_config
 from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
-from experiments.jobs.pretrain import resume_checkpoint, run_directory, throughput_monitor, write_summary
+from experiments.jobs.pretrain import launch, resume_checkpoint, throughput_monitor, write_summary
 from experiments.tracking import RunLogger, artifact_location, mlflow_logger, run_tags, tracking_uri
 from glm_lightning.checkpoint import load_glm
 from glm_lightning.config import ConfigError, optimizer_settings, superglue_tasks
@@ -58,13 +58,38 @@ def superglue_data_dir(cfg: DictConfig, tasks: list[str]) -> Path:
     else:
         data_dir = fetch_superglue(cfg.superglue.url, cfg.data.cache_dir, cfg.superglue.sha256)
     for task in tasks:
-        train_key, train_dir = ("data.fewglue_dir", cfg.data.fewglue_dir) if cfg.data.fewglue_dir \
-            else ("data.superglue_dir", data_dir)
-        for key, folder, split in ((train_key, train_dir, "train"), ("data.superglue_dir", data_dir, "val")):
+        (train_key, train_dir), (eval_key, eval_dir) = task_folders(cfg, task, data_dir)
+        for key, folder, split in ((train_key, train_dir, "train"), (eval_key, eval_dir, "val")):
             path = split_path(task, folder, split)
             if not path.is_file():
                 raise ConfigError(f"'{key}': {path} does not exist ({task} needs its {split} split)")
     return data_dir
+
+
+def task_folders(cfg: DictConfig, task: str, data_dir: Path) -> tuple[tuple[str, Path], tuple[str, Path]]:
+    """(config key, folder) of the training and of the evaluation files of ``task``: WSC reads both
+    from ``data.wsc_negatives`` when set; FewGLUE replaces the training files of the others."""
+    if task == "WSC" and cfg.data.wsc_negatives:
+        folder = ("data.wsc_negatives", Path(cfg.data.wsc_negatives))
+        return folder, folder
+    train = ("data.fewglue_dir", Path(cfg.data.fewglue_dir)) if cfg.data.fewglue_dir else \
+        ("data.superglue_dir", data_dir)
+    return train, ("data.superglue_dir", data_dir)
+
+
+def resolve_wsc_mode(cfg: DictConfig, train_dir: Path) -> str:
+    """``superglue.tasks.wsc.mode`` with ``auto`` decided by the training file: ``candidates`` iff
+    its examples carry negative candidates, else the official generative path. Scoring candidates
+    without negatives would predict True for every example, so that is refused."""
+    mode = cfg.superglue.tasks.wsc.mode
+    has_negatives = any(ex.get("candidates") for ex in read_split("WSC", str(train_dir), "train"))
+    if mode == "auto":
+        return "candidates" if has_negatives else "generative"
+    if mode == "candidates" and not has_negatives:
+        raise ConfigError(f"superglue.tasks.wsc.mode=candidates needs negative candidates, but "
+                          f"{split_path('WSC', train_dir, 'train')} has no 'candidates' field; set "
+                          "data.wsc_negatives to files that carry them, or use mode=generative")
+    return mode
 
 
 def load_backbone(cfg: DictConfig, tokenizer: GLMTokenizer) -> tuple[GLMConfig, dict[str, torch.Tensor]]:
@@ -119,13 +144,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def predict(trainer: L.Trainer, module: GLMClozeModule, loader) -> dict:
-    """idx -> predicted class or candidate index for every example of ``loader``."""
+    """idx -> predicted class or candidate index for every example of ``loader``, gathered from
+    every rank (a distributed sampler gives each rank a part, padded with repeats)."""
     predictions = {}
     for batch in trainer.predict(module, dataloaders=loader):
         ids = batch["idx"]  # a tensor, or a list where the file's ids are strings (AX-b)
         for idx, prediction in zip(ids if isinstance(ids, list) else ids.tolist(),
                                    batch["prediction"].tolist(), strict=True):
             predictions[tuple(idx) if isinstance(idx, list) else idx] = prediction
+    if trainer.world_size > 1:
+        parts: list = [None] * trainer.world_size
+        torch.distributed.all_gather_object(parts, predictions)
+        predictions = {idx: prediction for part in parts for idx, prediction in part.items()}
     return predictions
 
 
@@ -164,17 +194,26 @@ def run(cfg: DictConfig) -> Path:
         if length > model_config.max_sequence_length:
             raise ConfigError(f"superglue.tasks.{task.lower()}.max_seq_length ({length}) exceeds the model's "
                               f"position table ({model_config.max_sequence_length})")
-    run_dir = run_directory(cfg)
-    if rank_zero_only.rank == 0:
+    # Every rank runs every task; launch() hands the run directory to the ranks Lightning starts.
+    return launch(cfg, lambda cfg, run_dir, _: _run(cfg, tasks, data_dir, tokenizer, model_config, weights,
+                                                     run_dir))
+
+
+def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokenizer, model_config: GLMConfig,
+         weights: dict[str, torch.Tensor], run_dir: Path) -> Path:
+    is_zero = rank_zero_only.rank == 0
+    if is_zero:
         save_config(cfg, run_dir / "config.yaml")
     parent = mlflow_logger(cfg, run_dir, resume=cfg.resume == "auto") if cfg.logging.enabled else None
     try:
         results = {task: run_task(cfg, task, data_dir, tokenizer, model_config, weights, run_dir, parent)
                    for task in tasks}
         row = table_row(results)
-        (run_dir / "results.json").write_text(json.dumps({"tasks": results, "table1": row}, indent=2) + "\n")
         table = markdown_row(results, row)
-        (run_dir / "table1.md").write_text(table + "\n")
+        if is_zero:
+            summary = json.dumps({"tasks": results, "table1": row}, indent=2)
+            (run_dir / "results.json").write_text(summary + "\n")
+            (run_dir / "table1.md").write_text(table + "\n")
         if parent:
             parent.log_metrics({**{f"{t}/{m}": v for t, ms in results.items() for m, v in ms.items()},
                                 **{f"table1/{k}": v for k, v in row.items()}})
@@ -187,9 +226,10 @@ def run(cfg: DictConfig) -> Path:
         raise
     if parent:
         parent.finalize("success")
-    print(table, flush=True)
-    print(f"SuperGLUE average {100 * row['avg']:.1f} over {len(results)} task(s); outputs in {run_dir}"
-          + (f"; MLflow run {parent.run_id} at {parent.tracking_uri}" if parent else ""), flush=True)
+    if is_zero:
+        print(table, flush=True)
+        print(f"SuperGLUE average {100 * row['avg']:.1f} over {len(results)} task(s); outputs in {run_dir}"
+              + (f"; MLflow run {parent.run_id} at {parent.tracking_uri}" if parent else ""), flush=True)
     return run_dir
 
 
@@ -204,41 +244,44 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     ckpt_path = resume_checkpoint(cfg, task_dir)
     L.seed_everything(cfg.seed, workers=True)
     micro = cfg.superglue.micro_batch_size or tc.batch_size
+    (_, train_dir), (_, eval_dir) = task_folders(cfg, task, data_dir)
+    wsc_mode = resolve_wsc_mode(cfg, train_dir) if task == "WSC" and cfg.superglue.head == "cloze" \
+        else "candidates"
+    if task == "WSC" and rank_zero_only.rank == 0 and cfg.superglue.head == "cloze":
+        print(f"WSC: {wsc_mode} mode" + (" (no negative candidates in the data: the referent is generated, "
+                                         "True iff greedy decoding reproduces it)" if wsc_mode == "generative"
+                                         else ""), flush=True)
     datamodule = SuperGLUEDataModule(
-        task, data_dir, tokenizer, pattern_id=tc.pattern_id, max_seq_length=tc.max_seq_length,
+        task, eval_dir, tokenizer, pattern_id=tc.pattern_id, max_seq_length=tc.max_seq_length,
         batch_size=micro, eval_batch_size=cfg.superglue.eval_batch_size, head=cfg.superglue.head,
-        train_dir=cfg.data.fewglue_dir, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        train_dir=train_dir, seed=cfg.seed, num_workers=cfg.data.num_workers, wsc_mode=wsc_mode,
+        shared_context=cfg.superglue.shared_context,
     )
     datamodule.prepare_data()
     try:
         datamodule.setup()
     except ValueError as error:  # e.g. a verbalizer that this vocabulary splits into pieces
-        raise ConfigError(f"{task} with the tokenizer of 'tokenizer.path' / 'model.init_from': "
-                          f"{error}") from error
+        raise ConfigError(f"{task}: {error}") from error
     module = GLMClozeModule(
         dataclasses.asdict(model_config), task=task, head=cfg.superglue.head, loss_func=tc.loss_func,
-        length_penalty=tc.length_penalty, **optimizer_settings(o),
+        length_penalty=tc.length_penalty, wsc_mode=wsc_mode, **optimizer_settings(o),
     )
     module.model.load_state_dict(weights)
     metric = main_metric(task)
     checkpoint = ModelCheckpoint(dirpath=task_dir / "checkpoints", filename="best", monitor=f"val/{metric}",
                                  mode="max", save_top_k=1, save_last=True, enable_version_counter=False)
     logger = child_logger(cfg, parent, run_dir.name, task) if parent else None
-    try:
-        strategy = build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
-                                  checkpoint_format=t.checkpoint_format)
-    except ValueError as error:
-        raise ConfigError(f"trainer settings: {error}") from error
     started = time.time()
     try:
         if logger:
             logger.log_hyperparams({"task": task, "head": cfg.superglue.head, "main_metric": metric,
                                     **{f"superglue.{k}": v for k, v in OmegaConf.to_container(tc).items()},
+                                    "wsc_mode": wsc_mode, "shared_context": datamodule.shared_context,
                                     "train_examples": len(datamodule.encoded["train"]),
                                     "val_examples": len(datamodule.encoded["val"])})
         trainer = L.Trainer(
             max_epochs=tc.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-            strategy=strategy, precision=t.precision,
+            strategy=strategy(cfg), precision=t.precision,
             accumulate_grad_batches=max(1, tc.batch_size // (micro * device_count(cfg))),
             gradient_clip_val=o.clip_grad or None, check_val_every_n_epoch=1, num_sanity_val_steps=0,
             log_every_n_steps=t.log_every_n_steps, default_root_dir=task_dir, logger=logger or False,
@@ -248,8 +291,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
         if trainer.is_global_zero:
             write_summary(task_dir / "summary.json", trainer, checkpoint,
                           task_dir / "checkpoints" / "last.ckpt", time.time() - started, logger)
-        dev = evaluate_best(cfg, task, datamodule, module, checkpoint.best_model_path, run_dir, logger) \
-            if trainer.is_global_zero else {}
+        dev = evaluate_best(cfg, task, datamodule, module, checkpoint.best_model_path, run_dir, logger)
     except BaseException:
         if logger:
             logger.finalize("failed")
@@ -259,11 +301,26 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     return dev
 
 
+def strategy(cfg: DictConfig):
+    """A fresh strategy object for each Trainer of the job (ddp/fsdp run the same on every rank)."""
+    t = cfg.trainer
+    try:
+        return build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
+                              checkpoint_format=t.checkpoint_format)
+    except ValueError as error:
+        raise ConfigError(f"trainer settings: {error}") from error
+
+
 def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, module: GLMClozeModule,
                   best: str, run_dir: Path, logger: RunLogger | None) -> dict[str, float]:
-    """Reload the best epoch; score the dev set (and FewGLUE dev32), write the test predictions."""
-    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    """Reload the best epoch; score the dev set (and FewGLUE dev32), write the test predictions.
+
+    Every rank evaluates its part of each file: the metrics drop the repeats a distributed sampler
+    adds and reduce over the ranks, and the predictions are gathered before rank 0 writes them."""
+    t = cfg.trainer
+    trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                        strategy=strategy(cfg), precision=t.precision, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
     module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     names = TABLE1_METRICS[task]
     scores = trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)[0]
@@ -274,17 +331,19 @@ def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, m
         _, loader = datamodule.eval_loader(task, cfg.data.fewglue_dir, "dev32")
         scores = trainer.validate(module, dataloaders=loader, verbose=False)[0]
         metrics.update({f"dev32/{name}": float(scores[f"val/{name}"]) for name in names})
-    written = []
+    files: dict[Path, list[dict]] = {}
     if cfg.superglue.test_predictions and datamodule.has_split("test"):
         predictions = predict(trainer, module, datamodule.predict_dataloader())
-        written.append(write_jsonl(run_dir / f"{task}.jsonl",
-                                   leaderboard_rows(task, datamodule.examples["test"], predictions)))
+        files[run_dir / f"{task}.jsonl"] = leaderboard_rows(task, datamodule.examples["test"], predictions)
     if task == "RTE" and cfg.superglue.test_predictions:  # the diagnostics are scored by the RTE model
         for name in DIAGNOSTICS:
             if split_path(name, datamodule.data_dir, "test").is_file():
                 examples, loader = datamodule.eval_loader(name, datamodule.data_dir, "test")
-                rows = leaderboard_rows(name, examples, predict(trainer, module, loader))
-                written.append(write_jsonl(run_dir / f"{name}.jsonl", rows))
+                files[run_dir / f"{name}.jsonl"] = leaderboard_rows(name, examples,
+                                                                    predict(trainer, module, loader))
+    if not trainer.is_global_zero:
+        return dev
+    written = [write_jsonl(path, rows) for path, rows in files.items()]
     result = {"task": task, "dev": dev, "metrics": metrics, "best_checkpoint": best,
               "predictions": [str(p) for p in written]}
     (run_dir / task / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -295,5 +354,3 @@ def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, m
     print(f"{task}: best epoch reloaded from {best}; dev "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
     return dev
-
-

@@ -141,6 +141,7 @@ def encode_example(
     pattern_id: int,
     max_seq_length: int,
     mode: Literal["cloze", "classifier"] = "cloze",
+    wsc_mode: Literal["candidates", "generative"] = "candidates",
 ) -> dict:
     """Model inputs of one `read_split` example of `task`.
 
@@ -150,6 +151,11 @@ def encode_example(
     candidates for COPA, WSC and ReCoRD; L = `max_seq_length`. `label` is the class index
     (single-token tasks) or the index of the correct candidate (see `preprocess.candidate_label`).
     `mode="classifier"` gives the non-cloze baseline (`pattern_id` unused).
+
+    WSC has two layouts. `wsc_mode="candidates"`: one row per candidate (span1_text, then the
+    negatives of a `candidates` field), label 0. `wsc_mode="generative"`: the official LM-style
+    sample (`WscPVP.encode` with `--loss-func cross_entropy`, used when the data has no negatives):
+    one row whose Part B generates span1_text and [eop], label 1 if the example is True, else 0.
     """
     if mode == "classifier":
         return _encode_classifier(task, example, tokenizer, max_seq_length)
@@ -170,7 +176,10 @@ def encode_example(
         out["verbalizer_ids"] = np.array(verbalizers, dtype=np.int64)
         return out
 
-    candidates = preprocess.answer_candidates(task, example)
+    if wsc_mode not in ("candidates", "generative"):
+        raise ValueError(f"wsc_mode must be 'candidates' or 'generative', not {wsc_mode!r}")
+    generative = task == "WSC" and wsc_mode == "generative"
+    candidates = [example["span1_text"]] if generative else preprocess.answer_candidates(task, example)
     if not candidates:
         raise ValueError(f"{task} example {example.get('idx')!r} has no answer candidates")
     rows, seps = [], []
@@ -182,7 +191,9 @@ def encode_example(
         row, sep = _cloze_row(row_a, row_b, answer, tokenizer, max_seq_length)
         rows.append(row)
         seps.append(sep)
-    return _stack(rows, seps, preprocess.candidate_label(task, example, candidates))
+    label = preprocess.class_index(task, example) if generative else \
+        preprocess.candidate_label(task, example, candidates)
+    return _stack(rows, seps, label)
 
 
 def _encode_classifier(task: str, example: dict, tok: GLMTokenizer, max_seq_length: int) -> dict:

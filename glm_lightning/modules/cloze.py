@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glm_lightning.attention_mask import candidate_attention_mask
 from glm_lightning.metrics import ReCoRDMetric, superglue_metrics
 from glm_lightning.model import GLMConfig, GLMModel
 from glm_lightning.optim import adamw_with_annealing
 
 LOSS_FUNCS = ("cross_entropy", "mix", "generative")
 HEADS = ("cloze", "classifier")
+WSC_MODES = ("candidates", "generative")
 # Tasks whose examples are a set of candidates (one score per candidate, not one per class).
 MULTIPLE_CHOICE_TASKS = ("COPA", "WSC", "ReCoRD")
 NUM_CLASSES = {"CB": 3}  # every other classification task is binary
@@ -48,11 +50,32 @@ def multi_token_scores(model: GLMModel, input_ids: Tensor, position_ids: Tensor,
     divided by ``#targets ** length_penalty`` when it is non-zero. Returns ``[N]`` (float32)."""
     predicted = logit_mask.bool()
     logits = model(input_ids, position_ids, sep, output_mask=predicted)  # [M, V], row-major order
-    log_p = torch.log_softmax(logits.float(), dim=-1).gather(1, target_ids[predicted][:, None])[:, 0]
     rows = predicted.nonzero()[:, 0]
-    scores = torch.zeros(len(input_ids), dtype=log_p.dtype, device=log_p.device).index_add(0, rows, log_p)
+    return _candidate_scores(logits, target_ids[predicted], rows, len(input_ids), length_penalty)
+
+
+def shared_context_scores(model: GLMModel, input_ids: Tensor, position_ids: Tensor, sep: Tensor,
+                          target_ids: Tensor, logit_mask: Tensor, candidate_index: Tensor,
+                          num_candidates: int, length_penalty: float = 0.0) -> Tensor:
+    """The scores of ``multi_token_scores`` from the packed layout of
+    ``datamodules.cloze_collate.pack_candidates``: each Part A runs once, every candidate's Part B
+    attends to it and causally to itself. Returns ``[num_candidates]`` indexed by
+    ``candidate_index`` (zero for candidates that are not in the batch)."""
+    predicted = logit_mask.bool()
+    mask = candidate_attention_mask(sep, candidate_index)
+    logits = model(input_ids, position_ids, attention_mask=mask, output_mask=predicted)
+    return _candidate_scores(logits, target_ids[predicted], candidate_index[predicted], num_candidates,
+                             length_penalty)
+
+
+def _candidate_scores(logits: Tensor, targets: Tensor, slots: Tensor, num_slots: int,
+                      length_penalty: float) -> Tensor:
+    """Sum of the targets' log-probabilities per slot (candidate), length-normalised if asked."""
+    log_p = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    scores = log_p.new_zeros(num_slots).index_add(0, slots, log_p)
     if length_penalty:
-        scores = scores / predicted.sum(1).clamp(min=1).to(scores.dtype) ** length_penalty
+        counts = log_p.new_zeros(num_slots).index_add(0, slots, torch.ones_like(log_p))
+        scores = scores / counts.clamp(min=1) ** length_penalty
     return scores
 
 
@@ -110,6 +133,7 @@ class GLMClozeModule(L.LightningModule):
         lr_decay_iters: int | None = None,
         lr_decay_ratio: float = 0.1,
         init_from: str | None = None,
+        wsc_mode: str = "candidates",
     ):
         super().__init__()
         if isinstance(model_config, GLMConfig):
@@ -118,6 +142,8 @@ class GLMClozeModule(L.LightningModule):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if loss_func not in LOSS_FUNCS:
             raise ValueError(f"loss_func must be one of {LOSS_FUNCS}, got {loss_func!r}")
+        if wsc_mode not in WSC_MODES:
+            raise ValueError(f"wsc_mode must be one of {WSC_MODES}, got {wsc_mode!r}")
         if num_classes is None:
             num_classes = NUM_CLASSES.get(task, 2)
         self.save_hyperparameters()
@@ -127,6 +153,7 @@ class GLMClozeModule(L.LightningModule):
 
             init_weights(self.model, init_from)
         self.multiple_choice = task in MULTIPLE_CHOICE_TASKS
+        self.generative = task == "WSC" and wsc_mode == "generative" and head == "cloze"
         self.head = None
         if head == "classifier":
             outputs = 1 if self.multiple_choice else num_classes
@@ -140,9 +167,15 @@ class GLMClozeModule(L.LightningModule):
     def forward(self, batch: dict) -> Tensor:
         """Scores ``[B, K]`` (one per class) or ``[B, C]`` (one per candidate; filler candidates get
         candidate 0's score minus 10000, so they never win and add nothing to the softmax)."""
+        real = batch.get("candidate_mask")
+        if "candidate_index" in batch:  # shared-context layout: only real candidates are packed
+            B, C = real.shape
+            scores = shared_context_scores(
+                self.model, batch["input_ids"], batch["position_ids"], batch["sep"], batch["target_ids"],
+                batch["logit_mask"], batch["candidate_index"], B * C, self.hparams.length_penalty)
+            return self._mask_fillers(scores.reshape(B, C), real.bool())
         input_ids = batch["input_ids"]
         B, C, Lx = input_ids.shape
-        real = batch.get("candidate_mask")
         real = torch.ones(B, C, dtype=torch.bool, device=input_ids.device) if real is None else real.bool()
         rows = real.flatten()  # only real candidates go through the model
         ids = input_ids.reshape(B * C, Lx)[rows]
@@ -161,17 +194,38 @@ class GLMClozeModule(L.LightningModule):
             target = batch["target_ids"].reshape(B * C, Lx)[rows]
             mask = batch["logit_mask"].reshape(B * C, Lx)[rows]
             scores = multi_token_scores(self.model, ids, pos, sep, target, mask, self.hparams.length_penalty)
-        full = scores.new_zeros(B * C).masked_scatter(rows, scores).reshape(B, C)
-        return torch.where(real, full, full[:, :1] - PADDED_CANDIDATE_PENALTY)
+        return self._mask_fillers(scores.new_zeros(B * C).masked_scatter(rows, scores).reshape(B, C), real)
+
+    @staticmethod
+    def _mask_fillers(scores: Tensor, real: Tensor) -> Tensor:
+        """Filler candidates get candidate 0's score minus 10000: they never win and add nothing to
+        the softmax, as the official ``loss_mask``."""
+        return torch.where(real, scores, scores[:, :1] - PADDED_CANDIDATE_PENALTY)
 
     def loss(self, scores: Tensor, label: Tensor) -> Tensor:
         return cloze_loss(scores, label, self.hparams.loss_func)
 
     # Training and evaluation
 
+    def generative_wsc(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """The official WSC path without negatives (``tasks/language_model/finetune.py``): the
+        token-level cross-entropy of span1_text and [eop] after [sop] at the pronoun's [MASK], and
+        per example 1 (True) iff the argmax at every target position reproduces them."""
+        ids, target, mask = (batch[key].flatten(0, 1) for key in ("input_ids", "target_ids", "logit_mask"))
+        predicted = mask.bool()
+        logits = self.model(ids, batch["position_ids"].flatten(0, 1), batch["sep"].flatten(),
+                            output_mask=predicted).float()
+        targets = target[predicted]
+        wrong = (logits.argmax(-1) != targets).float()
+        misses = wrong.new_zeros(len(ids)).index_add(0, predicted.nonzero()[:, 0], wrong)
+        return F.cross_entropy(logits, targets), (misses == 0).long()
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = self.loss(self(batch), batch["label"])
-        batch_size = len(batch["input_ids"])
+        if self.generative:
+            loss = self.generative_wsc(batch)[0]
+        else:
+            loss = self.loss(self(batch), batch["label"])
+        batch_size = len(batch["label"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
@@ -195,16 +249,23 @@ class GLMClozeModule(L.LightningModule):
         self._log_metrics(self.test_metrics, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"idx": batch.get("idx"), "prediction": self._predict(self(batch))}
+        return {"idx": batch.get("idx"), "prediction": self._predict(batch)[1]}
 
-    def _predict(self, scores: Tensor) -> Tensor:
-        """Class or candidate index; WSC predicts True (1) iff candidate 0 (span 1) scores highest."""
+    def _predict(self, batch: dict) -> tuple[Tensor | None, Tensor]:
+        """Scores (None for generative WSC) and the prediction of each example (see ``prediction``;
+        generative WSC: 1 iff span 1 is reproduced)."""
+        if self.generative:
+            return None, self.generative_wsc(batch)[1]
+        scores = self(batch)
+        return scores, self.prediction(scores)
+
+    def prediction(self, scores: Tensor) -> Tensor:
+        """Class or candidate index with the highest score; for WSC 1 (True) iff it is span 1."""
         predicted = scores.argmax(-1)
         return (predicted == 0).long() if self.hparams.task == "WSC" else predicted
 
     def _evaluate(self, batch: dict, metrics: nn.ModuleDict, stage: str) -> None:
-        scores = self(batch)
-        predicted = self._predict(scores)
+        scores, predicted = self._predict(batch)
         ids = batch.get("idx")
         if ids is not None:
             ids_list = ids.tolist() if isinstance(ids, Tensor) else list(ids)
