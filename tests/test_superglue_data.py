@@ -256,3 +256,20 @@ def test_real_fewglue_counts(task, split):
             assert ex["label"] and len(set(ex["entities"])) == len(ex["entities"])
             # every gold answer is one of the passage entities (up to punctuation standardisation)
             assert set(ex["label"]) <= set(ex["entities"])
+
+
+def test_wsc_negative_candidates_are_read(tmp_path):
+    target = {"span1_text": "The teacher", "span1_index": 0, "span2_text": "she", "span2_index": 6}
+    text = "The teacher asked the student because she was curious."
+    write_jsonl(tmp_path, "WSC", "train", [
+        {"idx": 0, "text": text, "target": target, "label": True,
+         "candidates": ["the \u201cstudent\u201d", {"text": "a class"}]},
+        {"idx": 1, "text": text, "target": target, "label": False},
+    ])
+    first, second = read_split("WSC", str(tmp_path), "train")
+    assert first["candidates"] == ['the "student"', "a class"]  # punctuation standardised as the text
+    assert "candidates" not in second
+    write_jsonl(tmp_path, "WSC", "val", [{"idx": 0, "text": text, "target": target, "label": True,
+                                          "candidates": ["ok", 7]}])
+    with pytest.raises(ValueError, match=r"val.jsonl:1: field 'candidates\[1\]': expected a string"):
+        read_split("WSC", str(tmp_path), "val")

@@ -1,4 +1,5 @@
-"""exp=superglue end to end on tiny SuperGLUE-format data, the archive download, task selection."""
+"""exp=superglue end to end on tiny SuperGLUE-format data, the archive download, task selection,
+the WSC modes and evaluation on every rank of a 2-process run."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -284,3 +289,88 @@ def test_task_selection_and_config_errors(tmp_path, pretrained, capsys):
         run(config(f"data.superglue_dir={data}", "task=rte", f"model.init_from={tmp_path / 'none.ckpt'}"))
     with pytest.raises(ConfigError, match="superglue.head"):
         load_config("superglue", ["superglue.head=mlp"])
+
+
+def write_wsc(root: Path, negatives: bool) -> Path:
+    """WSC train/val (the sentence of `write_all_tasks`), with or without negative candidates."""
+    for split, n in (("train", 6), ("val", 4)):
+        write_jsonl(root, "WSC", split, [
+            {"idx": i, "text": "The doctor visits the student and he reads a story.",
+             "target": {"span1_text": "the student" if i % 2 == 0 else "The doctor",
+                        "span1_index": 3 if i % 2 == 0 else 0, "span2_text": "he", "span2_index": 6},
+             "label": i % 2 == 0, **({"candidates": ["the doctor", "a story"]} if negatives else {})}
+            for i in range(n)])
+    return root
+
+
+def test_wsc_mode_follows_the_data(tmp_path, pretrained, capsys):
+    plain, negatives = write_wsc(tmp_path / "plain", False), write_wsc(tmp_path / "negatives", True)
+    settings = ["task=wsc", "logging.enabled=false", *(f"superglue.tasks.wsc.{key}" for key in (
+        "epochs=1", "max_seq_length=64", "pattern_id=0", "batch_size=4"))]
+    assert main(["exp=superglue", *overrides(tmp_path / "a", pretrained, f"data.superglue_dir={plain}",
+                                             *settings)]) == 0
+    assert "WSC: generative mode (no negative candidates in the data" in capsys.readouterr().out
+    # data.wsc_negatives replaces WSC's files: its candidates switch auto to the candidates layout
+    assert main(["exp=superglue", *overrides(tmp_path / "b", pretrained, f"data.superglue_dir={plain}",
+                                             f"data.wsc_negatives={negatives}", *settings)]) == 0
+    assert "WSC: candidates mode" in capsys.readouterr().out
+    assert main(["exp=superglue", *overrides(tmp_path / "c", pretrained, f"data.superglue_dir={plain}",
+                                             "superglue.tasks.wsc.mode=candidates", *settings)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "superglue.tasks.wsc.mode=candidates needs negative candidates" in err[0]
+    assert main(["exp=superglue", "superglue.tasks.wsc.mode=negative"]) == 2
+    assert "valid choices: auto, generative, candidates" in capsys.readouterr().err
+
+
+def _cli(args: list[str], timeout: int = 300) -> None:
+    """``python -m experiments.run`` in a fresh process group (Lightning starts any second rank)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PL_", "TORCHELASTIC_"))
+           and k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"{args} did not finish within {timeout} s:\n{process.communicate()[0][-3000:]}")
+    assert process.returncode == 0, log[-20000:]
+
+
+@pytest.mark.slow
+def test_two_processes_score_and_predict_like_one(tmp_path, pretrained):
+    """DDP on 2 CPU processes: both ranks evaluate their part of the dev and test files, and the
+    Table-1 row and the leaderboard files equal those of one process. The runs train on the same
+    gradients: each epoch is one optimizer step over all 8 training examples (two micro-batches of 4
+    accumulated, or one per rank), and dropout is off."""
+    data = tmp_path / "superglue"
+    for split, n in (("train", 8), ("val", 7), ("test", 3)):  # odd sizes: the sampler pads with repeats
+        write_jsonl(data, "RTE", split, [
+            {"idx": i, "premise": sentence(i), "hypothesis": sentence(i + i % 3),
+             **({} if split == "test" else {"label": "entailment" if i % 3 == 0 else "not_entailment"})}
+            for i in range(n)])
+        write_jsonl(data, "COPA", split, [  # 4 training examples, 8 with their mirrored copies
+            {"idx": i, "premise": sentence(i), "choice1": sentence(i + 1), "choice2": sentence(i + 3),
+             "question": "cause" if i % 2 else "effect", **({} if split == "test" else {"label": i % 2})}
+            for i in range(n // 2)])
+    settings = [f"data.superglue_dir={data}", "task=[rte,copa]", "superglue.micro_batch_size=4",
+                "logging.enabled=false", "optim.lr=3e-3", "optim.warmup=0.0",
+                *(f"model.{name}=0.0" for name in ("embedding_dropout_prob", "attention_dropout_prob",
+                                                   "output_dropout_prob")),
+                *(f"superglue.tasks.{t}.{k}={v}" for t in ("rte", "copa")
+                  for k, v in (("epochs", 3), ("batch_size", 8), ("max_seq_length", 64)))]
+    outputs = {}
+    for devices in (1, 2):
+        root = tmp_path / f"devices{devices}"
+        strategy = ["trainer.strategy=ddp", "trainer.devices=2"] if devices == 2 else []
+        _cli(["exp=superglue", *overrides(root, pretrained, *settings, *strategy)])
+        outputs[devices] = root / "outputs" / "superglue" / "sweep"
+    one, two = (json.loads((outputs[d] / "results.json").read_text()) for d in (1, 2))
+    assert two["table1"] == pytest.approx(one["table1"], abs=1e-6)
+    for task in ("RTE", "COPA"):
+        assert two["tasks"][task] == pytest.approx(one["tasks"][task], abs=1e-6)
+    assert one["tasks"]["RTE"]["accuracy"] * 7 == pytest.approx(round(one["tasks"]["RTE"]["accuracy"] * 7))
+    for name in ("RTE.jsonl", "COPA.jsonl"):
+        lines = (outputs[2] / name).read_text().splitlines()
+        assert lines == (outputs[1] / name).read_text().splitlines()
+        assert [json.loads(line)["idx"] for line in lines] == list(range(len(lines)))  # in order, once

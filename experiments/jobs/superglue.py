@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.superglue import TASKS, read_split, split_path
 from datamodules.superglue_data import SuperGLUEDataModule
@@ -145,7 +146,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def predict(trainer: L.Trainer, module: GLMClozeModule, loader) -> dict:
     """idx -> predicted class or candidate index for every example of ``loader``, gathered from
-    every rank (a distributed sampler gives each rank a part, padded with repeats)."""
+    every rank. Each rank predicts its part of the file, padded with repeats so that a file shorter
+    than the number of ranks still gives every rank a batch (Lightning's own predict sampler
+    leaves a rank empty and fails then); the repeats collapse in the mapping."""
+    if trainer.world_size > 1:
+        sampler = DistributedSampler(loader.dataset, num_replicas=trainer.world_size,
+                                     rank=trainer.global_rank, shuffle=False)
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                            collate_fn=loader.collate_fn, num_workers=loader.num_workers)
     predictions = {}
     for batch in trainer.predict(module, dataloaders=loader):
         ids = batch["idx"]  # a tensor, or a list where the file's ids are strings (AX-b)

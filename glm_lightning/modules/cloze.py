@@ -79,6 +79,14 @@ def _candidate_scores(logits: Tensor, targets: Tensor, slots: Tensor, num_slots:
     return scores
 
 
+def greedy_reproduces(logits: Tensor, targets: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """Bool ``[num_rows]``: whether the argmax of ``logits [M, V]`` equals ``targets [M]`` at every
+    target position of each row (``rows [M]`` says which row a position belongs to), the official
+    ``classify`` metric of the generative WSC evaluation; a row without targets counts as reproduced."""
+    wrong = (logits.argmax(-1) != targets).float()
+    return wrong.new_zeros(num_rows).index_add(0, rows, wrong) == 0
+
+
 def cloze_loss(scores: Tensor, label: Tensor, loss_func: str = "cross_entropy") -> Tensor:
     """``cross_entropy`` over the scores; ``generative`` = -mean(score of the correct choice);
     ``mix`` = both summed (the official WSC setting)."""
@@ -216,9 +224,8 @@ class GLMClozeModule(L.LightningModule):
         logits = self.model(ids, batch["position_ids"].flatten(0, 1), batch["sep"].flatten(),
                             output_mask=predicted).float()
         targets = target[predicted]
-        wrong = (logits.argmax(-1) != targets).float()
-        misses = wrong.new_zeros(len(ids)).index_add(0, predicted.nonzero()[:, 0], wrong)
-        return F.cross_entropy(logits, targets), (misses == 0).long()
+        reproduced = greedy_reproduces(logits, targets, predicted.nonzero()[:, 0], len(ids))
+        return F.cross_entropy(logits, targets), reproduced.long()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if self.generative:
