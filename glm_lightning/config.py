@@ -118,7 +118,7 @@ class DataConfig:
     gpt_min_ratio: float = 0.5  # document objective: minimum fraction of the text to generate
     dir: str | None = None  # seq2seq: a folder with train/val(/test).jsonl of {"source", "target"}
     superglue_dir: str | None = None  # SuperGLUE: <dir>/<Task>/{train,val,test}.jsonl; None = download
-    wsc_negatives: str | None = None  # WSC files with a "candidates" field (<dir>/{train,val,test}.jsonl)
+    wsc_negatives: str | None = None  # WSC files with negative candidates: <dir>/WSC/{train,val,test}.jsonl
     fewglue_dir: str | None = None  # few-shot SuperGLUE: train on <dir>/<Task>/train.jsonl (FewGLUE)
 
 

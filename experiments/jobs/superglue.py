@@ -334,6 +334,9 @@ def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, m
     scores = trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)[0]
     dev = {name: float(scores[f"val/{name}"]) for name in names}
     metrics = {f"dev/{name}": value for name, value in dev.items()}
+    if task == "WSC":  # a constant prediction is WSC's failure mode: show how often True is predicted
+        predicted = predict(trainer, module, datamodule.val_dataloader())
+        metrics["dev/predicted_true"] = sum(predicted.values()) / len(predicted)
     dev32 = Path(cfg.data.fewglue_dir or "") / task / "dev32.jsonl"
     if cfg.data.fewglue_dir and dev32.is_file():
         _, loader = datamodule.eval_loader(task, cfg.data.fewglue_dir, "dev32")
@@ -359,6 +362,6 @@ def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, m
         logger.log_metrics(metrics)
         for path in [*written, run_dir / task / "result.json"]:
             logger.experiment.log_artifact(logger.run_id, str(path))
-    print(f"{task}: best epoch reloaded from {best}; dev "
+    print(f"{task}: best epoch reloaded from {best}; "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
     return dev

@@ -9,6 +9,11 @@ Batches come from ``datamodules.cloze_collate.cloze_collate``: ``input_ids [B, C
   the verbalizers, as in the paper.
 * Multi-token tasks score a candidate by the sum of log p of its answer tokens and ``[eop]``,
   optionally divided by ``#targets ** length_penalty``; cross-entropy runs over the candidates.
+  Batches in the shared-context layout (``datamodules.cloze_collate.pack_candidates``: one Part A
+  per example, then every candidate's Part B) give the same scores with Part A computed once.
+* WSC without negative candidates (``wsc_mode="generative"``, the official path then): the loss is
+  the language-model loss of span1_text after ``[sop]``, and an example is predicted True iff the
+  argmax reproduces span1_text and ``[eop]`` at every target position.
 * The classifier head pools the ``[CLS]`` hidden state (the non-cloze ablation baseline).
 """
 
@@ -120,6 +125,7 @@ class GLMClozeModule(L.LightningModule):
     over the run (``lr_decay_iters`` or the Trainer's total steps). Gradient clipping (1.0) is a
     Trainer setting. ``self.predictions`` holds ``(idx, prediction)`` pairs of the latest
     validation or test run on this process (for WSC the prediction is 1 = "refers to span 1").
+    ``wsc_mode`` ("candidates" or "generative") chooses WSC's formulation.
     """
 
     def __init__(
