@@ -11,41 +11,14 @@ the line number and the field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from datamodules.jsonl import jsonl_records
-from glm_lightning.metrics import TABLE1_METRICS
+from glm_lightning.cloze.tasks import BOOL_LABELS, TASKS, TaskSpec
 
 __all__ = ["TASKS", "SPLITS", "TaskSpec", "punctuation_standardization", "read_split"]
 
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What a task's examples look like: its label set (None for ReCoRD, whose labels are answer
-    strings), its Table-1 metric names, and whether the official reader standardises punctuation."""
-
-    labels: tuple | None
-    metrics: tuple[str, ...]
-    standardize: bool = True
-
-
-_NLI = ("entailment", "not_entailment")
-_BOOL = (False, True)  # index == int(label), so class ids follow the boolean value
-
-TASKS: dict[str, TaskSpec] = {
-    "BoolQ": TaskSpec(_BOOL, TABLE1_METRICS["BoolQ"]),
-    "CB": TaskSpec(("entailment", "contradiction", "neutral"), TABLE1_METRICS["CB"]),
-    "COPA": TaskSpec((0, 1), TABLE1_METRICS["COPA"], standardize=False),
-    "MultiRC": TaskSpec(_BOOL, TABLE1_METRICS["MultiRC"]),
-    "ReCoRD": TaskSpec(None, TABLE1_METRICS["ReCoRD"]),
-    "RTE": TaskSpec(_NLI, TABLE1_METRICS["RTE"]),
-    "WiC": TaskSpec(_BOOL, TABLE1_METRICS["WiC"]),
-    "WSC": TaskSpec(_BOOL, TABLE1_METRICS["WSC"]),
-    "AX-b": TaskSpec(_NLI, TABLE1_METRICS["RTE"]),
-    "AX-g": TaskSpec(_NLI, TABLE1_METRICS["RTE"]),
-}
 
 # Splits whose files carry no labels; every other split must have them.
 _UNLABELED_SPLITS = ("test", "unlabeled")
@@ -99,7 +72,7 @@ class _Line:
         if "label" not in obj and self.split in _UNLABELED_SPLITS:
             return None
         value = self.get("label", (bool, int, str), obj, prefix)
-        if labels is _BOOL:
+        if labels is BOOL_LABELS:
             value = _as_bool(value)
         if value is None or value not in labels or type(value) is not type(labels[0]):
             raise self.error(prefix + "label", f"unknown label {obj['label']!r}; expected one of {labels}")

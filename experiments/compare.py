@@ -33,7 +33,6 @@ import csv
 import io
 import math
 import os
-import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,14 +40,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from experiments import paper_results
-from glm_lightning.metrics import TABLE1_METRICS
+from experiments.tables import AVG, Column, CompareError, Rows, Sweep, mean_std, task_columns
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
 USAGE_ERROR = 2
-AVG = "table1/avg"
 MISSING = "-"
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "glm.role"
@@ -56,14 +54,6 @@ SWEEP_METRICS = ("pretrain/val_loss", "perplexity/ppl")  # extra columns of a sw
 PAPER_TABLE1_TITLE = "paper (GLM_SPEC 9.1)"
 PAPER_TABLE6_TITLE = "paper (GLM_SPEC 9.1, 9.2)"
 PAPER_PREFIX = "paper: "
-
-# One row: row name -> one {metric key: value} dict per run (seed) of that row.
-Rows = dict[str, list[dict[str, float]]]
-
-
-class CompareError(Exception):
-    """A problem reported in one line on the command line (exit status 2)."""
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading runs
@@ -122,24 +112,6 @@ def parent_rows(found: Sequence[Run], experiment: str, runs: Sequence[str] | Non
 def load_rows(experiment: str, tracking_uri: str, runs: Sequence[str] | None = None) -> Rows:
     """Metrics of the experiment's SuperGLUE parent runs grouped by run name."""
     return parent_rows(fetch_runs(experiment, tracking_uri), experiment, runs)
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """One ablation sweep read back from MLflow: its variants' finished runs (seeds) in table order."""
-
-    run_id: str
-    name: str
-    tags: dict[str, str]
-    rows: Rows  # variant -> metrics of each finished seed
-    pretrain_runs: dict[str, list[str]]  # variant -> pretraining run id of each seed ("" if untagged)
-    tracking_uri: str
-
-    @property
-    def baseline(self) -> str | None:
-        """The sweep's ``baseline`` tag when that variant has finished runs."""
-        name = self.tags.get("baseline")
-        return name if name in self.rows else None
 
 
 def sweep_runs(found: Sequence[Run]) -> list[Run]:
@@ -212,16 +184,6 @@ def load_sweep(experiment: str, tracking_uri: str, name: str | None = None, *, r
 
 
 @dataclass(frozen=True)
-class Column:
-    """One table column: the metric keys of its cell ("x/y"), the factor they are shown with, digits."""
-
-    header: str
-    keys: tuple[str, ...]
-    scale: float = 100.0
-    digits: int = 1
-
-
-@dataclass(frozen=True)
 class Comparison:
     """What a table shows: rows of seeds, columns, the baseline of the deltas, published rows."""
 
@@ -240,20 +202,6 @@ class Block:
     title: str | None
     rows: list[list[str]]
     prefix: str = ""
-
-
-def cell_keys(task: str) -> list[str]:
-    """MLflow metric keys shown in ``task``'s column, in the paper's order."""
-    return [f"{task}/{metric}" for metric in TABLE1_METRICS[task]]
-
-
-def task_columns(rows: Rows | None = None) -> list[Column]:
-    """The Table-1 task columns in the paper's order, then Avg; with ``rows`` only the tasks that
-    some row has."""
-    present = None if rows is None else {key for seeds in rows.values() for seed in seeds for key in seed}
-    tasks = [task for task in TABLE1_METRICS
-             if present is None or any(key in present for key in cell_keys(task))]
-    return [*(Column(task, tuple(cell_keys(task))) for task in tasks), Column("Avg", (AVG,))]
 
 
 def metric_columns(keys: Sequence[str]) -> list[Column]:
@@ -304,12 +252,6 @@ def sweep_comparison(sweep: Sweep, baseline: str | None = None, metrics: Sequenc
     return Comparison(sweep.rows, (*task_columns(sweep.rows), *metric_columns(metrics)),
                       baseline or sweep.baseline, table6_paper_rows(list(sweep.rows)) if paper else {},
                       PAPER_TABLE6_TITLE, label="variant")
-
-
-def mean_std(values: Sequence[float], scale: float = 100.0) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value) of the values times ``scale``."""
-    scaled = [scale * v for v in values]
-    return statistics.fmean(scaled), statistics.stdev(scaled) if len(scaled) > 1 else None
 
 
 def stat_cell(seeds: Sequence[Mapping[str, float]], column: Column, pm: str) -> str:

@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from experiments.compare import Column, CompareError, Rows, Sweep, mean_std, task_columns
+from experiments.tables import Column, CompareError, Rows, Sweep, mean_std, task_columns
 
 CURVE_KEYS = ("train/loss", "val/loss")
 OBJECTIVES = ("span", "sentence", "document", "masked_lm")  # the train/loss_<objective> histories

@@ -8,7 +8,7 @@ carries it. A part is
 * `Shortenable(template)`: the same, but truncation may cut tokens from its end;
 * `MASK`: the [MASK] token, the blank the model fills.
 
-`verbalizers` lists one word per label, in the label order of `datamodules.superglue.TASKS`
+`verbalizers` lists one word per label, in the label order of `glm_lightning.cloze.tasks.TASKS`
 (single-token tasks); it is None for the multi-token tasks, whose answers are per-example
 candidates. The template fields each task offers are built in `preprocess.cloze_fields`.
 """

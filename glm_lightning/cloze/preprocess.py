@@ -12,6 +12,8 @@ import random
 import string
 from collections.abc import Iterable
 
+from glm_lightning.cloze.tasks import TASKS
+
 # WSC training examples carry at most this many negatives; longer lists become several examples.
 WSC_MAX_NEGATIVES = 9
 # ReCoRD training examples score the gold answer against at most this many other entities.
@@ -109,9 +111,6 @@ def class_index(task: str, example: dict) -> int:
     label = example.get("label")
     if label is None:
         return 0
-    # imported here: the SuperGLUE data module builds on this package, not the other way round
-    from datamodules.superglue import TASKS
-
     labels = TASKS[task].labels
     if label not in labels:
         raise ValueError(f"{task}: unknown label {label!r}; expected one of {labels}")
