@@ -70,3 +70,14 @@ class LastCheckpoint(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "mark_killed"):
                 logger.mark_killed()
+
+
+class StartStep(L.Callback):
+    """The global step training started from in this process: 0, or a resumed checkpoint's step.
+    Stays None when a resumed run had nothing left to train (Lightning then skips the loop)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = trainer.global_step

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from experiments.config import load_config
-from experiments.jobs.pretrain import build_module, build_tokenizer, run
+from experiments.jobs.pretrain import build_module, build_tokenizer, result_line, run
 from glm_lightning.config import ConfigError
 from glm_lightning.tokenizer import GLMTokenizer
 
@@ -54,6 +54,10 @@ def test_quickstart_trains_tracks_and_resumes(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 8 and summary["metrics"]["val/loss"] == pytest.approx(
         first.data.metrics["val/loss"])
+    assert summary["steps_this_run"] == 8 and summary["monitor"] == "val/loss"
+    val_history = mlflow.MlflowClient().get_metric_history(first.info.run_id, "val/loss")
+    assert summary["best_score"] == pytest.approx(min(m.value for m in val_history))
+    assert Path(summary["best_checkpoint"]).is_absolute() and Path(summary["last_checkpoint"]).is_file()
 
     # Starting again in the same run directory would overwrite it: refused with a clear message.
     with pytest.raises(ConfigError, match="resume=auto"):
@@ -66,6 +70,14 @@ def test_quickstart_trains_tracks_and_resumes(tmp_path):
     assert [r.info.run_id for r in runs] == [first.info.run_id]
     history = mlflow.MlflowClient().get_metric_history(first.info.run_id, "train/loss")
     assert max(m.step for m in history) >= 10
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 12 and summary["steps_this_run"] == 4
+    assert result_line(summary, None).startswith("finished 12 steps (4 in this run, resumed at 8) in ")
+    # Resuming a run that already reached max_steps trains nothing, and says so.
+    run(quickstart(tmp_path, "resume=auto", "trainer.max_steps=12"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_this_run"] == 0
+    assert result_line(summary, None).startswith("already finished: 12 steps, nothing left to train")
 
 
 def test_missing_resume_checkpoint_is_a_config_error(tmp_path):

@@ -187,6 +187,10 @@ def test_sweep_end_to_end(tmp_path, pretrained):
         # The best epoch was reloaded: the final dev score is the best per-epoch score.
         assert child.data.metrics[f"dev/{metric}"] == pytest.approx(max(m.value for m in history))
         assert (run_dir / task / "checkpoints" / "best.ckpt").exists()
+        summary = json.loads((run_dir / task / "summary.json").read_text())
+        assert summary["monitor"] == f"val/{metric}"
+        assert summary["best_score"] == pytest.approx(max(m.value for m in history))
+        assert Path(summary["best_checkpoint"]) == (run_dir / task / "checkpoints" / "best.ckpt").resolve()
         dev[task] = {name: child.data.metrics[f"dev/{name}"] for name in TABLE1_METRICS[task]}
         assert all(0.0 <= value <= 1.0 for value in dev[task].values())
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
@@ -310,7 +314,8 @@ def test_wsc_mode_follows_the_data(tmp_path, pretrained, capsys):
     assert main(["exp=superglue", *overrides(tmp_path / "a", pretrained, f"data.superglue_dir={plain}",
                                              *settings)]) == 0
     assert "WSC: generative mode (no negative candidates in the data" in capsys.readouterr().out
-    result = json.loads((tmp_path / "a" / "outputs" / "superglue" / "sweep" / "WSC" / "result.json").read_text())
+    result = json.loads((tmp_path / "a" / "outputs" / "superglue" / "sweep" / "WSC" / "result.json").read_text(
+        encoding="utf-8"))
     assert result["metrics"]["dev/predicted_true"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # share of 4 dev examples
     # data.wsc_negatives replaces WSC's files: its candidates switch auto to the candidates layout
     assert main(["exp=superglue", *overrides(tmp_path / "b", pretrained, f"data.superglue_dir={plain}",

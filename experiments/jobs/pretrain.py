@@ -24,7 +24,7 @@ from datamodules.pretrain import PretrainDataModule
 from experiments.config import save_config
 from experiments.errors import RunInterrupted
 from experiments.tracking import RunLogger, mlflow_logger
-from glm_lightning.callbacks import LastCheckpoint
+from glm_lightning.callbacks import LastCheckpoint, StartStep
 from glm_lightning.checkpoint import init_weights
 from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
 from glm_lightning.model import GLMConfig
@@ -208,7 +208,7 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
     checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="step{step}", auto_insert_metric_name=False,
                                  monitor="val/loss", mode="min", save_last=True,
                                  enable_version_counter=False)  # last.ckpt is shared with LastCheckpoint
-    last = LastCheckpoint(checkpoints / "last.ckpt")
+    last, start = LastCheckpoint(checkpoints / "last.ckpt"), StartStep()
     logger = mlflow_logger(cfg, run_dir, resume=ckpt_path is not None) if cfg.logging.enabled else None
     try:
         trainer = L.Trainer(
@@ -217,7 +217,7 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             gradient_clip_val=cfg.optim.clip_grad or None, val_check_interval=t.val_check_interval,
             check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
             log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
-            callbacks=[checkpoint, last, throughput_monitor()],
+            callbacks=[checkpoint, last, start, throughput_monitor()],
         )
         if logger:
             logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
@@ -234,14 +234,18 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
     finally:
         if trainer.is_global_zero:
             summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,
-                                    time.time() - started, logger)
+                                    time.time() - started, logger, start.step)
     return FittedRun(trainer, checkpoint, logger, summary if trainer.is_global_zero else None)
 
 
 def result_line(summary: dict, logger: RunLogger | None) -> str:
     """One line saying what the run reached and where to find it."""
-    metrics = summary["metrics"]
-    line = f"finished {summary['global_step']} steps in {summary['seconds']:.0f} s"
+    metrics, steps, new = summary["metrics"], summary["global_step"], summary["steps_this_run"]
+    if new == 0 and steps:
+        line = f"already finished: {steps} steps, nothing left to train"
+    else:
+        resumed = f" ({new} in this run, resumed at {steps - new})" if new < steps else ""
+        line = f"finished {steps} steps{resumed} in {summary['seconds']:.0f} s"
     if "val/loss" in metrics:
         line += f"; val/loss {metrics['val/loss']:.3f}"
     if "val/unigram_baseline" in metrics:
@@ -253,16 +257,21 @@ def result_line(summary: dict, logger: RunLogger | None) -> str:
 
 
 def write_summary(path: Path, trainer: L.Trainer, checkpoint: ModelCheckpoint, last_checkpoint: Path,
-                  seconds: float, logger: RunLogger | None) -> dict:
-    """What a run reached, as JSON beside its checkpoints (and an MLflow artifact)."""
+                  seconds: float, logger: RunLogger | None, start_step: int | None = None) -> dict:
+    """What a run reached, as JSON beside its checkpoints (and an MLflow artifact). The best
+    checkpoint is the best by ``monitor`` (``best_score`` is that metric's value); paths are
+    absolute; ``steps_this_run`` counts the steps trained by this process (``start_step``: where
+    it started; None = nothing was left to train)."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     summary = {
         "status": trainer.state.status.value,
         "global_step": trainer.global_step,
+        "steps_this_run": trainer.global_step - (trainer.global_step if start_step is None else start_step),
         "seconds": round(seconds, 1),
-        "best_checkpoint": checkpoint.best_model_path or None,
-        "best_val_loss": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
-        "last_checkpoint": str(last_checkpoint),
+        "monitor": checkpoint.monitor,
+        "best_score": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
+        "best_checkpoint": str(Path(best).resolve()) if (best := checkpoint.best_model_path) else None,
+        "last_checkpoint": str(Path(last_checkpoint).resolve()),
         "metrics": metrics,
     }
     path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -28,6 +28,7 @@ from experiments.config import save_config
 from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import launch, resume_checkpoint, throughput_monitor, write_summary
 from experiments.tracking import RunLogger, artifact_location, mlflow_logger, run_tags, tracking_uri
+from glm_lightning.callbacks import StartStep
 from glm_lightning.checkpoint import load_glm
 from glm_lightning.config import ConfigError, optimizer_settings, superglue_tasks
 from glm_lightning.metrics import TABLE1_METRICS, table_row
@@ -278,6 +279,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     metric = main_metric(task)
     checkpoint = ModelCheckpoint(dirpath=task_dir / "checkpoints", filename="best", monitor=f"val/{metric}",
                                  mode="max", save_top_k=1, save_last=True, enable_version_counter=False)
+    start = StartStep()
     logger = child_logger(cfg, parent, run_dir.name, task) if parent else None
     started = time.time()
     try:
@@ -293,12 +295,12 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             accumulate_grad_batches=max(1, tc.batch_size // (micro * device_count(cfg))),
             gradient_clip_val=o.clip_grad or None, check_val_every_n_epoch=1, num_sanity_val_steps=0,
             log_every_n_steps=t.log_every_n_steps, default_root_dir=task_dir, logger=logger or False,
-            callbacks=[checkpoint, throughput_monitor()], enable_model_summary=False,
+            callbacks=[checkpoint, start, throughput_monitor()], enable_model_summary=False,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.is_global_zero:
             write_summary(task_dir / "summary.json", trainer, checkpoint,
-                          task_dir / "checkpoints" / "last.ckpt", time.time() - started, logger)
+                          task_dir / "checkpoints" / "last.ckpt", time.time() - started, logger, start.step)
         dev = evaluate_best(cfg, task, datamodule, module, checkpoint.best_model_path, run_dir, logger)
     except BaseException:
         if logger:
@@ -355,7 +357,7 @@ def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, m
     if not trainer.is_global_zero:
         return dev
     written = [write_jsonl(path, rows) for path, rows in files.items()]
-    result = {"task": task, "dev": dev, "metrics": metrics, "best_checkpoint": best,
+    result = {"task": task, "dev": dev, "metrics": metrics, "best_checkpoint": str(Path(best).resolve()),
               "predictions": [str(p) for p in written]}
     (run_dir / task / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if logger:
