@@ -314,8 +314,8 @@ def test_wsc_mode_follows_the_data(tmp_path, pretrained, capsys):
     assert main(["exp=superglue", *overrides(tmp_path / "a", pretrained, f"data.superglue_dir={plain}",
                                              *settings)]) == 0
     assert "WSC: generative mode (no negative candidates in the data" in capsys.readouterr().out
-    result = json.loads((tmp_path / "a" / "outputs" / "superglue" / "sweep" / "WSC" / "result.json").read_text(
-        encoding="utf-8"))
+    result_file = tmp_path / "a" / "outputs" / "superglue" / "sweep" / "WSC" / "result.json"
+    result = json.loads(result_file.read_text())
     assert result["metrics"]["dev/predicted_true"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # share of 4 dev examples
     # data.wsc_negatives replaces WSC's files: its candidates switch auto to the candidates layout
     assert main(["exp=superglue", *overrides(tmp_path / "b", pretrained, f"data.superglue_dir={plain}",
