@@ -209,6 +209,8 @@ class SuperGLUEConfig:
     # COPA, WSC, ReCoRD: run each example's Part A once and every candidate's Part B against it
     # (false: one full row per candidate, the official layout; the scores are the same)
     shared_context: bool = True
+    # Every task's epochs are multiplied by this (at least one epoch): 0.1 gives a quick run
+    epochs_scale: float = 1.0
     tasks: SuperGLUETasksConfig = field(default_factory=SuperGLUETasksConfig)
 
 
@@ -327,6 +329,7 @@ UNIT_INTERVAL = (
     "model.output_dropout_prob",
 )
 POSITIVE = (
+    "superglue.epochs_scale",
     "generation.max_new_tokens",
     "generation.num_beams",
     "generation.temperature",

@@ -183,7 +183,7 @@ def test_micro_sweep_end_to_end(tmp_path, capsys):
     for name in ("glm", "classifier"):
         seeds = [variants[name, seed].data.metrics for seed in (1, 2)]
         for column, key, scale, digits in (("RTE", "RTE/accuracy", 100, 1), ("COPA", "COPA/accuracy", 100, 1),
-                                           ("Avg", "table1/avg", 100, 1),
+                                           ("Avg (2 of 8 tasks)", "table1/avg", 100, 1),
                                            ("pretrain/val_loss", "pretrain/val_loss", 1, 2),
                                            ("perplexity/ppl", "perplexity/ppl", 1, 2)):
             assert table[name][column] == cell([s[key] for s in seeds], scale, digits), (name, column)
@@ -192,14 +192,14 @@ def test_micro_sweep_end_to_end(tmp_path, capsys):
     delta = statistics.fmean(averages["classifier"]) - statistics.fmean(averages["glm"])
     error = (statistics.variance(averages["classifier"]) / 2
              + statistics.variance(averages["glm"]) / 2) ** 0.5
-    assert table["classifier - glm"]["Avg"] == f"{delta:+.1f}±{error:.1f}"
+    assert table["classifier - glm"]["Avg (2 of 8 tasks)"] == f"{delta:+.1f}±{error:.1f}"
     for png in ("curves.png", "tasks.png"):
         data = (sweep_dir / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
     artifacts = {a.path for a in client.list_artifacts(sweep.info.run_id)}
     assert {"comparison.md", "comparison.csv", "curves.png", "tasks.png", "config.yaml"} <= artifacts
     out = capsys.readouterr().out
-    assert "| variant | COPA | RTE | Avg | pretrain/val_loss | perplexity/ppl |" in out
+    assert "| variant | COPA | RTE | Avg (2 of 8 tasks) | pretrain/val_loss | perplexity/ppl |" in out
 
     # Running the same command again skips every finished variant and starts no new run.
     assert main(micro_sweep(tmp_path)) == 0

@@ -175,7 +175,7 @@ def test_paper_rows_of_table1(store, capsys):
 # ---------------------------------------------------------------------------------------------
 # Ablation sweeps
 
-HEADER = ["variant", "COPA", "RTE", "CB", "Avg", "pretrain/val_loss", "perplexity/ppl"]
+HEADER = ["variant", "COPA", "RTE", "CB", "Avg (3 of 8 tasks)", "pretrain/val_loss", "perplexity/ppl"]
 # The latest "mini" sweep: seeds as mean ± sample std (x100 for SuperGLUE, as logged otherwise).
 GLM_ROW = ["71.0±1.4", "62.0±2.8", "82.0±2.8/77.0±2.8", "70.5±2.1", "4.60±0.14", "26.00±1.41"]
 NO_SHUFFLE_ROW = ["61.0±1.4", "52.0±2.8", "72.0±2.8/71.0±1.4", "61.0±1.4", "6.70±1.70", "32.00±2.83"]
@@ -230,7 +230,8 @@ def test_sweep_metric_runs_and_baseline_options(ablations, capsys):
                             "--metric", "perplexity/adjusted_ppl", "--runs", "classifier", "glm",
                             "--baseline", "classifier")
     assert code == 0
-    assert header_cells(out) == ["variant", "COPA", "RTE", "CB", "Avg", "perplexity/adjusted_ppl"]
+    assert header_cells(out) == ["variant", "COPA", "RTE", "CB", "Avg (3 of 8 tasks)",
+                                 "perplexity/adjusted_ppl"]
     cells = markdown_cells(out)
     assert list(cells) == ["classifier", "glm", "*delta vs classifier*", "glm - classifier"]
     assert cells["glm"] == [*GLM_ROW[:4], "41.50±2.12"]
@@ -252,7 +253,7 @@ def test_named_sweep(ablations, capsys):
                             "--sweep", "other", "--paper")
     assert code == 0
     # Only RTE was finetuned and pretrain/val_loss was not logged: those columns are left out.
-    assert header_cells(out) == ["variant", "RTE", "Avg", "perplexity/ppl"]
+    assert header_cells(out) == ["variant", "RTE", "Avg (1 of 8 tasks)", "perplexity/ppl"]
     assert markdown_cells(out) == {
         "glm": ["55.0", "55.0", "31.00"], "masked_lm": ["45.0", "45.0", "90.00"],
         "*delta vs glm*": ["", "", ""], "masked_lm - glm": ["-10.0", "-10.0", "+59.00"],
@@ -275,7 +276,8 @@ def test_sweep_csv_and_latex(ablations, capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == "\\begin{tabular}{lcccccc}" and lines[-1] == "\\end{tabular}"
-    assert lines[2] == "variant & COPA & RTE & CB & Avg & pretrain/val\\_loss & perplexity/ppl \\\\"
+    assert lines[2] == ("variant & COPA & RTE & CB & Avg (3 of 8 tasks) & pretrain/val\\_loss & "
+                        "perplexity/ppl \\\\")
     assert lines[5] == ("no\\_shuffle & 61.0$\\pm$1.4 & 52.0$\\pm$2.8 & 72.0$\\pm$2.8/71.0$\\pm$1.4 & "
                         "61.0$\\pm$1.4 & 6.70$\\pm$1.70 & 32.00$\\pm$2.83 \\\\")
     assert lines.count("\\midrule") == 3
@@ -375,7 +377,7 @@ def test_write_report(ablations, tmp_path):
     # Every score's mean is the mean of the logged metrics of the variant's finished seeds.
     for variant, seeds in (("glm", (1, 2)), ("no_shuffle", (1, 2)), ("classifier", (1,))):
         for column, key, scale, digits in (("COPA", "COPA/accuracy", 100, 1), ("RTE", "RTE/accuracy", 100, 1),
-                                           ("Avg", "table1/avg", 100, 1),
+                                           ("Avg (3 of 8 tasks)", "table1/avg", 100, 1),
                                            ("pretrain/val_loss", "pretrain/val_loss", 1, 2),
                                            ("perplexity/ppl", "perplexity/ppl", 1, 2)):
             mean = sum(scale * LATEST[variant, seed][key] for seed in seeds) / len(seeds)

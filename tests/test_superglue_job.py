@@ -319,8 +319,13 @@ def test_wsc_mode_follows_the_data(tmp_path, pretrained, capsys):
     assert result["metrics"]["dev/predicted_true"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # share of 4 dev examples
     # data.wsc_negatives replaces WSC's files: its candidates switch auto to the candidates layout
     assert main(["exp=superglue", *overrides(tmp_path / "b", pretrained, f"data.superglue_dir={plain}",
-                                             f"data.wsc_negatives={negatives}", *settings)]) == 0
-    assert "WSC: candidates mode" in capsys.readouterr().out
+                                             f"data.wsc_negatives={negatives}", *settings,
+                                             "superglue.tasks.wsc.epochs=4",
+                                             "superglue.epochs_scale=0.5")]) == 0
+    out = capsys.readouterr().out
+    assert "WSC: candidates mode" in out
+    # 3 positives, global batch 4: one step per epoch; 4 epochs x 0.5
+    assert "WSC: 3 training examples, 1 steps per epoch x 2 epochs = 2 optimizer steps" in out
     assert main(["exp=superglue", *overrides(tmp_path / "c", pretrained, f"data.superglue_dir={plain}",
                                              "superglue.tasks.wsc.mode=candidates", *settings)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

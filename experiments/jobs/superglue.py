@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from datamodules.superglue_download import fetch_superglue
 from experiments.config import save_config
 from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import launch, resume_checkpoint, throughput_monitor, write_summary
+from experiments.tables import avg_header
 from experiments.tracking import RunLogger, artifact_location, mlflow_logger, run_tags, tracking_uri
 from glm_lightning.callbacks import StartStep
 from glm_lightning.checkpoint import load_glm
@@ -110,6 +112,11 @@ def load_backbone(cfg: DictConfig, tokenizer: GLMTokenizer) -> tuple[GLMConfig, 
     return dataclasses.replace(model.config, **dropouts), model.state_dict()
 
 
+def task_epochs(cfg: DictConfig, task: str) -> int:
+    """``superglue.tasks.<task>.epochs`` times ``superglue.epochs_scale`` (at least one epoch)."""
+    return max(1, round(cfg.superglue.tasks[task.lower()].epochs * cfg.superglue.epochs_scale))
+
+
 def device_count(cfg: DictConfig) -> int:
     """Processes that share a global batch (``trainer.devices`` x nodes; "auto" counts as one)."""
     devices = cfg.trainer.devices
@@ -172,7 +179,7 @@ def markdown_row(results: dict[str, dict[str, float]], row: dict[str, float]) ->
     """Header and row of Table 1 (x100; two-metric tasks as "a/b") for the tasks that ran."""
     tasks = [task for task in TABLE1_METRICS if task in results]
     cells = ["/".join(f"{100 * results[t][m]:.1f}" for m in TABLE1_METRICS[t]) for t in tasks]
-    header = "| " + " | ".join([*tasks, "Avg"]) + " |"
+    header = "| " + " | ".join([*tasks, avg_header(len(tasks))]) + " |"
     return "\n".join([header, "|" + "---|" * (len(tasks) + 1),
                       "| " + " | ".join([*cells, f"{100 * row['avg']:.1f}"]) + " |"])
 
@@ -253,6 +260,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     ckpt_path = resume_checkpoint(cfg, task_dir)
     L.seed_everything(cfg.seed, workers=True)
     micro = cfg.superglue.micro_batch_size or tc.batch_size
+    epochs = task_epochs(cfg, task)
     (_, train_dir), (_, eval_dir) = task_folders(cfg, task, data_dir)
     wsc_mode = resolve_wsc_mode(cfg, train_dir) if task == "WSC" and cfg.superglue.head == "cloze" \
         else "candidates"
@@ -271,6 +279,13 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
         datamodule.setup()
     except ValueError as error:  # e.g. a verbalizer that this vocabulary splits into pieces
         raise ConfigError(f"{task}: {error}") from error
+    accumulate = max(1, tc.batch_size // (micro * device_count(cfg)))
+    if rank_zero_only.rank == 0:
+        batches = math.ceil(len(datamodule.encoded["train"]) / (micro * device_count(cfg)))
+        steps = math.ceil(batches / accumulate)
+        print(f"{task}: {len(datamodule.encoded['train'])} training examples, {steps} steps per epoch x "
+              f"{epochs} epochs = {steps * epochs} optimizer steps (global batch {tc.batch_size})",
+              flush=True)
     module = GLMClozeModule(
         dataclasses.asdict(model_config), task=task, head=cfg.superglue.head, loss_func=tc.loss_func,
         length_penalty=tc.length_penalty, wsc_mode=wsc_mode, **optimizer_settings(o),
@@ -287,12 +302,13 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             logger.log_hyperparams({"task": task, "head": cfg.superglue.head, "main_metric": metric,
                                     **{f"superglue.{k}": v for k, v in OmegaConf.to_container(tc).items()},
                                     "wsc_mode": wsc_mode, "shared_context": datamodule.shared_context,
+                                    "epochs_run": epochs,
                                     "train_examples": len(datamodule.encoded["train"]),
                                     "val_examples": len(datamodule.encoded["val"])})
         trainer = L.Trainer(
-            max_epochs=tc.epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+            max_epochs=epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
             strategy=strategy(cfg), precision=t.precision,
-            accumulate_grad_batches=max(1, tc.batch_size // (micro * device_count(cfg))),
+            accumulate_grad_batches=accumulate,
             gradient_clip_val=o.clip_grad or None, check_val_every_n_epoch=1, num_sanity_val_steps=0,
             log_every_n_steps=t.log_every_n_steps, default_root_dir=task_dir, logger=logger or False,
             callbacks=[checkpoint, start, throughput_monitor()], enable_model_summary=False,
