@@ -88,7 +88,7 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> Ru
         artifact_location=artifact_location(cfg),
         tags=run_tags(cfg),
         run_id=run_id,
-        log_model=True,
+        log_model=False,  # checkpoints stay in the run directory; the run records their paths
     )
     if run_id is None:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))

@@ -50,7 +50,9 @@ def test_quickstart_trains_tracks_and_resumes(tmp_path):
     assert first.data.tags["git_commit"] and first.data.tags["exp"] == "quickstart"
     assert (run_dir / "mlflow_run_id").read_text() == first.info.run_id
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first.info.run_id)}
-    assert {"config.yaml", "summary.json"} <= artifacts
+    assert artifacts == {"config.yaml", "summary.json"}  # checkpoints are referenced, not copied
+    assert first.data.tags["last_checkpoint"] == str(run_dir.resolve() / "checkpoints" / "last.ckpt")
+    assert Path(first.data.tags["best_checkpoint"]).parent == run_dir.resolve() / "checkpoints"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 8 and summary["metrics"]["val/loss"] == pytest.approx(
         first.data.metrics["val/loss"])

@@ -275,6 +275,9 @@ def write_summary(path: Path, trainer: L.Trainer, checkpoint: ModelCheckpoint, l
         "metrics": metrics,
     }
     path.write_text(json.dumps(summary, indent=2) + "\n")
-    if logger:
+    if logger:  # checkpoints by reference: copying them into the artifact store would double the disk
         logger.experiment.log_artifact(logger.run_id, str(path))
+        for key in ("best_checkpoint", "last_checkpoint"):
+            if summary[key]:
+                logger.experiment.set_tag(logger.run_id, key, summary[key])
     return summary
