@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from glm_lightning.model import GLMModel
 from glm_lightning.tokenizer import GLMTokenizer
@@ -166,17 +167,19 @@ def collate(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def score_samples(model: GLMModel, samples: Sequence[Sample], *, batch_size: int = 8) -> list[SampleScore]:
+def score_samples(model: GLMModel, samples: Sequence[Sample], *, batch_size: int = 8,
+                  progress: str | None = None) -> list[SampleScore]:
     """Loss, token count and exact-match of every sample, in order.
 
     Samples are batched by length (less padding); logits are computed at the scored positions
-    only and the loss in float32.
+    only and the loss in float32. ``progress`` names a progress bar over the samples (None: none).
     """
     was_training = model.training
     model.eval()
     device = model.word_embeddings.weight.device
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
     scores: list[SampleScore | None] = [None] * len(samples)
+    bar = tqdm(total=len(samples), desc=progress, unit="sample", disable=progress is None, leave=False)
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -194,7 +197,9 @@ def score_samples(model: GLMModel, samples: Sequence[Sample], *, batch_size: int
             wrong.index_add_(0, owner, (~correct).long())
             for j, i in enumerate(rows):
                 scores[i] = SampleScore(float(loss_sum[j]), int(counts[j]), bool(wrong[j] == 0))
+            bar.update(len(rows))
     finally:
+        bar.close()
         model.train(was_training)
     return scores  # type: ignore[return-value]
 
@@ -218,7 +223,8 @@ def read_lambada(path: str | Path) -> list[str]:
 
 def evaluate_lambada(model: GLMModel, tokenizer: GLMTokenizer, texts: Iterable[str], *,
                      mask_id: int | None = None, unidirectional: bool = False,
-                     max_length: int | None = None, batch_size: int = 8) -> dict[str, float]:
+                     max_length: int | None = None, batch_size: int = 8,
+                     progress: str | None = None) -> dict[str, float]:
     """Last-word accuracy: the fraction of passages whose every answer token is the argmax.
 
     ``max_length`` bounds each sample (default: the model's ``max_sequence_length``).
@@ -229,7 +235,7 @@ def evaluate_lambada(model: GLMModel, tokenizer: GLMTokenizer, texts: Iterable[s
                for text in texts]
     if not samples:
         raise ValueError("no LAMBADA passages to evaluate")
-    scores = score_samples(model, samples, batch_size=batch_size)
+    scores = score_samples(model, samples, batch_size=batch_size, progress=progress)
     correct = sum(s.all_correct for s in scores)
     loss = sum(s.loss for s in scores)
     tokens = sum(s.num_tokens for s in scores)
@@ -246,7 +252,8 @@ def perplexities(total_loss: float, num_tokens: int, num_words: int) -> tuple[fl
 
 def evaluate_perplexity(model: GLMModel, tokenizer: GLMTokenizer, text: str, *,
                         max_length: int | None = None, stride: int = 256, mask_id: int | None = None,
-                        unidirectional: bool = False, batch_size: int = 8) -> dict[str, float]:
+                        unidirectional: bool = False, batch_size: int = 8,
+                        progress: str | None = None) -> dict[str, float]:
     """Sliding-window perplexity of ``text`` (one document).
 
     ``max_length`` is the number of text tokens per window (default: the model's
@@ -260,7 +267,7 @@ def evaluate_perplexity(model: GLMModel, tokenizer: GLMTokenizer, text: str, *,
         raise ValueError("perplexity needs a text of at least two words")
     samples = perplexity_windows(tokens, tokenizer, max_length=max_length, stride=min(stride, max_length),
                                  mask_id=mask_id, unidirectional=unidirectional)
-    scores = score_samples(model, samples, batch_size=batch_size)
+    scores = score_samples(model, samples, batch_size=batch_size, progress=progress)
     total_loss = sum(s.loss for s in scores)
     predicted = sum(s.num_tokens for s in scores)
     ppl, adjusted = perplexities(total_loss, len(tokens), num_words)

@@ -14,6 +14,7 @@ import mlflow
 import pytest
 import torch
 
+from experiments.jobs.generate import readable
 from experiments.run import main
 from glm_lightning.checkpoint import save_ours
 from glm_lightning.model import GLMConfig, GLMModel
@@ -42,13 +43,17 @@ def test_generate_prints_one_filled_text_per_prompt(run_dir, tmp_path):
     result = cli("exp=generate", f"model.init_from={run_dir / 'checkpoints' / 'last.ckpt'}", prompts,
                  "generation.max_new_tokens=4", f"output_dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("filled texts (greedy"))
-    filled = lines[header + 1:]
-    assert len(filled) == len(PROMPTS)
+    printed = result.stdout[result.stdout.index("filled texts (greedy"):].split("\n", 1)[1]
+    blocks = printed.split("\n[2] ")
+    assert len(blocks) == len(PROMPTS) and blocks[0].startswith(f"[1] {PROMPTS[0]}\n    ")
+    filled = ["\n".join(line.removeprefix("    ") for line in block.splitlines()[1:]) for block in blocks]
     assert filled[0].startswith("The curious student") and filled[0].endswith(" the story.")
     assert "[MASK]" not in filled[0]
     assert filled[1].startswith("A famous doctor visits the")
+
+
+def test_filled_text_is_printed_with_its_line_breaks():
+    assert readable(3, "A [MASK] B", "A x\ny B\n") == "[3] A [MASK] B\n    A x\n    y B"
 
 
 @pytest.mark.parametrize("args, message", [

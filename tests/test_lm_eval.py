@@ -117,10 +117,12 @@ def test_sliding_windows_cover_the_text(model, tokenizer):
     assert math.isfinite(result["ppl"]) and result["ppl"] > 1
 
 
-def test_scores_do_not_depend_on_batching(model, tokenizer):
+def test_scores_do_not_depend_on_batching(model, tokenizer, capsys):
     windows = perplexity_windows(tokenizer.encode(TEXT), tokenizer, max_length=12, stride=5)
     one = score_samples(model, windows, batch_size=1)
-    many = score_samples(model, windows, batch_size=4)
+    assert capsys.readouterr().err == ""  # no progress bar unless asked
+    many = score_samples(model, windows, batch_size=4, progress="windows")
+    assert f"windows:   0%|          | 0/{len(windows)} " in capsys.readouterr().err  # a bar over the windows
     assert [s.num_tokens for s in one] == [s.num_tokens for s in many]
     np.testing.assert_allclose([s.loss for s in one], [s.loss for s in many], rtol=1e-5)
 

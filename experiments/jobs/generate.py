@@ -81,8 +81,14 @@ def run(cfg: DictConfig) -> list[str]:
     print(f"filled texts ({cfg.generation.strategy}, max_new_tokens={cfg.generation.max_new_tokens}):",
           flush=True)
     filled = []
-    for prompt in cfg.prompts:
+    for number, prompt in enumerate(cfg.prompts, start=1):
         text = fill_blanks(model, tokenizer, prompt, **options)
         filled.append(text)
-        print(text.replace("\n", "\\n"), flush=True)  # one line per prompt
+        print(readable(number, prompt, text), flush=True)
     return filled
+
+
+def readable(number: int, prompt: str, text: str) -> str:
+    """A prompt and its filled text as printed: the text's own line breaks kept, indented."""
+    body = "\n".join("    " + line for line in text.splitlines() or [""])
+    return f"[{number}] {prompt}\n{body}"

@@ -39,12 +39,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             max_length = e.max_length + 1 if e.max_length else None
             metrics = evaluate_lambada(model, tokenizer, read_lambada(e.file), mask_id=mask_id,
                                        unidirectional=e.unidirectional, max_length=max_length,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, progress="LAMBADA passages")
         else:
             text = Path(e.file).read_text(encoding="utf-8")
             metrics = evaluate_perplexity(model, tokenizer, text, max_length=e.max_length, stride=e.stride,
                                           mask_id=mask_id, unidirectional=e.unidirectional,
-                                          batch_size=batch_size)
+                                          batch_size=batch_size, progress="perplexity windows")
     except ValueError as error:  # unusable input: empty text, a passage too long, bad jsonl
         raise ConfigError(f"lm_eval.file {e.file}: {error}") from error
     return {f"{e.task}/{name}": float(value) for name, value in metrics.items()}
