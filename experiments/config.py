@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Sequence
@@ -99,6 +101,48 @@ def freeze(cfg: DictConfig) -> DictConfig:
 def format_config(cfg: DictConfig) -> str:
     """The resolved config as YAML, in schema order."""
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_summary(cfg: DictConfig, keys: Sequence[str]) -> str:
+    """The settings a job reads (``keys``: sections or dotted keys), as ``key=value`` lines, one
+    wrapped paragraph per section, unset (null) values left out and, for SuperGLUE, only the
+    selected tasks: short enough to read before a run starts."""
+    from glm_lightning.config import superglue_tasks  # the selected tasks, for superglue.tasks.*
+
+    selected = {task.lower() for task in superglue_tasks(cfg.task)} if "task" in keys else None
+    lines = [f"exp={cfg.exp} job={cfg.job} seed={cfg.seed} output_dir={cfg.output_dir}"
+             + (f" run_name={cfg.run_name}" if cfg.run_name else "")]
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        flat = _flatten(OmegaConf.to_container(value, resolve=True), key) if OmegaConf.is_dict(value) \
+            else {key: OmegaConf.to_container(value) if OmegaConf.is_list(value) else value}
+        items = [f"{k}={_compact(v)}" for k, v in flat.items() if v is not None
+                 and not (selected is not None and k.startswith("superglue.tasks.")
+                          and k.split(".")[2] not in selected)]
+        if items:
+            lines.append(textwrap.fill(" ".join(items), width=110, subsequent_indent="    ",
+                                       break_long_words=False, break_on_hyphens=False))
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(tree: dict, prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}.{key}"))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
+
+
+def _compact(value: Any) -> str:
+    """A value as it would be written on the command line."""
+    if isinstance(value, list):
+        return "[" + ",".join(_compact(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = str(value)
+    return json.dumps(text) if not text or any(c.isspace() or c in ",[]'\"" for c in text) else text
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:

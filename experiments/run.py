@@ -1,6 +1,7 @@
 """Command line: python -m experiments.run exp=NAME key=value ...
 
-Loads and prints the experiment config, then hands it to the registered job. Configuration mistakes
+Loads the experiment config, prints the settings its job reads (``print_config=true``: the whole
+resolved config, and nothing runs), then hands it to the registered job. Configuration mistakes
 end the program with one line on stderr and exit code 2, before anything heavy is imported.
 """
 
@@ -10,9 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from datamodules.corpus import CorpusError
-from experiments.config import ConfigError, format_config, list_experiments, load_config
+from experiments.config import ConfigError, config_summary, format_config, list_experiments, load_config
 from experiments.errors import RunInterrupted
-from experiments.jobs import get_job
+from experiments.jobs import SECTIONS, get_job
+from experiments.library_noise import quiet_libraries
 
 DEFAULT_EXPERIMENT = "quickstart"
 USAGE_ERROR = 2
@@ -64,9 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
-    print(format_config(cfg), end="", flush=True)
     if cfg.print_config:
+        print(format_config(cfg), end="", flush=True)
         return 0
+    print(config_summary(cfg, SECTIONS.get(cfg.job, ())), end="", flush=True)
+    quiet_libraries()
     try:
         get_job(cfg.job)(cfg)
     except ConfigError as error:

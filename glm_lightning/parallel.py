@@ -47,6 +47,7 @@ is enough: Lightning launches the other N - 1 processes itself (also on CPU with
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -201,7 +202,9 @@ def consolidate_checkpoint(folder: str | Path, output_file: str | Path) -> Path:
         if key.startswith(prefix)
     }
     state = {"state_dict": weights}
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # loading in one process is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        dcp.load(state, storage_reader=reader, no_dist=True)
     checkpoint = torch.load(folder / "meta.pt", weights_only=False)
     checkpoint["state_dict"] = state["state_dict"]
     output_file = Path(output_file)

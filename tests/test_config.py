@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
-from experiments.config import CONFIGS_DIR, list_experiments, load_config, load_saved_config, save_config
-from experiments.jobs import JOBS, get_job
+from experiments.config import (
+    CONFIGS_DIR,
+    config_summary,
+    list_experiments,
+    load_config,
+    load_saved_config,
+    save_config,
+)
+from experiments.jobs import JOBS, SECTIONS, get_job
 from glm_lightning.config import (
     CHOICES,
     MODEL_NAMES,
@@ -319,6 +327,34 @@ def test_cli_print_config_prints_resolved_yaml(exp: str) -> None:
     printed = yaml.safe_load(result.stdout)
     assert printed == OmegaConf.to_container(load_config(exp, ["print_config=true", "seed=7"]))
     assert printed["exp"] == exp and printed["seed"] == 7
+
+
+@pytest.mark.parametrize("exp", SHIPPED)
+def test_summary_names_every_setting_the_job_reads(exp: str) -> None:
+    cfg = load_config(exp, ["task=[rte,cb]"] if exp == "superglue" else [])
+    summary = config_summary(cfg, SECTIONS[cfg.job])
+    assert summary.startswith(f"exp={exp} job={cfg.job} seed={cfg.seed} ")
+    assert len(summary.splitlines()) < 40  # the full YAML of any experiment is well over 100 lines
+    printed = dict(item.split("=", 1) for item in shlex.split(summary))
+    for key in SECTIONS[cfg.job]:
+        node = OmegaConf.select(cfg, key)
+        flat = {key: node} if not OmegaConf.is_dict(node) else {
+            f"{key}.{k}": v for k, v in _flat(OmegaConf.to_container(node)).items()}
+        for name, value in flat.items():
+            unselected = name.startswith("superglue.tasks.") and name.split(".")[2] not in ("rte", "cb")
+            if value is None or unselected:
+                assert name not in printed, name
+            else:
+                assert name in printed, name
+    if exp == "superglue":
+        assert printed["superglue.tasks.rte.epochs"] == "50" and "superglue.tasks.copa.epochs" not in printed
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def test_cli_defaults_to_quickstart_and_imports_nothing_heavy() -> None:

@@ -174,10 +174,11 @@ def test_generative_finetuning_learns_the_referent(crafted_tokenizer):
     L.seed_everything(0)
     config = GLMConfig.from_name("tiny", vocab_size=len(tok), max_sequence_length=64)
     module = GLMClozeModule(config, task="WSC", wsc_mode="generative", lr=3e-3, weight_decay=0.0, warmup=0.05)
-    trainer = L.Trainer(max_epochs=50, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=50, check_val_every_n_epoch=50, log_every_n_steps=16, accelerator="cpu",
+                        logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     before = trainer.validate(module, dataloaders=val, verbose=False)[0]["val/accuracy"]
-    trainer.fit(module, train_dataloaders=train)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     after = trainer.validate(module, dataloaders=val, verbose=False)[0]["val/accuracy"]
     predictions = np.array([p for _, p in module.predictions])
     assert before == pytest.approx(0.5)  # untrained: reproduces nothing, predicts False everywhere

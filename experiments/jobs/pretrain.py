@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +228,11 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
         raise
     started = time.time()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            if hasattr(datamodule, "load_state_dict"):  # it restores its sample order itself
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
+            # our own checkpoints, which also hold RNG states and the data position
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     except SIGTERMException as stop:
         raise RunInterrupted(f"interrupted at step {trainer.global_step}; checkpoint saved to "
                              f"{last.path}; continue with resume=auto") from stop

@@ -280,9 +280,9 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     except ValueError as error:  # e.g. a verbalizer that this vocabulary splits into pieces
         raise ConfigError(f"{task}: {error}") from error
     accumulate = max(1, tc.batch_size // (micro * device_count(cfg)))
+    batches = math.ceil(len(datamodule.encoded["train"]) / (micro * device_count(cfg)))
+    steps = math.ceil(batches / accumulate)  # optimizer steps per epoch
     if rank_zero_only.rank == 0:
-        batches = math.ceil(len(datamodule.encoded["train"]) / (micro * device_count(cfg)))
-        steps = math.ceil(batches / accumulate)
         print(f"{task}: {len(datamodule.encoded['train'])} training examples, {steps} steps per epoch x "
               f"{epochs} epochs = {steps * epochs} optimizer steps (global batch {tc.batch_size})",
               flush=True)
@@ -310,10 +310,11 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             strategy=strategy(cfg), precision=t.precision,
             accumulate_grad_batches=accumulate,
             gradient_clip_val=o.clip_grad or None, check_val_every_n_epoch=1, num_sanity_val_steps=0,
-            log_every_n_steps=t.log_every_n_steps, default_root_dir=task_dir, logger=logger or False,
+            log_every_n_steps=min(t.log_every_n_steps, batches), default_root_dir=task_dir,
+            logger=logger or False,
             callbacks=[checkpoint, start, throughput_monitor()], enable_model_summary=False,
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)  # our checkpoints
         if trainer.is_global_zero:
             write_summary(task_dir / "summary.json", trainer, checkpoint,
                           task_dir / "checkpoints" / "last.ckpt", time.time() - started, logger, start.step)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glm_lightning.attention_mask import candidate_attention_mask
+from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.metrics import ReCoRDMetric, superglue_metrics
 from glm_lightning.model import GLMConfig, GLMModel
 from glm_lightning.optim import adamw_with_annealing
@@ -175,6 +176,7 @@ class GLMClozeModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict(superglue_metrics(task))
         self.test_metrics = nn.ModuleDict(superglue_metrics(task))
         self.predictions: list[tuple] = []
+        self.flops_per_batch = 0.0  # model FLOPs of the latest training micro-batch
 
     # Scoring
 
@@ -211,6 +213,14 @@ class GLMClozeModule(L.LightningModule):
         return self._mask_fillers(scores.new_zeros(B * C).masked_scatter(rows, scores).reshape(B, C), real)
 
     @staticmethod
+    def _rows_run(batch: dict) -> tuple[int, int]:
+        """(rows, length) that went through the model: packed rows, or the real candidate rows."""
+        ids, real = batch["input_ids"], batch.get("candidate_mask")
+        if ids.dim() == 2:
+            return len(ids), ids.shape[-1]
+        return (int(real.sum()) if real is not None else ids.shape[0] * ids.shape[1]), ids.shape[-1]
+
+    @staticmethod
     def _mask_fillers(scores: Tensor, real: Tensor) -> Tensor:
         """Filler candidates get candidate 0's score minus 10000: they never win and add nothing to
         the softmax, as the official ``loss_mask``."""
@@ -238,6 +248,7 @@ class GLMClozeModule(L.LightningModule):
             loss = self.generative_wsc(batch)[0]
         else:
             loss = self.loss(self(batch), batch["label"])
+        self.flops_per_batch = training_flops_per_batch(self.model.config, *self._rows_run(batch))
         batch_size = len(batch["label"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)

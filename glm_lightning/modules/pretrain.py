@@ -145,7 +145,7 @@ class GLMPretrainModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/tokens_seen", float(self.tokens_seen), batch_size=batch_size)
         self.log(f"train/loss_{batch['objective']}", loss, batch_size=batch_size)
-        self.log("train/tokens", tokens, reduce_fx="sum", batch_size=batch_size)
+        self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 

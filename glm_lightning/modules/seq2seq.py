@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch import Tensor
 from torchmetrics.text.rouge import ROUGEScore
 
+from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.generation import generate
 from glm_lightning.model import GLMConfig, GLMModel
 from glm_lightning.modules.pretrain import TokenWeightedLoss
@@ -60,6 +61,7 @@ class GLMSeq2SeqModule(L.LightningModule):
             model_config = asdict(model_config)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.model = GLMModel(GLMConfig(**model_config))
+        self.flops_per_batch = 0.0  # model FLOPs of the latest training micro-batch (ThroughputMonitor)
         self.tokenizer = tokenizer
         self.generation = dict(generation or {})
         self.eval_loss = TokenWeightedLoss()
@@ -81,7 +83,8 @@ class GLMSeq2SeqModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.global_step}; lower "
                                      "optim.lr, then continue from the last checkpoint with resume=auto")
-        batch_size = batch["input_ids"].shape[0]
+        batch_size, length = batch["input_ids"].shape
+        self.flops_per_batch = training_flops_per_batch(self.model.config, batch_size, length)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)

@@ -1,0 +1,29 @@
+"""Library messages that tell a user of this project nothing, silenced narrowly by their text.
+
+* Lightning's "Tip" adverts for its cloud products (litlogger, litmodels), printed by every Trainer.
+* Lightning's own use of a deprecated torch pytree API (``isinstance(treespec, LeafSpec)``).
+* "Checkpoint directory ... exists and is not empty": the jobs refuse to start in a run directory
+  that has checkpoints unless they resume it, which is when Lightning says this.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+_TIP = "\N{ELECTRIC LIGHT BULB} Tip: "
+_LIGHTNING_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TIP)
+
+
+def quiet_libraries() -> None:
+    """Install the filters (idempotent)."""
+    logger = logging.getLogger(_LIGHTNING_LOGGER)
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
