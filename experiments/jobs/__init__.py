@@ -32,9 +32,11 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "superglue": ("resume", "task", "model.init_from", "model.embedding_dropout_prob",
                   "model.attention_dropout_prob", "model.output_dropout_prob", "tokenizer",
                   "data.superglue_dir", "data.fewglue_dir", "data.wsc_negatives", "data.num_workers",
-                  "superglue", "optim", "trainer", "logging"),
-    "ablations": ("scale", "ablations", "data.train_files", "data.superglue_dir", "lm_eval.file", "task",
-                  "logging"),
+                  "superglue", "optim", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+                  "trainer.strategy", "trainer.precision", "trainer.log_every_n_steps", "logging"),
+    "ablations": ("scale", "ablations.variants", "ablations.baseline", "ablations.seeds", "ablations.pretrain",
+                  "ablations.finetune", "ablations.lm_eval", "data.train_files", "data.superglue_dir",
+                  "lm_eval.file", "task", "logging"),
 }
 
 
