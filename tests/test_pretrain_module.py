@@ -88,7 +88,8 @@ def test_training_fits_a_batch_and_follows_the_schedule(tokenizer, objective):
     with torch.no_grad():
         before = blank_infilling_loss(module(batch), batch["target_ids"], batch["loss_mask"])[0].item()
     fit = trainer(max_steps=40, limit_val_batches=0, gradient_clip_val=1.0)
-    fit.fit(module, DataLoader([batch] * 40, batch_size=None))
+    loader = DataLoader([batch] * 40, batch_size=None)
+    fit.fit(module, loader, val_dataloaders=loader)  # validation off (limit 0), but the loop is defined
     with torch.no_grad():
         after = blank_infilling_loss(module(batch), batch["target_ids"], batch["loss_mask"])[0].item()
     assert after < 0.5 * before
@@ -111,9 +112,10 @@ def test_non_finite_loss_stops_with_a_clear_error_and_a_failed_run(tokenizer, tm
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logger = RunLogger(experiment_name="nan", tracking_uri=uri, artifact_location=tmp_path.as_uri())
     fit = L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
-                    enable_progress_bar=False, max_steps=3, limit_val_batches=0)
+                    enable_progress_bar=False, max_steps=3, limit_val_batches=0, log_every_n_steps=1)
+    loader = DataLoader([batch] * 3, batch_size=None)
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 0 on a 'span' batch"):
-        fit.fit(module, DataLoader([batch] * 3, batch_size=None))
+        fit.fit(module, loader, val_dataloaders=loader)
     mlflow.set_tracking_uri(uri)
     assert mlflow.MlflowClient().get_run(logger.run_id).info.status == "FAILED"
 
