@@ -1,6 +1,7 @@
-"""Compare runs read back from MLflow in the layout of the paper's Table 1 / Table 6 (GLM_SPEC §9).
+"""Compare runs read back from MLflow: SuperGLUE results in the layout of the paper's Table 1,
+ablation sweeps in that of Table 6, and the runs of any other experiment side by side.
 
-Two kinds of experiment:
+Three kinds of experiment:
 
 * SuperGLUE sweeps (``exp=superglue``): the parent runs (no parent themselves) that logged
   ``table1/avg``, one row per run name; runs sharing a name are seeds.
@@ -9,14 +10,17 @@ Two kinds of experiment:
   sweep name means its most recent run), in the order of the sweep's ``variants`` tag; the finished
   variant runs of a variant are its seeds. Deltas are taken against the sweep's ``baseline`` tag
   unless ``--baseline`` names another row.
+* Any other experiment (pretraining, LM evaluation, ...): its finished top-level runs, one row per
+  run name (runs sharing a name are seeds), the ``--metric`` columns or by default every
+  evaluation metric logged (``val/*``, ``perplexity/*``, ``lambada/*``, ``infill/*``, ``dev/*``).
 
 Seeds are shown as mean ± sample std; a delta is the difference of the means, ± its standard error
 when both rows have several seeds. Task columns follow Table 1 (two-metric tasks as "x/y" in the
 paper's metric order; for sweeps only the tasks some variant was finetuned on), then the average,
 all x100 with one decimal. ``--metric`` adds columns of other logged metrics, shown as logged with two
 decimals (sweeps default to ``pretrain/val_loss`` and ``perplexity/ppl``). ``--paper`` adds the
-published rows of ``experiments.paper_results``. ``--plot DIR`` writes ``tasks.png`` (per-task bars)
-and, for sweeps, ``curves.png`` (pretraining learning curves).
+published rows of ``experiments.paper_results``. ``--plot DIR`` writes ``tasks.png`` (per-task bars,
+SuperGLUE and sweeps) and ``curves.png`` (learning curves: a sweep's pretrainings, or the runs).
 
     python -m experiments.compare --experiment NAME [--tracking-uri URI] [--sweep NAME]
         [--runs NAME ...] [--baseline NAME] [--metric KEY ...] [--paper]
@@ -51,8 +55,9 @@ MISSING = "-"
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "glm.role"
 SWEEP_METRICS = ("pretrain/val_loss", "perplexity/ppl")  # extra columns of a sweep by default
-PAPER_TABLE1_TITLE = "paper (GLM_SPEC 9.1)"
-PAPER_TABLE6_TITLE = "paper (GLM_SPEC 9.1, 9.2)"
+RUN_METRIC_PREFIXES = ("val/", "perplexity/", "lambada/", "infill/", "dev/")  # columns of plain runs
+PAPER_TABLE1_TITLE = "paper (Table 1)"
+PAPER_TABLE6_TITLE = "paper (Tables 1 and 6)"
 PAPER_PREFIX = "paper: "
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +76,19 @@ def open_store(tracking_uri: str) -> MlflowClient:
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         raise CompareError(f"no MLflow store at {tracking_uri}")
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def latest_experiment(tracking_uri: str) -> str:
+    """The experiment of the most recently started run of the store."""
+    from mlflow.entities import ViewType
+
+    client = open_store(tracking_uri)
+    experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    runs = client.search_runs([e.experiment_id for e in experiments], max_results=1,
+                              order_by=["attributes.start_time DESC"]) if experiments else []
+    if not runs:
+        raise CompareError(f"no runs in {tracking_uri}")
+    return next(e.name for e in experiments if e.experiment_id == runs[0].info.experiment_id)
 
 
 def fetch_runs(experiment: str, tracking_uri: str) -> list[Run]:
@@ -107,6 +125,37 @@ def parent_rows(found: Sequence[Run], experiment: str, runs: Sequence[str] | Non
     if not rows:
         raise CompareError(f"no SuperGLUE parent runs (with {AVG!r}) in experiment {experiment!r}")
     return rows
+
+
+def top_level_rows(found: Sequence[Run], experiment: str, tracking_uri: str,
+                   runs: Sequence[str] | None = None) -> Sweep:
+    """Any experiment's FINISHED top-level runs (pretraining, LM evaluation, ...): one row per run
+    name (runs sharing a name are seeds), each run its own curve source for ``plots.plot_curves``."""
+    rows: Rows = {}
+    run_ids: dict[str, list[str]] = {}
+    for run in sorted(found, key=lambda r: r.info.start_time or 0):
+        if PARENT_TAG not in run.data.tags and run.info.status == "FINISHED":
+            rows.setdefault(run.info.run_name, []).append(dict(run.data.metrics))
+            run_ids.setdefault(run.info.run_name, []).append(run.info.run_id)
+    rows = select_rows(rows, runs, "finished run", experiment)
+    if not rows:
+        raise CompareError(f"no finished runs in experiment {experiment!r}")
+    return Sweep(run_id="", name=experiment, tags={}, rows=rows,
+                 pretrain_runs={name: run_ids[name] for name in rows}, tracking_uri=tracking_uri)
+
+
+def experiment_kind(found: Sequence[Run]) -> str:
+    """"sweep" (ablation sweeps), "superglue" (SuperGLUE parent runs) or "runs" (anything else)."""
+    if sweep_runs(found):
+        return "sweep"
+    if any(PARENT_TAG not in run.data.tags and AVG in run.data.metrics for run in found):
+        return "superglue"
+    return "runs"
+
+
+def load_runs(experiment: str, tracking_uri: str, runs: Sequence[str] | None = None) -> Sweep:
+    """The finished top-level runs of any experiment (see ``top_level_rows``)."""
+    return top_level_rows(fetch_runs(experiment, tracking_uri), experiment, tracking_uri, runs)
 
 
 def load_rows(experiment: str, tracking_uri: str, runs: Sequence[str] | None = None) -> Rows:
@@ -240,6 +289,26 @@ def plain_comparison(rows: Rows, baseline: str | None = None, metrics: Sequence[
     check_metrics(rows, metrics)
     return Comparison(rows, (*task_columns(), *metric_columns(metrics)), baseline,
                       table1_paper_rows() if paper else {}, PAPER_TABLE1_TITLE)
+
+
+def default_run_metrics(rows: Rows) -> list[str]:
+    """What a table of plain runs shows unless told: the evaluation metrics some run logged
+    (validation, LM evaluation, held-out infilling), in name order."""
+    return [key for key in available_metrics(rows) if key.startswith(RUN_METRIC_PREFIXES)]
+
+
+def runs_comparison(runs: Sweep, baseline: str | None = None, metrics: Sequence[str] | None = None,
+                    paper: bool = False) -> Comparison:
+    """A table of plain runs: runs as rows (seeds grouped by run name), ``metrics`` as columns (default:
+    ``default_run_metrics``), shown as logged."""
+    if paper:
+        raise CompareError(f"--paper needs a SuperGLUE or ablation experiment; {runs.name!r} has neither")
+    metrics = list(metrics) if metrics else default_run_metrics(runs.rows)
+    if not metrics:
+        raise CompareError(f"no evaluation metrics in {runs.name!r}; name some with --metric "
+                           f"(available: {', '.join(available_metrics(runs.rows)) or 'none'})")
+    check_metrics(runs.rows, metrics)
+    return Comparison(runs.rows, tuple(metric_columns(metrics)), baseline)
 
 
 def sweep_comparison(sweep: Sweep, baseline: str | None = None, metrics: Sequence[str] | None = None,
@@ -418,22 +487,27 @@ def run_command(args: argparse.Namespace) -> str:
     """The table the arguments ask for (plots written on the way)."""
     tracking_uri = args.tracking_uri or default_tracking_uri()
     found = fetch_runs(args.experiment, tracking_uri)
-    if sweep_runs(found):
-        sweep = sweep_from_runs(found, args.experiment, tracking_uri, args.sweep, variants=args.runs)
-        table = sweep_comparison(sweep, args.baseline, args.metric, args.paper)
-    elif args.sweep is not None:
+    kind = experiment_kind(found)
+    if args.sweep is not None and kind != "sweep":
         raise CompareError(f"unknown sweep {args.sweep!r} in {args.experiment!r}; sweeps: none")
-    else:
-        sweep = None
+    curves = None
+    if kind == "sweep":
+        curves = sweep_from_runs(found, args.experiment, tracking_uri, args.sweep, variants=args.runs)
+        table = sweep_comparison(curves, args.baseline, args.metric, args.paper)
+    elif kind == "superglue":
         table = plain_comparison(parent_rows(found, args.experiment, args.runs), args.baseline,
                                  args.metric or (), args.paper)
+    else:
+        curves = top_level_rows(found, args.experiment, tracking_uri, args.runs)
+        table = runs_comparison(curves, args.baseline, args.metric, args.paper)
     text = format_table(table, args.format)
     if args.plot:
         from experiments.plots import plot_curves, plot_tasks
 
-        plot_tasks(table.rows, Path(args.plot) / "tasks.png")
-        if sweep is not None:
-            plot_curves(sweep, Path(args.plot) / "curves.png")
+        if kind != "runs":
+            plot_tasks(table.rows, Path(args.plot) / "tasks.png")
+        if curves is not None:
+            plot_curves(curves, Path(args.plot) / "curves.png")
     return text
 
 

@@ -1,17 +1,17 @@
-"""Published SuperGLUE dev results of the GLM paper (GLM_SPEC §9.1 Table 1 and §9.2 Table 6) as data.
+"""Published SuperGLUE dev results of the GLM paper (Du et al., ACL 2022: Table 1 and Table 6) as data.
 
 Every row maps the MLflow metric keys that the SuperGLUE and ablation runs log (``RTE/accuracy``,
 ``CB/f1``, ``CB/accuracy``, ..., ``table1/avg``) to fractions, so a published row lines up with a
 logged run cell for cell. ``VARIANT_ROWS`` names the Table-6 row that each ablation variant
 reproduces.
 
-Provenance (GLM_SPEC §9): only the cells listed in ``TABLE1_CONFIRMED`` and ``TABLE6_CONFIRMED``
-are confirmed by the paper's text ([paper], bold in the spec): the averages of the BERT and GLM
-Base/Large rows of Table 1 (not GLM_Doc and GLM_Sent); in Table 6 the averages of BERT_Large
-(reproduced), GLM_Large, "- cloze finetune", "- shuffle spans" and "+ sentinel tokens", and RTE
-54.5 of "- shuffle spans". Every other cell is [unconfirmed]. Known inconsistencies: the cells of
-"- cloze finetune" average to 69.9, the paper prints 70.0, and those of GLM_Sent to 77.3 against
-76.8 (the printed averages are kept here). Table 6's BERT_Large row repeats Table 1's, whose
+Provenance: only the cells listed in ``TABLE1_CONFIRMED`` and ``TABLE6_CONFIRMED`` are confirmed
+against the paper's text: the averages of the BERT and GLM Base/Large rows of Table 1 (not GLM_Doc
+and GLM_Sent); in Table 6 the averages of BERT_Large (reproduced), GLM_Large, "- cloze finetune",
+"- shuffle spans" and "+ sentinel tokens", and RTE 54.5 of "- shuffle spans". Every other cell is
+transcribed but not cross-checked. Known inconsistencies: the cells of "- cloze finetune" average
+to 69.9, the paper prints 70.0, and those of GLM_Sent to 77.3 against 76.8 (the printed averages
+are kept here). Table 6's BERT_Large row repeats Table 1's, whose
 average is confirmed there.
 """
 
@@ -66,7 +66,7 @@ TABLE6: dict[str, dict[str, float]] = {
         _row((81.8, 81.3), 69.0, 78.8, 77.3, 81.2, 68.0, (93.7, 94.6), (77.5, 37.7), avg=76.0),
 }
 
-# The cells the paper's text confirms ([paper]); all others are [unconfirmed].
+# The cells the paper's text confirms; all others are transcribed but not cross-checked.
 TABLE1_CONFIRMED: dict[str, tuple[str, ...]] = {
     name: (AVG,) for name in ("BERT_Base", "GLM_Base", "BERT_Large", "GLM_Large")}
 TABLE6_CONFIRMED: dict[str, tuple[str, ...]] = {

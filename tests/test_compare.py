@@ -15,12 +15,22 @@ import matplotlib.image
 import pytest
 from ablation_store import EXPERIMENT, HISTORIES, LATEST, shared_store, sweep_run_id
 from mlflow.tracking import MlflowClient
+from run_store import build_run_store
 
 from experiments import paper_results
-from experiments.compare import CompareError, load_rows, load_sweep, main, write_report
+from experiments.compare import (
+    CompareError,
+    experiment_kind,
+    fetch_runs,
+    load_rows,
+    load_runs,
+    load_sweep,
+    main,
+    write_report,
+)
 from experiments.plots import curve_data, curve_groups, mean_curve, objective_keys, plot_curves, plot_tasks
 
-# Dev results as the superglue job logs them (GLM_SPEC §9.1 rows, as fractions).
+# Dev results as the superglue job logs them (the paper's Table 1 rows, as fractions).
 GLM = {"ReCoRD/f1": 0.817, "ReCoRD/em": 0.811, "COPA/accuracy": 0.76, "WSC/accuracy": 0.817,
        "RTE/accuracy": 0.74, "BoolQ/accuracy": 0.821, "WiC/accuracy": 0.685, "CB/f1": 0.961,
        "CB/accuracy": 0.946, "MultiRC/f1a": 0.771, "MultiRC/em": 0.363, "table1/avg": 0.770}
@@ -129,7 +139,7 @@ def test_latex_output(store, capsys):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--experiment", "nope"],
      "unknown experiment 'nope'; existing experiments: Default, pretrain, superglue"),
-    (["--experiment", "pretrain"], "no SuperGLUE parent runs"),
+    (["--experiment", "pretrain"], "no finished runs in experiment 'pretrain'"),
     (["--experiment", "superglue", "--runs", "t5"], "no SuperGLUE parent run named 't5'"),
     (["--experiment", "superglue", "--baseline", "t5"], "unknown baseline 't5'"),
 ])
@@ -163,9 +173,9 @@ def test_paper_rows_of_table1(store, capsys):
     code, out, _ = run_main(capsys, "--experiment", "superglue", "--tracking-uri", store, "--paper")
     assert code == 0
     lines = out.splitlines()
-    assert lines[4].startswith("| *paper (GLM_SPEC 9.1)* |")
+    assert lines[4].startswith("| *paper (Table 1)* |")
     cells = markdown_cells(out)
-    assert list(cells) == ["bert", "glm", "*paper (GLM_SPEC 9.1)*", "BERT_Base", "GLM_Base", "BERT_Large",
+    assert list(cells) == ["bert", "glm", "*paper (Table 1)*", "BERT_Base", "GLM_Base", "BERT_Large",
                            "GLM_Large", "GLM_Doc", "GLM_Sent"]
     assert cells["GLM_Large"] == ["81.7/81.1", "76.0", "81.7", "74.0", "82.1", "68.5", "96.1/94.6",
                                   "77.1/36.3", "77.0"]
@@ -243,7 +253,7 @@ def test_sweep_paper_rows(ablations, capsys):
     assert code == 0
     cells = markdown_cells(out)
     names = list(cells)
-    assert names[names.index("*paper (GLM_SPEC 9.1, 9.2)*") + 1:] == list(PAPER_ROWS)
+    assert names[names.index("*paper (Tables 1 and 6)*") + 1:] == list(PAPER_ROWS)
     assert {name: cells[name] for name in PAPER_ROWS} == PAPER_ROWS
     assert cells["glm"] == GLM_ROW
 
@@ -257,7 +267,7 @@ def test_named_sweep(ablations, capsys):
     assert markdown_cells(out) == {
         "glm": ["55.0", "55.0", "31.00"], "masked_lm": ["45.0", "45.0", "90.00"],
         "*delta vs glm*": ["", "", ""], "masked_lm - glm": ["-10.0", "-10.0", "+59.00"],
-        "*paper (GLM_SPEC 9.1, 9.2)*": ["", "", ""], "glm = GLM_Large": ["74.0", "77.0", "-"],
+        "*paper (Tables 1 and 6)*": ["", "", ""], "glm = GLM_Large": ["74.0", "77.0", "-"],
         "masked_lm = BERT_Large (reproduced)": ["72.2", "71.2", "-"]}
 
 
@@ -413,3 +423,41 @@ def test_paper_rows_are_consistent_with_their_averages():
     assert set(paper_results.VARIANT_ROWS.values()) <= set(paper_results.PUBLISHED)
     confirmed = {**paper_results.TABLE1_CONFIRMED, **paper_results.TABLE6_CONFIRMED}
     assert all(set(keys) <= set(rows[name]) for name, keys in confirmed.items())
+
+
+@pytest.fixture(scope="module")
+def run_store(tmp_path_factory) -> str:
+    return build_run_store(tmp_path_factory.mktemp("runs"))
+
+
+def test_plain_runs_tabulate_with_seeds_grouped_by_run_name(run_store, capsys, tmp_path):
+    code, out, err = run_main(capsys, "--experiment", "quickstart", "--tracking-uri", run_store,
+                              "--plot", str(tmp_path))
+    assert code == 0, err
+    assert out.splitlines()[0] == "| run | val/loss | val/ppl |"  # the evaluation metrics by default
+    cells = markdown_cells(out)
+    assert list(cells) == ["r1", "r2"]  # the FAILED run is left out
+    assert cells["r1"] == ["3.00±0.14", "20.19±2.85"] and cells["r2"] == ["2.50", "12.18"]
+    assert matplotlib.image.imread(tmp_path / "curves.png").shape[2] in (3, 4)
+    assert not (tmp_path / "tasks.png").exists()  # no SuperGLUE scores in a pretraining experiment
+    code, out, _ = run_main(capsys, "--experiment", "quickstart", "--tracking-uri", run_store,
+                            "--metric", "train/loss", "--baseline", "r1", "--runs", "r2", "r1")
+    assert code == 0
+    cells = markdown_cells(out)
+    assert cells["r2"] == ["2.40"] and cells["r1"] == ["2.75±0.07"] and cells["r2 - r1"] == ["-0.35"]
+
+
+def test_plain_runs_errors_are_one_line(run_store, capsys):
+    code, _, err = run_main(capsys, "--experiment", "quickstart", "--tracking-uri", run_store, "--paper")
+    assert code == 2 and "--paper needs a SuperGLUE or ablation experiment" in err
+    code, _, err = run_main(capsys, "--experiment", "quickstart", "--tracking-uri", run_store,
+                            "--metric", "val/bleu")
+    assert code == 2 and "unknown metric 'val/bleu'; available: train/loss, val/loss, val/ppl" in err
+
+
+def test_kind_of_experiment(run_store, tmp_path_factory):
+    assert experiment_kind(fetch_runs("quickstart", run_store)) == "runs"
+    assert experiment_kind(fetch_runs("superglue", run_store)) == "superglue"
+    assert experiment_kind(fetch_runs(EXPERIMENT, shared_store(tmp_path_factory))) == "sweep"
+    runs = load_runs("quickstart", run_store)
+    assert list(runs.rows) == ["r1", "r2"] and len(runs.pretrain_runs["r1"]) == 2

@@ -1,4 +1,5 @@
-"""notebooks/compare_runs.ipynb: executes headless against a real ablation store; kept without outputs."""
+"""notebooks/compare_runs.ipynb: executes headless against real stores of the three kinds of
+experiment (an ablation sweep, SuperGLUE runs, pretraining runs); kept without outputs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import nbformat
 import pytest
 from ablation_store import EXPERIMENT, shared_store
 from nbclient import NotebookClient
+from run_store import build_run_store
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "compare_runs.ipynb"
@@ -38,22 +40,51 @@ def test_committed_notebook_has_no_outputs():
     assert all(f"plots.{name}(" in source for name in ("plot_curves", "plot_tasks"))
 
 
-def test_notebook_runs_against_an_ablation_store(tmp_path_factory, monkeypatch, this_python_kernel):
-    monkeypatch.setenv("GLM_TRACKING_URI", shared_store(tmp_path_factory))
-    monkeypatch.setenv("GLM_EXPERIMENT", EXPERIMENT)
+def execute(uri: str, experiment: str | None, kernel: str,
+            monkeypatch: pytest.MonkeyPatch) -> tuple[list, str]:
+    """Run every cell; return the outputs' data items and the printed text."""
+    monkeypatch.setenv("GLM_TRACKING_URI", uri)
+    if experiment is None:
+        monkeypatch.delenv("GLM_EXPERIMENT", raising=False)
+    else:
+        monkeypatch.setenv("GLM_EXPERIMENT", experiment)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name=this_python_kernel,
+    NotebookClient(notebook, timeout=300, kernel_name=kernel,
                    resources={"metadata": {"path": str(ROOT)}}).execute()  # raises on a cell error
-
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
-    data = [output.get("data", {}) for output in outputs]
-    markdown = [item["text/markdown"] for item in data if "text/markdown" in item]
+    text = "".join(output.get("text", "") for output in outputs if output.output_type == "stream")
+    return [output.get("data", {}) for output in outputs], text
+
+
+def markdown_and_images(data: list) -> tuple[list[str], list]:
+    return [item["text/markdown"] for item in data if "text/markdown" in item], \
+        [item for item in data if "image/png" in item]
+
+
+def test_notebook_runs_against_an_ablation_store(tmp_path_factory, monkeypatch, this_python_kernel):
+    data, text = execute(shared_store(tmp_path_factory), EXPERIMENT, this_python_kernel, monkeypatch)
+    markdown, images = markdown_and_images(data)
     assert len(markdown) == 1
     table = markdown[0]
     assert "| glm | 71.0±1.4 | 62.0±2.8 | 82.0±2.8/77.0±2.8 | 70.5±2.1 | 4.60±0.14 | 26.00±1.41 |" in table
     assert "| no_shuffle - glm | -10.0±1.4 |" in table and "| glm = GLM_Large | 76.0 |" in table
-    images = [item for item in data if "image/png" in item]
     assert len(images) == 3  # learning curves, per-objective losses, per-task bars
-    text = "".join(output.get("text", "") for output in outputs if output.output_type == "stream")
-    assert "sweep 'mini'" in text and "classifier: 1 seed(s)" in text
+    assert "(sweep)" in text and "sweep 'mini'" in text and "classifier: 1 seed(s)" in text
+
+
+def test_notebook_runs_against_superglue_and_pretraining_stores(tmp_path, monkeypatch, this_python_kernel):
+    uri = build_run_store(tmp_path)
+    data, text = execute(uri, "superglue", this_python_kernel, monkeypatch)
+    (table,), images = markdown_and_images(data)
+    assert "experiment: superglue (superglue)" in text and "glm: 2 seed(s)" in text
+    assert "| glm | - | - | - | 71.0±1.4 | - | - | 77.0±2.8/82.0±2.8 | - | 75.2±2.1 |" in table
+    assert "*paper (Table 1)*" in table and len(images) == 1  # per-task bars only
+    # Without GLM_EXPERIMENT: the experiment of the store's most recent run (SuperGLUE's were last).
+    data, text = execute(uri, None, this_python_kernel, monkeypatch)
+    assert "experiment: superglue (superglue)" in text
+    data, text = execute(uri, "quickstart", this_python_kernel, monkeypatch)
+    (table,), images = markdown_and_images(data)
+    assert "experiment: quickstart (runs)" in text and "r1: 2 seed(s)" in text
+    assert "| r1 | 3.00±0.14 | 20.19±2.85 |" in table and "| r2 | 2.50 | 12.18 |" in table
+    assert len(images) == 1 and "'quickstart' has no SuperGLUE scores" in text  # learning curves only
