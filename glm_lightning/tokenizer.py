@@ -60,6 +60,8 @@ class TokenizerBackend(Protocol):
 
     def encode_text(self, text: str) -> list[int]: ...
 
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]: ...
+
     def decode_ids(self, ids: Sequence[int]) -> str: ...
 
     def id_to_piece(self, i: int) -> str: ...
@@ -112,6 +114,12 @@ class SentencePieceBackend:
             ids.extend(self._sp.encode(part))
         return ids
 
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode_text` of each text, in one sentencepiece batch call (one thread)."""
+        if self._space_symbol_ids is None or not any(_SPACE_SYMBOL in t for t in texts):
+            return self._sp.encode(list(texts), num_threads=1)
+        return [self.encode_text(t) for t in texts]
+
     def decode_ids(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))
 
@@ -151,6 +159,9 @@ class _TokenizersBackend(ABC):
 
     def encode_text(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode_ids(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -430,6 +441,8 @@ class GLMTokenizer:
         self.num_tokens = max(backend.num_pieces, _next_free_id(command_tokens))
         self._padded_size = -(-self.num_tokens // pad_to_multiple_of) * pad_to_multiple_of
         self._split_re = _command_split_regex(command_tokens)
+        # a text without any of these characters holds no command-token string
+        self._command_initials = sorted({t.text[0] for t in command_tokens})
         self._sentence_end: np.ndarray | None = None
 
     @classmethod
@@ -495,6 +508,21 @@ class GLMTokenizer:
         if start < len(text):
             ids.extend(self.backend.encode_text(text[start:]))
         return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text; texts without command-token strings go to the backend in one
+        batch call, which is what makes tokenizing a corpus fast."""
+        plain = [i for i, t in enumerate(texts) if not any(c in t for c in self._command_initials)]
+        if len(plain) == len(texts):
+            return self.backend.encode_texts(texts)
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(plain, self.backend.encode_texts([texts[i] for i in plain]), strict=True):
+            out[i] = ids
+        plain_set = set(plain)
+        for i, text in enumerate(texts):
+            if i not in plain_set:
+                out[i] = self.encode(text)
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids; command tokens appear as their literal strings."""
