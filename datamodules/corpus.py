@@ -189,6 +189,17 @@ class TokenizedCorpus:
         shard = _Shard(None, tokens.dtype, len(tokens), tokens)
         return cls([shard], np.zeros(len(arrays), dtype=np.int64), offsets[:-1], offsets[1:])
 
+    @classmethod
+    def concatenate(cls, corpora: Sequence[TokenizedCorpus]) -> TokenizedCorpus:
+        """The documents of every corpus in order, sharing their shards."""
+        shards: list[_Shard] = []
+        shard_ids = []
+        for corpus in corpora:
+            shard_ids.append(corpus._shard_ids + len(shards))
+            shards.extend(corpus._shards)
+        return cls(shards, np.concatenate(shard_ids), np.concatenate([c._starts for c in corpora]),
+                   np.concatenate([c._ends for c in corpora]))
+
     @property
     def num_documents(self) -> int:
         return len(self.lengths)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -600,13 +600,24 @@ def _command_split_regex(command_tokens: Iterable[CommandToken]) -> re.Pattern[s
     return re.compile("|".join(alternatives))
 
 
-def _training_sentences(files: Sequence[str]) -> Iterator[str]:
+def _training_sentences(files: Sequence[str],
+                        documents: Callable[[str], Iterable[str]] | None) -> Iterator[str]:
+    """The lines of every file, or of every document `documents(file)` extracts from it."""
     for name in files:
-        with open(name, encoding="utf-8") as f:
-            for line in f:
-                line = _COMMAND_STRING_RE.sub("", line.rstrip("\n"))
-                if line:
-                    yield line
+        if documents is None:
+            with open(name, encoding="utf-8") as f:
+                lines: Iterable[str] = (line.rstrip("\n") for line in f)
+                yield from _clean_lines(lines)
+        else:
+            for document in documents(name):
+                yield from _clean_lines(document.split("\n"))
+
+
+def _clean_lines(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        line = _COMMAND_STRING_RE.sub("", line)
+        if line:
+            yield line
 
 
 def _has_text(path: Path) -> bool:
@@ -614,13 +625,24 @@ def _has_text(path: Path) -> bool:
         return any(line.strip() for line in f)
 
 
-def train_sentencepiece(files: list[str], vocab_size: int, model_prefix: str, **options: Any) -> str:
+def train_sentencepiece(
+    files: list[str],
+    vocab_size: int,
+    model_prefix: str,
+    *,
+    documents: Callable[[str], Iterable[str]] | None = None,
+    **options: Any,
+) -> str:
     """Train a sentencepiece model on text files and return the path of the `.model` file.
 
     The defaults make text round-trip exactly through `GLMTokenizer`: identity normalization,
     whitespace kept as is, newline as its own piece, byte fallback for unseen characters.
     Command-token strings in the files are dropped so they are never learned as pieces. Training
-    is deterministic for the same files and options. `options` go to sentencepiece's trainer.
+    is deterministic for the same files and options. Each line of a file is a training sentence;
+    with `documents` (file name -> document texts, e.g. `datamodules.corpus_reader.iter_documents`)
+    the lines of the documents it extracts are, so jsonl syntax never reaches the vocabulary.
+    `options` go to sentencepiece's trainer; ``input_sentence_size`` (with
+    ``shuffle_input_sentence``) bounds the sentences held in memory on a large corpus.
     """
     if not files:
         raise ValueError("train_sentencepiece needs at least one text file")
@@ -628,7 +650,8 @@ def train_sentencepiece(files: list[str], vocab_size: int, model_prefix: str, **
         path = Path(name)
         if not path.is_file():
             raise ValueError(f"training file not found: {name}")
-        if not _has_text(path):
+        has_text = _has_text(path) if documents is None else any(d.strip() for d in documents(name))
+        if not has_text:
             raise ValueError(f"training file is empty: {name}")
 
     settings: dict[str, Any] = {
@@ -651,7 +674,7 @@ def train_sentencepiece(files: list[str], vocab_size: int, model_prefix: str, **
     # Sampling of input sentences (input_sentence_size) draws from this global generator.
     spm.set_random_generator_seed(int(settings.pop("seed", 0)))
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_sentences(files),
+        sentence_iterator=_training_sentences(files, documents),
         model_prefix=model_prefix,
         vocab_size=vocab_size,
         **settings,
