@@ -12,9 +12,9 @@ non-space character, never in front of ``[`` or ``<`` (where a command token may
 sentencepiece splitting at whitespace (and newline its own piece, as `train_sentencepiece` sets it),
 GPT-2 byte-level BPE and WordPiece, the ids of the pieces joined equal the ids of the document.
 
-Memory: a text file never holds more than about `piece_chars` characters of a document (a line
-starting with " = " is kept whole until it ends, since it may be a WikiText heading); a jsonl
-file holds one line at a time. With a `document_separator`, a match is searched in a window that
+Memory: a text file holds about `piece_chars` characters of a document and a few chunks of text
+at a time (a line longer than four chunks is read in parts, so it is never taken for a WikiText
+heading, which is one short line); a jsonl file holds one line at a time. With a `document_separator`, a match is searched in a window that
 keeps 64 KiB of text beyond it, so a separator whose match (or look-ahead) spans more than that may
 split differently from a whole-file split; form feeds, WikiText headings and jsonl lines are exact.
 

@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import os
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -71,7 +72,7 @@ def tokenize_unit(unit: Unit, tokenizer: Any, dtype: np.dtype,
         def encode_batch(texts: Sequence[str]) -> list[list[int]]:
             return [tokenizer.encode(text) for text in texts]
 
-    ends: list[int] = []
+    ends = array("q")  # document end offsets: 8 bytes a document, not a Python int each
     total = 0
     texts: list[str] = []
     flags: list[bool] = []
@@ -108,7 +109,7 @@ def tokenize_unit(unit: Unit, tokenizer: Any, dtype: np.dtype,
                 chars = 0
         flush(out)
     offsets = np.zeros(len(ends) + 1, dtype=np.int64)
-    offsets[1:] = ends
+    offsets[1:] = np.frombuffer(ends, dtype=np.int64)
     with unit.offsets_path.open("wb") as f:
         np.save(f, offsets)
     return len(ends), total

@@ -443,6 +443,7 @@ class GLMTokenizer:
         self._split_re = _command_split_regex(command_tokens)
         # a text without any of these characters holds no command-token string
         self._command_initials = sorted({t.text[0] for t in command_tokens})
+        self._command_literals = sorted({t.text for t in command_tokens})
         self._sentence_end: np.ndarray | None = None
 
     @classmethod
@@ -512,7 +513,7 @@ class GLMTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` of each text; texts without command-token strings go to the backend in one
         batch call, which is what makes tokenizing a corpus fast."""
-        plain = [i for i, t in enumerate(texts) if not any(c in t for c in self._command_initials)]
+        plain = [i for i, t in enumerate(texts) if not self._holds_command(t)]
         if len(plain) == len(texts):
             return self.backend.encode_texts(texts)
         out: list[list[int]] = [[] for _ in texts]
@@ -523,6 +524,13 @@ class GLMTokenizer:
             if i not in plain_set:
                 out[i] = self.encode(text)
         return out
+
+    def _holds_command(self, text: str) -> bool:
+        """Whether `text` contains a command-token string (substring scans, much faster than the
+        splitting regex, which only runs on the texts that do)."""
+        return any(c in text for c in self._command_initials) and any(
+            literal in text for literal in self._command_literals
+        )
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids; command tokens appear as their literal strings."""
