@@ -14,9 +14,10 @@ GPT-2 byte-level BPE and WordPiece, the ids of the pieces joined equal the ids o
 
 Memory: a text file holds about `piece_chars` characters of a document and a few chunks of text
 at a time (a line longer than four chunks is read in parts, so it is never taken for a WikiText
-heading, which is one short line); a jsonl file holds one line at a time. With a `document_separator`, a match is searched in a window that
-keeps 64 KiB of text beyond it, so a separator whose match (or look-ahead) spans more than that may
-split differently from a whole-file split; form feeds, WikiText headings and jsonl lines are exact.
+heading, which is one short line); a jsonl file holds one line at a time. With a
+`document_separator`, a match is searched in a window that keeps 64 KiB of text beyond it, so a
+separator whose match (or look-ahead) spans more than that may split differently from a whole-file
+split; form feeds, WikiText headings and jsonl lines are exact.
 
 Byte ranges (for several processes on one uncompressed file): a reader given ``start`` (a line
 start) and ``end`` hands out the documents that *begin* in ``[start, end)``, reading on past
@@ -125,25 +126,26 @@ class _Counting(io.RawIOBase):
         super().close()
 
 
-def open_binary(path: Path, start: int = 0, progress: Progress | None = None) -> BinaryIO:
-    """The decompressed bytes of `path` from byte `start` (only 0 for compressed files)."""
-    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the returned stream
+def open_binary(path: Path, start: int = 0, progress: Progress | None = None) -> tuple[BinaryIO, BinaryIO]:
+    """(the file, its decompressed bytes) from byte `start` (only 0 for compressed files); close
+    both (a decompressor does not close a file it was handed)."""
+    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
     if start:
         raw.seek(start)
     counted = io.BufferedReader(_Counting(raw, progress), buffer_size=CHUNK_BYTES)
     kind = compression(path)
     if kind is None:
-        return counted
+        return counted, counted
     if kind == ".gz":
-        return gzip.GzipFile(fileobj=counted, mode="rb")  # type: ignore[return-value]
+        return counted, gzip.GzipFile(fileobj=counted, mode="rb")  # type: ignore[return-value]
     if kind == ".bz2":
-        return bz2.BZ2File(counted, "rb")  # type: ignore[return-value]
+        return counted, bz2.BZ2File(counted, "rb")  # type: ignore[return-value]
     if kind == ".xz":
-        return lzma.LZMAFile(counted, "rb")  # type: ignore[return-value]
+        return counted, lzma.LZMAFile(counted, "rb")  # type: ignore[return-value]
     import zstandard
 
     reader = zstandard.ZstdDecompressor().stream_reader(counted, read_size=CHUNK_BYTES)
-    return io.BufferedReader(reader, buffer_size=CHUNK_BYTES)  # type: ignore[arg-type]
+    return counted, io.BufferedReader(reader, buffer_size=CHUNK_BYTES)  # type: ignore[arg-type]
 
 
 def iter_pieces(
@@ -162,7 +164,8 @@ def iter_pieces(
     """
     path = Path(path)
     piece_chars = piece_chars or PIECE_CHARS
-    with open_binary(path, start, progress) as stream:
+    file, stream = open_binary(path, start, progress)
+    with file, stream:
         if is_jsonl(path):
             yield from _jsonl_pieces(path, stream, start, end, piece_chars)
         else:

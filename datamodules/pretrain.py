@@ -359,6 +359,10 @@ class PretrainDataModule(pl.LightningDataModule):
     (epoch, micro-batches consumed on this rank) is saved by `state_dict()` (with a trainer: its
     progress, which accounts for prefetching) and restored by `load_state_dict()` or
     `set_train_position()`. `collator` and extra keyword arguments go to `BlankInfillingCollator`.
+    With `train_weights` (one per `train_files` entry) each entry is a source and training samples
+    are blended from them in those proportions (`datamodules.mixture`); batches then carry
+    ``source_tokens``, the tokens each source contributed. `num_proc` and `rehash` go to
+    `tokenize_corpus`.
     """
 
     def __init__(

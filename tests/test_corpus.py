@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -314,8 +316,6 @@ class SlowCountingTokenizer(CountingTokenizer):
 
     def encode(self, text: str) -> list[int]:
         if self.calls == 0:
-            import time
-
             time.sleep(1.5)
         return super().encode(text)
 
@@ -396,3 +396,33 @@ def test_batch_encode_equals_encode(tokenizer: GLMTokenizer, make_text: Any) -> 
     texts = [make_text(2, seed=k) for k in range(20)]
     texts += ["with [MASK] inside", "a\u2581b", "", "<|endoftext|> x", "  [gMASK] y"]
     assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
+
+
+def _prepare_as_local_rank(rank: int, delay: float, path: str, model: str, cache: str, results: Any) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)
+    time.sleep(delay)
+    tokenizer = CountingTokenizer(GLMTokenizer.from_sentencepiece(model))
+    corpus = tokenize_corpus(path, tokenizer, cache, progress=False)
+    results.put((rank, tokenizer.calls, corpus_arrays(corpus)))
+
+
+@pytest.mark.slow
+def test_local_rank_zero_prepares_for_its_node(tmp_path: Path, sentencepiece_model: str,
+                                               make_text: Any) -> None:
+    import multiprocessing
+
+    path = write(tmp_path / "a.txt", "\f".join(make_text(3, seed=k) for k in range(10)))
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    # local rank 1 comes first, but leaves the shard to rank 0, which starts a second later
+    common = (str(path), sentencepiece_model, str(tmp_path / "cache"), results)
+    processes = [context.Process(target=_prepare_as_local_rank, args=(rank, delay, *common))
+                 for rank, delay in [(1, 0.0), (0, 1.0)]]
+    for p in processes:
+        p.start()
+    received = [results.get(timeout=120) for _ in processes]
+    outcomes = {rank: (calls, arrays) for rank, calls, arrays in received}
+    for p in processes:
+        p.join(timeout=30)
+    assert outcomes[0][0] == 10 and outcomes[1][0] == 0
+    assert outcomes[0][1] == outcomes[1][1]
