@@ -7,8 +7,9 @@ text files in chunks of complete lines, jsonl files line by line, either of them
 A document is handed out as *pieces* ``(text, ends_document)``: joining the pieces of a document
 gives exactly the document string. A document longer than `piece_chars` is cut into several
 pieces, and only where a cut cannot change the token ids of the subword tokenizers GLM uses: before
-a single space between two non-space characters, or after a newline that is followed by a
-non-space character, never in front of ``[`` or ``<`` (where a command token may begin). With
+a single space between two non-space characters, or after a single newline between two non-space
+characters, never in front of ``[`` or ``<`` (where a command token may begin). (A run of
+whitespace is never split: GPT-2's pre-tokenizer groups a run differently at the end of a text.) With
 sentencepiece splitting at whitespace (and newline its own piece, as `train_sentencepiece` sets it),
 GPT-2 byte-level BPE and WordPiece, the ids of the pieces joined equal the ids of the document.
 
@@ -53,7 +54,7 @@ SEPARATOR_LOOKAHEAD = 1 << 16  # text kept beyond an accepted separator match
 _WIKITEXT_HEADING = r"(?:^|(?<=[\n\f])) = [^=\n\f][^\n\f]* = *(?=[\n\f]|\Z)"
 _BOUNDARY = re.compile(rf"\f|{_WIKITEXT_HEADING}")
 # Where a document may be cut without changing token ids (see the module docstring).
-_SAFE_CUT = re.compile(r"(?<=\S) (?=[^\s\[<])|(?<=\n)(?=[^\s\[<])")
+_SAFE_CUT = re.compile(r"(?<=\S) (?=[^\s\[<])|(?<=\S\n)(?=[^\s\[<])")
 
 Piece = tuple[str, bool]
 Progress = Callable[[int], None]
