@@ -1,8 +1,9 @@
 """Raw text corpora -> documents -> token ids, tokenized once and cached as memory-mapped shards.
 
 Inputs are files, glob patterns or directories (searched recursively for ``.txt``, ``.text``,
-``.raw`` and ``.jsonl`` files, hidden entries skipped); every list is sorted so the document order
-is deterministic.
+``.raw`` and ``.jsonl`` files, also compressed as ``.gz``, ``.bz2``, ``.xz`` or ``.zst``, hidden
+entries skipped); every list is sorted so the document order is deterministic. Files are read as
+streams in bounded memory (`datamodules.corpus_reader`).
 
 Document rules (kept simple on purpose):
 
@@ -16,12 +17,14 @@ Document rules (kept simple on purpose):
 * CRLF and lone CR line ends become LF, surrounding whitespace is stripped and empty documents are
   dropped.
 
-Cache: each input file becomes one shard in ``cache_dir``, made of the flat token array (``uint16``
-when ``len(tokenizer) < 65536``, else ``uint32``), an ``int64`` array of document offsets and a json
-description written last, whose presence marks a complete shard. Every file is written to a
-temporary name and renamed, so concurrent processes (DDP ranks) never read half a shard. The shard
-name is the sha256 of the file's content hash, the tokenizer fingerprint, the document rule and the
-format version: a renamed file reuses its shard, a changed file or tokenizer is tokenized again.
+Cache: each input file becomes one shard in ``cache_dir``: one or more parts (a flat token array,
+``uint16`` when ``len(tokenizer) < 65536``, else ``uint32``, and an ``int64`` array of document
+offsets), one per byte range tokenized by a worker process, and a json description written last,
+whose presence marks a complete shard. Every file is written to a temporary name and renamed, and a
+lock file makes exactly one process prepare each shard (`datamodules.cache_lock`); the others wait.
+The shard name is the sha256 of the file's content hash, the tokenizer fingerprint, the document
+rule and the format version: a renamed file reuses its shard, a changed file or tokenizer is
+tokenized again. Content hashes are remembered by (size, mtime) (`datamodules.content_hash`).
 """
 
 from __future__ import annotations
@@ -31,25 +34,42 @@ import hashlib
 import json
 import logging
 import os
-import re
+import sys
 import tempfile
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from datamodules.jsonl import jsonl_records
+from datamodules.cache_lock import CacheLock
+from datamodules.content_hash import content_hash
+from datamodules.corpus_reader import (
+    COMPRESSED_SUFFIXES,
+    JSONL_SUFFIXES,
+    TEXT_SUFFIXES,
+    CorpusError,
+    is_corpus_file,
+    is_jsonl,
+    iter_documents,
+)
+from datamodules.shard_writer import plan_units, tokenize_units
+
+__all__ = [
+    "CorpusError",
+    "PrepareReport",
+    "StrPath",
+    "TokenizedCorpus",
+    "read_documents",
+    "resolve_inputs",
+    "tokenize_corpus",
+]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-TEXT_SUFFIXES = frozenset({".txt", ".text", ".raw"})
-JSONL_SUFFIXES = frozenset({".jsonl"})
-
-# A top-level WikiText heading line: " = Title = " (section headings are " = = Title = = ").
-_WIKITEXT_HEADING = re.compile(r"^ = [^=\n][^\n]* = *$", re.MULTILINE)
+FORMAT_VERSION = 2
 
 # Text whose encoding identifies a tokenizer that has no fingerprint() of its own.
 _PROBE_TEXT = (
@@ -58,11 +78,12 @@ _PROBE_TEXT = (
     "我们今天学习语言模型。\ttab [MASK] [gMASK] <|endoftext|>"
 )
 
+# A process that is not its node's local rank 0 waits this long for rank 0 to take a shard's lock
+# before taking it itself.
+LOCAL_RANK_GRACE_SECONDS = 120.0
+POLL_SECONDS = 0.5
+
 StrPath = str | os.PathLike[str]
-
-
-class CorpusError(ValueError):
-    """A corpus input cannot be read as documents; the message names the file (and line)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,7 +107,8 @@ def resolve_inputs(inputs: StrPath | Sequence[StrPath]) -> list[Path]:
             found = _walk(Path(name))
             if not found:
                 suffixes = ", ".join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))
-                raise FileNotFoundError(f"corpus directory has no {suffixes} files: {name}")
+                compressed = ", ".join(sorted(COMPRESSED_SUFFIXES))
+                raise FileNotFoundError(f"corpus directory has no {suffixes} (or {compressed}) files: {name}")
         elif Path(name).is_file():
             found = [Path(name)]
         else:
@@ -99,76 +121,23 @@ def resolve_inputs(inputs: StrPath | Sequence[StrPath]) -> list[Path]:
 
 
 def _walk(root: Path) -> list[Path]:
-    suffixes = TEXT_SUFFIXES | JSONL_SUFFIXES
     found = [
         p
         for p in root.rglob("*")
         if p.is_file()
-        and p.suffix.lower() in suffixes
+        and is_corpus_file(p)
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _is_jsonl(path: Path) -> bool:
-    return path.suffix.lower() in JSONL_SUFFIXES
-
-
 def read_documents(path: StrPath, *, document_separator: str | None = None) -> list[str]:
-    """The documents of one file, following the rules in the module docstring."""
-    path = Path(path)
-    text = _decode(path, path.read_bytes()).replace("\r\n", "\n")
-    if _is_jsonl(path):
-        raw = _jsonl_documents(path, text)
-    else:
-        raw = _text_documents(text, document_separator)
-    documents = [d for d in (doc.replace("\r\n", "\n").replace("\r", "\n").strip() for doc in raw) if d]
+    """The documents of one file, following the rules in the module docstring (all in memory:
+    for small files and tests; `tokenize_corpus` streams)."""
+    documents = list(iter_documents(path, document_separator=document_separator))
     if not documents:
         raise CorpusError(f"{path}: no documents (the file holds only whitespace or empty texts)")
     return documents
-
-
-def _decode(path: Path, data: bytes) -> str:
-    if not data:
-        raise CorpusError(f"{path}: file is empty")
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise CorpusError(f"{path}: looks like a binary file (NUL byte at byte offset {nul})")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not valid UTF-8 at byte offset {e.start} ({e.reason})") from None
-    return text.removeprefix("\ufeff")
-
-
-def _jsonl_documents(path: Path, text: str) -> list[str]:
-    documents = []
-    for line_no, record in jsonl_records(path, text.split("\n"), CorpusError):
-        where = f"{path}:{line_no}"
-        if not isinstance(record, dict):
-            raise CorpusError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        if "text" not in record:
-            raise CorpusError(f'{where}: missing "text" field')
-        if not isinstance(record["text"], str):
-            raise CorpusError(f'{where}: "text" must be a string, got {type(record["text"]).__name__}')
-        documents.append(record["text"])
-    return documents
-
-
-def _text_documents(text: str, document_separator: str | None) -> list[str]:
-    pieces = text.replace("\r", "\n").split("\f")
-    if document_separator is not None:
-        separator = re.compile(document_separator)
-        return [doc for piece in pieces for doc in separator.split(piece)]
-    return [doc for piece in pieces for doc in _split_wikitext(piece)]
-
-
-def _split_wikitext(text: str) -> list[str]:
-    starts = [m.start() for m in _WIKITEXT_HEADING.finditer(text)]
-    if not starts:
-        return [text]
-    bounds = [0, *starts, len(text)]
-    return [text[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,6 +177,8 @@ class TokenizedCorpus:
         self._ends = np.asarray(ends, dtype=np.int64)
         self.lengths: np.ndarray = self._ends - self._starts
         """Token count of every document (int64)."""
+        self.report: PrepareReport | None = None
+        """What `tokenize_corpus` did to build this corpus (None for others)."""
 
     @classmethod
     def from_documents(cls, documents: Sequence[Sequence[int]]) -> TokenizedCorpus:
@@ -217,6 +188,17 @@ class TokenizedCorpus:
         tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
         shard = _Shard(None, tokens.dtype, len(tokens), tokens)
         return cls([shard], np.zeros(len(arrays), dtype=np.int64), offsets[:-1], offsets[1:])
+
+    @classmethod
+    def concatenate(cls, corpora: Sequence[TokenizedCorpus]) -> TokenizedCorpus:
+        """The documents of every corpus in order, sharing their shards."""
+        shards: list[_Shard] = []
+        shard_ids = []
+        for corpus in corpora:
+            shard_ids.append(corpus._shard_ids + len(shards))
+            shards.extend(corpus._shards)
+        return cls(shards, np.concatenate(shard_ids), np.concatenate([c._starts for c in corpora]),
+                   np.concatenate([c._ends for c in corpora]))
 
     @property
     def num_documents(self) -> int:
@@ -244,6 +226,30 @@ class TokenizedCorpus:
         return f"{type(self).__name__}(documents={self.num_documents}, tokens={self.num_tokens})"
 
 
+@dataclass(frozen=True)
+class PrepareReport:
+    """What one `tokenize_corpus` call did: files, the part of them tokenized now, the time taken."""
+
+    files: int
+    files_tokenized: int
+    bytes_tokenized: int  # bytes on disk of the files tokenized now (compressed size if compressed)
+    seconds: float  # tokenizing time of those files (waiting for another process excluded)
+    documents: int
+    tokens: int
+    cache_dir: str
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes_tokenized / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line: files, documents, tokens, speed and where the cache is."""
+        speed = f"{self.mb_per_second:.1f} MB/s" if self.files_tokenized else "all from cache"
+        size = f"{self.bytes_tokenized / 1e6:.1f} MB"
+        return (f"{self.files} files ({self.files_tokenized} tokenized, {size}), {self.documents} documents, "
+                f"{self.tokens} tokens, {speed}; cache {self.cache_dir}")
+
+
 def tokenize_corpus(
     inputs: StrPath | Sequence[StrPath],
     tokenizer: Any,
@@ -251,35 +257,50 @@ def tokenize_corpus(
     *,
     document_separator: str | None = None,
     progress: bool = True,
+    num_proc: int = 1,
+    rehash: bool = False,
 ) -> TokenizedCorpus:
     """Tokenize every input file once (cached in `cache_dir`) and return the corpus of all of them.
 
-    `tokenizer` is a GLMTokenizer (``encode``, ``len``; ``fingerprint()`` when it has one).
+    `tokenizer` is a GLMTokenizer (``encode_batch`` or ``encode``, ``len``; ``fingerprint()`` when
+    it has one); it is pickled to `num_proc` worker processes when there is enough text to share.
+    The result is the same for any `num_proc`. `rehash` hashes every file again instead of trusting
+    an unchanged (size, mtime). The returned corpus has a `report` (a `PrepareReport`).
     """
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be at least 1, got {num_proc}")
     files = resolve_inputs(inputs)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     fingerprint = _tokenizer_fingerprint(tokenizer)
     dtype = np.dtype(np.uint16 if len(tokenizer) < 2**16 else np.uint32)
+    keys = [
+        _shard_key(content_hash(path, cache / "hashes", rehash=rehash), fingerprint, dtype,
+                   _document_rule(path, document_separator))
+        for path in files
+    ]
+    loaded: dict[int, tuple[list[_Shard], np.ndarray]] = {}
+    for i, key in enumerate(keys):
+        shard = _load_shard(cache, key)
+        if shard is not None:
+            loaded[i] = shard
+    reused = len(loaded)
+    tokenized_bytes, seconds = _prepare_missing(
+        files, keys, loaded, cache, tokenizer, dtype, document_separator, progress, num_proc
+    )
 
-    shards, shard_ids, starts, ends = [], [], [], []
-    reused = 0
-    for path in files:
-        key = _shard_key(_file_sha256(path), fingerprint, dtype, _document_rule(path, document_separator))
-        loaded = _load_shard(cache, key)
-        if loaded is None:
-            documents = read_documents(path, document_separator=document_separator)
-            _write_shard(cache, key, documents, tokenizer, dtype, path, progress)
-            loaded = _load_shard(cache, key)
-            assert loaded is not None, f"shard {key} of {path} was written but cannot be read back"
-        else:
-            reused += 1
-        shard, offsets = loaded
-        shard_ids.append(np.full(len(offsets) - 1, len(shards), dtype=np.int64))
-        starts.append(offsets[:-1])
-        ends.append(offsets[1:])
-        shards.append(shard)
+    shards: list[_Shard] = []
+    shard_ids, starts, ends = [], [], []
+    for i in range(len(files)):
+        parts, offsets = loaded[i]
+        for part, part_offsets in zip(parts, offsets, strict=True):
+            shard_ids.append(np.full(len(part_offsets) - 1, len(shards), dtype=np.int64))
+            starts.append(part_offsets[:-1])
+            ends.append(part_offsets[1:])
+            shards.append(part)
     corpus = TokenizedCorpus(shards, np.concatenate(shard_ids), np.concatenate(starts), np.concatenate(ends))
+    corpus.report = PrepareReport(len(files), len(files) - reused, tokenized_bytes, seconds,
+                                  corpus.num_documents, corpus.num_tokens, str(cache))
     log.info(
         "corpus: %d files (%d from cache), %d documents, %d tokens",
         len(files),
@@ -288,6 +309,83 @@ def tokenize_corpus(
         corpus.num_tokens,
     )
     return corpus
+
+
+def _local_rank() -> int:
+    """This process's rank on its node, as launchers (torchrun, Lightning) export it; 0 if unset."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _prepare_missing(
+    files: list[Path],
+    keys: list[str],
+    loaded: dict[int, Any],
+    cache: Path,
+    tokenizer: Any,
+    dtype: np.dtype,
+    document_separator: str | None,
+    progress: bool,
+    num_proc: int,
+) -> tuple[int, float]:
+    """Tokenize the shards nobody has prepared, under their locks; wait for those others hold.
+
+    A process that is not local rank 0 leaves each shard to its node's rank 0 for a while, so with
+    node-local caches it is rank 0 that prepares; with a shared cache the lock picks one process.
+    Returns (bytes tokenized, seconds spent tokenizing) by this process.
+    """
+    tokenized_bytes, seconds = 0, 0.0
+    waiting_since = time.monotonic()
+    announced: set[int] = set()
+    defer = _local_rank() > 0
+    while len(loaded) < len(files):
+        mine: dict[int, CacheLock] = {}
+        for i, key in enumerate(keys):
+            if i in loaded or i in mine:
+                continue
+            lock = CacheLock(cache / f"{key}.lock")
+            patient = defer and time.monotonic() - waiting_since < LOCAL_RANK_GRACE_SECONDS
+            if patient and lock.holder() is None:
+                continue  # the node's rank 0 has not come to it yet
+            if lock.try_acquire():
+                shard = _load_shard(cache, key)  # finished while we looked?
+                if shard is not None:
+                    loaded[i] = shard
+                    lock.release()
+                else:
+                    mine[i] = lock
+        if mine:
+            started = time.perf_counter()
+            try:
+                _write_shards({i: files[i] for i in mine}, {i: keys[i] for i in mine}, cache, tokenizer,
+                              dtype, document_separator, progress, num_proc)
+            finally:
+                for lock in mine.values():
+                    lock.release()
+            seconds += time.perf_counter() - started
+            tokenized_bytes += sum(files[i].stat().st_size for i in mine)
+            for i in mine:
+                shard = _load_shard(cache, keys[i])
+                assert shard is not None, f"shard {keys[i]} of {files[i]} was written but cannot be read back"
+                loaded[i] = shard
+            continue
+        for i, key in enumerate(keys):
+            if i in loaded:
+                continue
+            shard = _load_shard(cache, key)
+            if shard is not None:
+                loaded[i] = shard
+            elif i not in announced:
+                announced.add(i)
+                lock = CacheLock(cache / f"{key}.lock")
+                who = lock.describe() if lock.holder() is not None else "local rank 0"
+                message = f"waiting for {who} to tokenize {files[i]} (lock {lock.path})"
+                print(message, file=sys.stderr, flush=True)
+        if len(loaded) < len(files):
+            time.sleep(POLL_SECONDS)
+    return tokenized_bytes, seconds
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -304,16 +402,8 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     return "probe-" + h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _document_rule(path: Path, document_separator: str | None) -> str:
-    return "jsonl" if _is_jsonl(path) else f"text;separator={document_separator!r}"
+    return "jsonl" if is_jsonl(path) else f"text;separator={document_separator!r}"
 
 
 def _shard_key(content_sha: str, fingerprint: str, dtype: np.dtype, rule: str) -> str:
@@ -327,74 +417,81 @@ def _shard_key(content_sha: str, fingerprint: str, dtype: np.dtype, rule: str) -
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _shard_paths(cache: Path, key: str) -> tuple[Path, Path, Path]:
-    return cache / f"{key}.tokens", cache / f"{key}.offsets.npy", cache / f"{key}.json"
+def _part_paths(cache: Path, key: str, k: int) -> tuple[Path, Path]:
+    return cache / f"{key}.{k}.tokens", cache / f"{key}.{k}.offsets.npy"
 
 
-def _load_shard(cache: Path, key: str) -> tuple[_Shard, np.ndarray] | None:
-    tokens_path, offsets_path, meta_path = _shard_paths(cache, key)
+def _load_shard(cache: Path, key: str) -> tuple[list[_Shard], list[np.ndarray]] | None:
+    """The parts of a complete shard and their document offsets, or None."""
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads((cache / f"{key}.json").read_text())
+        if meta["format_version"] != FORMAT_VERSION:
+            return None
         dtype = np.dtype(meta["dtype"])
-        offsets = np.load(offsets_path)
-        complete = (
-            meta["format_version"] == FORMAT_VERSION
-            and offsets.dtype == np.int64
-            and len(offsets) == meta["num_documents"] + 1
-            and offsets[-1] == meta["num_tokens"]
-            and tokens_path.stat().st_size == meta["num_tokens"] * dtype.itemsize
-        )
+        parts, offsets = [], []
+        for k, part in enumerate(meta["parts"]):
+            tokens_path, offsets_path = _part_paths(cache, key, k)
+            part_offsets = np.load(offsets_path)
+            complete = (
+                part_offsets.dtype == np.int64
+                and len(part_offsets) == part["num_documents"] + 1
+                and part_offsets[-1] == part["num_tokens"]
+                and tokens_path.stat().st_size == part["num_tokens"] * dtype.itemsize
+            )
+            if not complete:
+                return None
+            parts.append(_Shard(tokens_path, dtype, int(part["num_tokens"])))
+            offsets.append(part_offsets)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not complete:
-        return None
-    return _Shard(tokens_path, dtype, int(meta["num_tokens"])), offsets
+    return parts, offsets
 
 
-def _write_shard(
+def _write_shards(
+    files: dict[int, Path],
+    keys: dict[int, str],
     cache: Path,
-    key: str,
-    documents: list[str],
     tokenizer: Any,
     dtype: np.dtype,
-    source: Path,
+    document_separator: str | None,
     progress: bool,
+    num_proc: int,
 ) -> None:
-    tokens_path, offsets_path, meta_path = _shard_paths(cache, key)
-    vocab_size = len(tokenizer)
-    offsets = [0]
-    tmp_tokens = _temporary(cache, key)
+    """Tokenize `files` (all units of all of them in one pool) and write their shards."""
+    units = {}
+    for i, path in files.items():
+        units[i] = plan_units(path, document_separator, num_proc,
+                              lambda k, key=keys[i]: tuple(_temporary(cache, f"{key}.{k}") for _ in range(2)))
+    flat = [unit for i in files for unit in units[i]]
+    names = [path.name for path in files.values()]
+    description = f"tokenizing {names[0]}" if len(names) == 1 else f"tokenizing {len(names)} files"
     try:
-        with (
-            tmp_tokens.open("wb") as f,
-            tqdm(
-                total=sum(len(d) for d in documents),
-                unit="char",
-                unit_scale=True,
-                desc=f"tokenizing {source.name}",
-                disable=not progress,
-                leave=False,
-            ) as bar,
-        ):
-            for doc in documents:
-                ids = np.asarray(tokenizer.encode(doc), dtype=np.int64)
-                if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-                    raise CorpusError(f"{source}: tokenizer produced ids outside [0, {vocab_size})")
-                f.write(ids.astype(dtype).tobytes())
-                offsets.append(offsets[-1] + ids.size)
-                bar.update(len(doc))
-        os.replace(tmp_tokens, tokens_path)
+        results = iter(tokenize_units(flat, tokenizer, dtype, num_proc, progress=progress,
+                                      description=description))
+        for i, path in files.items():
+            parts = []
+            for k, unit in enumerate(units[i]):
+                num_documents, num_tokens = next(results)
+                tokens_path, offsets_path = _part_paths(cache, keys[i], k)
+                os.replace(unit.tokens_path, tokens_path)
+                os.replace(unit.offsets_path, offsets_path)
+                parts.append({"num_documents": num_documents, "num_tokens": num_tokens})
+            if sum(p["num_documents"] for p in parts) == 0:
+                raise CorpusError(f"{path}: no documents (the file holds only whitespace or empty texts)")
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "dtype": dtype.name,
+                "num_documents": sum(p["num_documents"] for p in parts),
+                "num_tokens": sum(p["num_tokens"] for p in parts),
+                "source": path.name,
+                "parts": parts,
+            }
+            _atomic_write(cache, keys[i], cache / f"{keys[i]}.json",
+                          lambda f, meta=meta: f.write(json.dumps(meta, indent=1).encode()))
     finally:
-        tmp_tokens.unlink(missing_ok=True)
-    _atomic_write(cache, key, offsets_path, lambda f: np.save(f, np.asarray(offsets, dtype=np.int64)))
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "dtype": dtype.name,
-        "num_documents": len(documents),
-        "num_tokens": offsets[-1],
-        "source": source.name,
-    }
-    _atomic_write(cache, key, meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        for unit in flat:
+            unit.tokens_path.unlink(missing_ok=True)
+            unit.offsets_path.unlink(missing_ok=True)
 
 
 def _temporary(cache: Path, key: str) -> Path:

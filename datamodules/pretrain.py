@@ -22,9 +22,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.corpus import StrPath, TokenizedCorpus, tokenize_corpus
+from datamodules.mixture import MixtureDataset, normalized_weights
 from glm_lightning.blank_infilling import BlankInfillingCollator
 
 # Validation never depends on the run's seed, so validation losses compare across runs.
@@ -274,17 +276,20 @@ class EvalSampler(DistributedSampler):
 
 
 class _KeyedDataset(Dataset):
-    """Looks up the sample of a key and passes the key's (epoch, micro-batch index) along."""
+    """Looks up the sample of a key and passes the key's (epoch, micro-batch index) along, with the
+    source the sample came from (0 unless the dataset is a mixture)."""
 
-    def __init__(self, dataset: PackedSampleDataset):
+    def __init__(self, dataset: Dataset):
         self.dataset = dataset
+        self._source_of = getattr(dataset, "source_of", None)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: SampleKey) -> tuple[tuple[int, int], np.ndarray]:
+    def __getitem__(self, key: SampleKey) -> tuple[tuple[int, int], np.ndarray, int]:
         epoch, batch, idx = key
-        return (epoch, batch), self.dataset[idx]
+        source = self._source_of(idx) if self._source_of is not None else 0
+        return (epoch, batch), self.dataset[idx], source
 
 
 class BatchCollate:
@@ -295,18 +300,25 @@ class BatchCollate:
     workers missing `set_epoch`, or on where a restored run starts.
     """
 
-    def __init__(self, collator: BlankInfillingCollator, *, seed: int, rank: int):
+    def __init__(self, collator: BlankInfillingCollator, *, seed: int, rank: int, num_sources: int = 1):
         self.collator = collator
         self.seed = seed
         self.rank = rank
+        self.num_sources = num_sources
 
-    def __call__(self, items: Sequence[tuple[tuple[int, int], np.ndarray]]) -> dict[str, Any]:
-        keys = {key for key, _ in items}
+    def __call__(self, items: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+        keys = {item[0] for item in items}
         if len(keys) != 1:
             raise ValueError(f"a micro-batch mixes samples of several batches: {sorted(keys)}")
         ((epoch, index),) = keys
         rng = BlankInfillingCollator.rng_for(self.seed, epoch, index, self.rank)
-        return self.collator.collate([sample for _, sample in items], rng)
+        batch = self.collator.collate([item[1] for item in items], rng)
+        if self.num_sources > 1:  # tokens of each source in this micro-batch (the mixture's shares)
+            sources = [item[2] for item in items]
+            lengths = [len(item[1]) for item in items]
+            counts = np.bincount(sources, weights=lengths, minlength=self.num_sources)
+            batch["source_tokens"] = torch.as_tensor(counts, dtype=torch.float64)
+        return batch
 
 
 class _TrainDataLoader(DataLoader):
@@ -347,6 +359,10 @@ class PretrainDataModule(pl.LightningDataModule):
     (epoch, micro-batches consumed on this rank) is saved by `state_dict()` (with a trainer: its
     progress, which accounts for prefetching) and restored by `load_state_dict()` or
     `set_train_position()`. `collator` and extra keyword arguments go to `BlankInfillingCollator`.
+    With `train_weights` (one per `train_files` entry) each entry is a source and training samples
+    are blended from them in those proportions (`datamodules.mixture`); batches then carry
+    ``source_tokens``, the tokens each source contributed. `num_proc` and `rehash` go to
+    `tokenize_corpus`.
     """
 
     def __init__(
@@ -367,6 +383,9 @@ class PretrainDataModule(pl.LightningDataModule):
         sample_across_doc: bool = True,
         document_separator: str | None = None,
         progress: bool = True,
+        num_proc: int = 1,
+        rehash: bool = False,
+        train_weights: Sequence[float] | None = None,
         collator: Mapping[str, Any] | None = None,
         **collator_kwargs: Any,
     ) -> None:
@@ -386,12 +405,17 @@ class PretrainDataModule(pl.LightningDataModule):
         self.sample_across_doc = sample_across_doc
         self.document_separator = document_separator
         self.progress = progress
+        self.num_proc = num_proc
+        self.rehash = rehash
+        self.train_weights = list(train_weights) if train_weights else None
+        if self.train_weights is not None:
+            normalized_weights(self.train_weights, len(self.train_files))  # one positive weight each
         self.collator_kwargs = {**(collator or {}), **collator_kwargs}
         for reserved in ("seed", "rank"):
             if reserved in self.collator_kwargs:
                 raise ValueError(f"collator option {reserved!r} is set by the datamodule")
         self.collator_kwargs.setdefault("max_seq_length", seq_length)
-        self.train_dataset: PackedSampleDataset | None = None
+        self.train_dataset: PackedSampleDataset | MixtureDataset | None = None
         self.val_dataset: PackedSampleDataset | None = None
         self._train_sampler: TrainSampler | None = None
         self._resume: tuple[int | None, int] | None = None  # (epoch or None = count is a total, count)
@@ -405,6 +429,8 @@ class PretrainDataModule(pl.LightningDataModule):
             self.cache_dir,
             document_separator=self.document_separator,
             progress=self.progress,
+            num_proc=self.num_proc,
+            rehash=self.rehash,
         )
 
     def prepare_data(self) -> None:
@@ -416,21 +442,35 @@ class PretrainDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
-        train = self._tokenize(self.train_files)
+        if self.train_weights is None:
+            sources = [self._tokenize(self.train_files)]
+        else:  # one source per train_files entry
+            sources = [self._tokenize([entry]) for entry in self.train_files]
         if self.val_files:
             val: TokenizedCorpus | None = self._tokenize(self.val_files)
         elif self.val_fraction > 0:
-            train, val = split_by_document(train, self.val_fraction)
+            splits = [split_by_document(source, self.val_fraction) for source in sources]
+            sources = [train for train, _ in splits]
+            val = TokenizedCorpus.concatenate([held_out for _, held_out in splits])
         else:
             val = None
-        self.train_dataset = PackedSampleDataset(
-            train,
-            self.tokenizer,
-            self.seq_length,
-            seed=self.seed,
-            samples_per_document=self.samples_per_document,
-            sample_across_doc=self.sample_across_doc,
-        )
+        num_samples = self.samples_per_document * sum(source.num_documents for source in sources)
+        datasets = [
+            PackedSampleDataset(
+                source,
+                self.tokenizer,
+                self.seq_length,
+                seed=self.seed,
+                num_samples=num_samples,
+                sample_across_doc=self.sample_across_doc,
+            )
+            for source in sources
+        ]
+        if self.train_weights is None:
+            self.train_dataset = datasets[0]
+        else:
+            self.train_dataset = MixtureDataset(datasets, self.train_weights, seed=self.seed,
+                                                num_samples=num_samples)
         if val is not None and self.val_samples > 0:
             # whole validation batches: val_samples rounded up to a multiple of the batch size
             num_samples = math.ceil(self.val_samples / self.val_batch_size) * self.val_batch_size
@@ -485,7 +525,8 @@ class PretrainDataModule(pl.LightningDataModule):
             sampler.set_position(*self._resolve(self._resume, sampler))
             self._resume = None
         self._train_sampler = sampler
-        collate = BatchCollate(self._collator(), seed=self.seed, rank=rank)
+        num_sources = len(self.train_weights) if self.train_weights else 1
+        collate = BatchCollate(self._collator(), seed=self.seed, rank=rank, num_sources=num_sources)
         return self._loader(_TrainDataLoader, self.train_dataset, sampler, collate)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -96,9 +96,13 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # files, globs, folders; empty = built-in corpus
+    # one weight per train_files entry: each entry is a source, sampled in these proportions
+    train_weights: list[float] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)  # empty = split off val_fraction of the documents
     val_fraction: float = 0.01  # fraction of documents held out when val_files is empty
     cache_dir: str = ".cache/glm-lightning"  # tokenized shards and trained tokenizers
+    num_proc: int | None = None  # processes tokenizing the corpus; None = the number of cores
+    rehash: bool = False  # hash every corpus file again (else trusted while size and mtime match)
     seq_length: int = 512  # tokens per packed pretraining sample
     batch_size: int = 16  # micro-batch per device
     num_workers: int = 2  # DataLoader worker processes
@@ -344,6 +348,7 @@ POSITIVE = (
     "model.max_sequence_length",
     "tokenizer.vocab_size",
     "data.seq_length",
+    "data.num_proc",
     "data.batch_size",
     "data.poisson_lambda",
     "data.max_span_length",
@@ -453,6 +458,12 @@ def validate(cfg: DictConfig, choices: dict[str, tuple[str, ...]] | None = None)
             "'data.span_prob' + 'data.sentence_prob' + 'data.document_prob' must sum to 1 "
             f"(got {data.span_prob} + {data.sentence_prob} + {data.document_prob} = {total:g})"
         )
+    weights = list(data.train_weights)
+    if weights and len(weights) != len(data.train_files):
+        raise ConfigError(f"'data.train_weights' needs one weight per 'data.train_files' entry "
+                          f"(got {len(weights)} weights for {len(data.train_files)} entries)")
+    if any(not w > 0 for w in weights):
+        raise ConfigError(f"invalid value {weights!r} for 'data.train_weights': weights must be positive")
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
         raise ConfigError(f"invalid value {betas!r} for 'optim.betas': expected two numbers in [0, 1)")

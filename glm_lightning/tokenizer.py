@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -59,6 +59,8 @@ class TokenizerBackend(Protocol):
     def num_pieces(self) -> int: ...
 
     def encode_text(self, text: str) -> list[int]: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]: ...
 
     def decode_ids(self, ids: Sequence[int]) -> str: ...
 
@@ -112,6 +114,12 @@ class SentencePieceBackend:
             ids.extend(self._sp.encode(part))
         return ids
 
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode_text` of each text, in one sentencepiece batch call (one thread)."""
+        if self._space_symbol_ids is None or not any(_SPACE_SYMBOL in t for t in texts):
+            return self._sp.encode(list(texts), num_threads=1)
+        return [self.encode_text(t) for t in texts]
+
     def decode_ids(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))
 
@@ -151,6 +159,9 @@ class _TokenizersBackend(ABC):
 
     def encode_text(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode_ids(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -430,6 +441,9 @@ class GLMTokenizer:
         self.num_tokens = max(backend.num_pieces, _next_free_id(command_tokens))
         self._padded_size = -(-self.num_tokens // pad_to_multiple_of) * pad_to_multiple_of
         self._split_re = _command_split_regex(command_tokens)
+        # a text without any of these characters holds no command-token string
+        self._command_initials = sorted({t.text[0] for t in command_tokens})
+        self._command_literals = sorted({t.text for t in command_tokens})
         self._sentence_end: np.ndarray | None = None
 
     @classmethod
@@ -495,6 +509,28 @@ class GLMTokenizer:
         if start < len(text):
             ids.extend(self.backend.encode_text(text[start:]))
         return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text; texts without command-token strings go to the backend in one
+        batch call, which is what makes tokenizing a corpus fast."""
+        plain = [i for i, t in enumerate(texts) if not self._holds_command(t)]
+        if len(plain) == len(texts):
+            return self.backend.encode_texts(texts)
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(plain, self.backend.encode_texts([texts[i] for i in plain]), strict=True):
+            out[i] = ids
+        plain_set = set(plain)
+        for i, text in enumerate(texts):
+            if i not in plain_set:
+                out[i] = self.encode(text)
+        return out
+
+    def _holds_command(self, text: str) -> bool:
+        """Whether `text` contains a command-token string (substring scans, much faster than the
+        splitting regex, which only runs on the texts that do)."""
+        return any(c in text for c in self._command_initials) and any(
+            literal in text for literal in self._command_literals
+        )
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids; command tokens appear as their literal strings."""
@@ -572,13 +608,24 @@ def _command_split_regex(command_tokens: Iterable[CommandToken]) -> re.Pattern[s
     return re.compile("|".join(alternatives))
 
 
-def _training_sentences(files: Sequence[str]) -> Iterator[str]:
+def _training_sentences(files: Sequence[str],
+                        documents: Callable[[str], Iterable[str]] | None) -> Iterator[str]:
+    """The lines of every file, or of every document `documents(file)` extracts from it."""
     for name in files:
-        with open(name, encoding="utf-8") as f:
-            for line in f:
-                line = _COMMAND_STRING_RE.sub("", line.rstrip("\n"))
-                if line:
-                    yield line
+        if documents is None:
+            with open(name, encoding="utf-8") as f:
+                lines: Iterable[str] = (line.rstrip("\n") for line in f)
+                yield from _clean_lines(lines)
+        else:
+            for document in documents(name):
+                yield from _clean_lines(document.split("\n"))
+
+
+def _clean_lines(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        line = _COMMAND_STRING_RE.sub("", line)
+        if line:
+            yield line
 
 
 def _has_text(path: Path) -> bool:
@@ -586,13 +633,24 @@ def _has_text(path: Path) -> bool:
         return any(line.strip() for line in f)
 
 
-def train_sentencepiece(files: list[str], vocab_size: int, model_prefix: str, **options: Any) -> str:
+def train_sentencepiece(
+    files: list[str],
+    vocab_size: int,
+    model_prefix: str,
+    *,
+    documents: Callable[[str], Iterable[str]] | None = None,
+    **options: Any,
+) -> str:
     """Train a sentencepiece model on text files and return the path of the `.model` file.
 
     The defaults make text round-trip exactly through `GLMTokenizer`: identity normalization,
     whitespace kept as is, newline as its own piece, byte fallback for unseen characters.
     Command-token strings in the files are dropped so they are never learned as pieces. Training
-    is deterministic for the same files and options. `options` go to sentencepiece's trainer.
+    is deterministic for the same files and options. Each line of a file is a training sentence;
+    with `documents` (file name -> document texts, e.g. `datamodules.corpus_reader.iter_documents`)
+    the lines of the documents it extracts are, so jsonl syntax never reaches the vocabulary.
+    `options` go to sentencepiece's trainer; ``input_sentence_size`` (with
+    ``shuffle_input_sentence``) bounds the sentences held in memory on a large corpus.
     """
     if not files:
         raise ValueError("train_sentencepiece needs at least one text file")
@@ -600,7 +658,8 @@ def train_sentencepiece(files: list[str], vocab_size: int, model_prefix: str, **
         path = Path(name)
         if not path.is_file():
             raise ValueError(f"training file not found: {name}")
-        if not _has_text(path):
+        has_text = _has_text(path) if documents is None else any(d.strip() for d in documents(name))
+        if not has_text:
             raise ValueError(f"training file is empty: {name}")
 
     settings: dict[str, Any] = {
@@ -623,7 +682,7 @@ def train_sentencepiece(files: list[str], vocab_size: int, model_prefix: str, **
     # Sampling of input sentences (input_sentence_size) draws from this global generator.
     spm.set_random_generator_seed(int(settings.pop("seed", 0)))
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_sentences(files),
+        sentence_iterator=_training_sentences(files, documents),
         model_prefix=model_prefix,
         vocab_size=vocab_size,
         **settings,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +147,7 @@ def test_missing_inputs_are_errors(tmp_path: Path) -> None:
 
 
 def shard_files(cache: Path) -> dict[str, float]:
-    return {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    return {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.is_file()}  # not the hash memos
 
 
 def test_cache_is_reused_and_invalidated(tmp_path: Path, tokenizer: GLMTokenizer, corpus_file: Path) -> None:
@@ -256,3 +258,171 @@ def test_builtin_corpus_is_deterministic_and_sized(tmp_path: Path) -> None:
         assert text.count(end) > 100
     assert builtin_documents(20, seed=1) != builtin_documents(20, seed=0)
     assert "The city of Arlen lies on the river Vesk." in text
+
+
+# -- streaming, compression, processes -------------------------------------------------------------
+
+
+def test_compressed_inputs_give_the_same_ids_and_offsets(tmp_path: Path, tokenizer: GLMTokenizer,
+                                                         make_text: Any, monkeypatch: Any) -> None:
+    import gzip
+
+    import zstandard
+
+    monkeypatch.setattr("datamodules.corpus_reader.CHUNK_BYTES", 256)
+    monkeypatch.setattr("datamodules.corpus_reader.PIECE_CHARS", 100)  # documents tokenized in pieces
+    texts = [make_text(6, seed=k) for k in range(12)]
+    jsonl = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    plain = "\f".join(texts).encode()
+    expected = [tokenizer.encode(t.strip()) for t in texts]
+    for name, data in [("a.jsonl", jsonl), ("a.txt", plain)]:
+        for suffix, compress in [("", bytes), (".gz", gzip.compress),
+                                 (".zst", zstandard.ZstdCompressor().compress)]:
+            path = write(tmp_path / "data" / f"{name}{suffix}", compress(data))
+            corpus = tokenize_corpus(path, tokenizer, tmp_path / "cache", progress=False)
+            assert [corpus.document(i).tolist() for i in range(corpus.num_documents)] == expected
+            assert corpus.lengths.tolist() == [len(ids) for ids in expected]
+    assert len(resolve_inputs(tmp_path / "data")) == 6  # directories find compressed files too
+
+
+def corpus_arrays(corpus: TokenizedCorpus) -> tuple[list[list[int]], list[int]]:
+    return [corpus.document(i).tolist() for i in range(corpus.num_documents)], corpus.lengths.tolist()
+
+
+def test_two_processes_equal_one_exactly(tmp_path: Path, tokenizer: GLMTokenizer, make_text: Any,
+                                         monkeypatch: Any) -> None:
+    import datamodules.shard_writer as shard_writer
+
+    # small thresholds so that a small corpus is shared out in byte ranges
+    monkeypatch.setattr(shard_writer, "RANGE_MIN_BYTES", 2000)
+    monkeypatch.setattr(shard_writer, "PARALLEL_MIN_BYTES", 0)
+    data = tmp_path / "data"
+    write(data / "a.jsonl", "".join(json.dumps({"text": make_text(3, seed=k)}) + "\n" for k in range(40)))
+    write(data / "b.raw", "".join(f" = Article {k} = \n\n{make_text(3, seed=k)}\n" for k in range(30)))
+    write(data / "c.txt", "\f".join(make_text(2, seed=k) for k in range(20)))
+    one = tokenize_corpus(data, tokenizer, tmp_path / "one", progress=False, num_proc=1)
+    two = tokenize_corpus(data, tokenizer, tmp_path / "two", progress=False, num_proc=2)
+    assert len(list((tmp_path / "one").glob("*.tokens"))) == 3
+    assert len(list((tmp_path / "two").glob("*.tokens"))) > 6  # each file in several parts
+    assert corpus_arrays(two) == corpus_arrays(one)
+    assert one.num_documents == 40 + 30 + 20
+    # a cache written by two processes is read the same by one
+    again = tokenize_corpus(data, tokenizer, tmp_path / "two", progress=False, num_proc=1)
+    assert again.report.files_tokenized == 0 and corpus_arrays(again) == corpus_arrays(one)
+
+
+class SlowCountingTokenizer(CountingTokenizer):
+    """Takes its time over the first text, so that processes started together overlap."""
+
+    def encode(self, text: str) -> list[int]:
+        if self.calls == 0:
+            time.sleep(1.5)
+        return super().encode(text)
+
+
+def _prepare_in_child(path: str, model: str, cache: str, barrier: Any, results: Any) -> None:
+    tokenizer = SlowCountingTokenizer(GLMTokenizer.from_sentencepiece(model))
+    barrier.wait()
+    corpus = tokenize_corpus(path, tokenizer, cache, progress=False)
+    results.put((tokenizer.calls, corpus_arrays(corpus)))
+
+
+@pytest.mark.slow
+def test_concurrent_preparers_tokenize_once(tmp_path: Path, sentencepiece_model: str, make_text: Any,
+                                            capfd: Any) -> None:
+    import multiprocessing
+
+    path = write(tmp_path / "a.txt", "\f".join(make_text(3, seed=k) for k in range(10)))
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(3), context.Queue()
+    args = (str(path), sentencepiece_model, str(tmp_path / "cache"), barrier, results)
+    processes = [context.Process(target=_prepare_in_child, args=args) for _ in range(3)]
+    for p in processes:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for p in processes:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    calls = sorted(c for c, _ in outcomes)
+    assert calls[:2] == [0, 0] and calls[2] == 10  # one process tokenized, the others waited
+    assert outcomes[0][1] == outcomes[1][1] == outcomes[2][1]
+    assert capfd.readouterr().err.count("waiting for process") == 2
+
+
+def test_a_stale_lock_is_broken(tmp_path: Path, tokenizer: GLMTokenizer) -> None:
+    import subprocess
+    import sys
+
+    path = write(tmp_path / "a.txt", "Alpha.\fBeta.")
+    cache = tmp_path / "cache"
+    counting = CountingTokenizer(tokenizer)
+    tokenize_corpus(path, counting, cache, progress=False)
+    (meta,) = cache.glob("*.json")
+    key = meta.name.removesuffix(".json")
+    for f in cache.glob(f"{key}*"):
+        f.unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    import socket
+
+    holder = {"host": socket.gethostname(), "pid": int(dead), "time": 0}
+    (cache / f"{key}.lock").write_text(json.dumps(holder))
+    counting.calls = 0
+    corpus = tokenize_corpus(path, counting, cache, progress=False)
+    assert counting.calls == 2 and decoded(corpus, tokenizer) == ["Alpha.", "Beta."]
+    assert not (cache / f"{key}.lock").exists()
+
+
+def test_unchanged_files_are_not_hashed_again(tmp_path: Path, tokenizer: GLMTokenizer,
+                                              monkeypatch: Any) -> None:
+    import datamodules.content_hash as content_hash
+
+    path = write(tmp_path / "a.txt", "Some text.")
+    hashed: list[Path] = []
+    original = content_hash.file_sha256
+    monkeypatch.setattr(content_hash, "file_sha256", lambda p: hashed.append(p) or original(p))
+    for _ in range(2):
+        tokenize_corpus(path, tokenizer, tmp_path / "cache", progress=False)
+    assert len(hashed) == 1
+    tokenize_corpus(path, tokenizer, tmp_path / "cache", progress=False, rehash=True)
+    assert len(hashed) == 2
+    write(path, "Other text.")  # a new size: hashed again, tokenized again
+    counting = CountingTokenizer(tokenizer)
+    tokenize_corpus(path, counting, tmp_path / "cache", progress=False)
+    assert len(hashed) == 3 and counting.calls == 1
+
+
+def test_batch_encode_equals_encode(tokenizer: GLMTokenizer, make_text: Any) -> None:
+    texts = [make_text(2, seed=k) for k in range(20)]
+    texts += ["with [MASK] inside", "a\u2581b", "", "<|endoftext|> x", "  [gMASK] y"]
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
+
+
+def _prepare_as_local_rank(rank: int, delay: float, path: str, model: str, cache: str, results: Any) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)
+    time.sleep(delay)
+    tokenizer = CountingTokenizer(GLMTokenizer.from_sentencepiece(model))
+    corpus = tokenize_corpus(path, tokenizer, cache, progress=False)
+    results.put((rank, tokenizer.calls, corpus_arrays(corpus)))
+
+
+@pytest.mark.slow
+def test_local_rank_zero_prepares_for_its_node(tmp_path: Path, sentencepiece_model: str,
+                                               make_text: Any) -> None:
+    import multiprocessing
+
+    path = write(tmp_path / "a.txt", "\f".join(make_text(3, seed=k) for k in range(10)))
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    # local rank 1 comes first, but leaves the shard to rank 0, which starts a second later
+    common = (str(path), sentencepiece_model, str(tmp_path / "cache"), results)
+    processes = [context.Process(target=_prepare_as_local_rank, args=(rank, delay, *common))
+                 for rank, delay in [(1, 0.0), (0, 1.0)]]
+    for p in processes:
+        p.start()
+    received = [results.get(timeout=120) for _ in processes]
+    outcomes = {rank: (calls, arrays) for rank, calls, arrays in received}
+    for p in processes:
+        p.join(timeout=30)
+    assert outcomes[0][0] == 10 and outcomes[1][0] == 0
+    assert outcomes[0][1] == outcomes[1][1]

@@ -10,6 +10,7 @@ import json
 import pickle
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -327,3 +328,19 @@ def test_real_chinese_sentencepiece_layout() -> None:
         text = "我们今天学习语言模型。[MASK]天气真好！"
         assert t.encode(text).count(50003) == 1
         assert t.decode(t.encode("天气真好")) == "天气真好"
+
+
+def test_corpus_pieces_and_batches_encode_like_the_whole_text(tok: GLMTokenizer, tmp_path: Path,
+                                                               make_text: Any) -> None:
+    """A long document read in pieces (cut before a single space or after a newline) and encoded in
+    a batch gives the ids of the whole document, for every official vocabulary."""
+    from datamodules.corpus_reader import iter_pieces
+
+    text = make_text(40, seed=9) + "  indented  line\n\nend [MASK] x\n[gMASK]\n"
+    path = tmp_path / "doc.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = [piece for piece, _ in iter_pieces(path, piece_chars=60)]
+    assert len(pieces) > 20 and "".join(pieces) == text.strip()
+    assert [i for piece in pieces for i in tok.encode(piece)] == tok.encode(text.strip())
+    texts = [*pieces, "with [MASK] and [gMASK]", ""]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]

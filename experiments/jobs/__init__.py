@@ -18,6 +18,7 @@ JOBS: dict[str, str] = {
     "seq2seq": "experiments.jobs.seq2seq:run",
     "superglue": "experiments.jobs.superglue:run",
     "ablations": "experiments.jobs.ablations:run",
+    "prepare_data": "experiments.jobs.prepare_data:run",
 }
 
 

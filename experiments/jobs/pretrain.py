@@ -20,8 +20,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from datamodules.builtin_corpus import write_builtin_corpus
+from datamodules.content_hash import content_hash
 from datamodules.corpus import resolve_inputs
+from datamodules.corpus_reader import iter_documents
+from datamodules.mixture import SourceShareLogger
 from datamodules.pretrain import PretrainDataModule
+from datamodules.shard_writer import default_num_proc
 from experiments.config import save_config
 from experiments.errors import RunInterrupted
 from experiments.tracking import RunLogger, mlflow_logger
@@ -56,13 +60,18 @@ def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
         return GLMTokenizer.from_bpe(path, cfg.tokenizer.merges, kind=kind, **extra)
     if path:
         return GLMTokenizer.from_sentencepiece(path, **extra)
-    digest = hashlib.sha256(str(cfg.tokenizer.vocab_size).encode())
+    # keyed by the files' content hashes (remembered by size and mtime), never by reading them whole
+    digest = hashlib.sha256(f"{cfg.tokenizer.vocab_size};extracted documents".encode())
     for name in sorted(files):
-        digest.update(Path(name).read_bytes())
+        memo = Path(cfg.data.cache_dir) / "hashes"
+        digest.update(content_hash(name, memo, rehash=cfg.data.rehash).encode())
     model_path = Path(cfg.data.cache_dir) / "tokenizers" / f"sp-{digest.hexdigest()[:16]}.model"
     if not model_path.exists():  # train under a temporary name, so a crash leaves no half model
         tmp_prefix = model_path.with_name(f"{model_path.stem}-{os.getpid()}.tmp")
+        # trained on the documents the corpus reader extracts (no jsonl syntax); sentencepiece keeps
+        # a uniform sample of at most 2M sentences in memory however large the corpus is
         trained = train_sentencepiece(sorted(files), cfg.tokenizer.vocab_size, str(tmp_prefix),
+                                      documents=iter_documents,
                                       input_sentence_size=2_000_000, shuffle_input_sentence=True,
                                       hard_vocab_limit=False)  # small corpora support fewer pieces
         Path(trained).replace(model_path)
@@ -73,8 +82,11 @@ def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
 def build_datamodule(cfg: DictConfig, tokenizer: GLMTokenizer, files: list[str]) -> PretrainDataModule:
     d = cfg.data
     return PretrainDataModule(
-        tokenizer, files, list(d.val_files),
+        tokenizer, list(d.train_files) if d.train_weights else files, list(d.val_files),
         val_fraction=d.val_fraction, cache_dir=d.cache_dir, seq_length=d.seq_length,
+        num_proc=d.num_proc or default_num_proc(), rehash=d.rehash,
+        # a mixture keeps the entries as its sources; otherwise the resolved files are one corpus
+        **({"train_weights": list(d.train_weights)} if d.train_weights else {}),
         batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.seed,
         span_prob=d.span_prob, sentence_prob=d.sentence_prob, document_prob=d.document_prob,
         mask_ratio=d.mask_ratio, poisson_lambda=d.poisson_lambda, max_span_length=d.max_span_length,
@@ -218,7 +230,7 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             gradient_clip_val=cfg.optim.clip_grad or None, val_check_interval=t.val_check_interval,
             check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
             log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
-            callbacks=[checkpoint, last, start, throughput_monitor()],
+            callbacks=[checkpoint, last, start, throughput_monitor(), *mixture_callbacks(datamodule)],
         )
         if logger:
             logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
@@ -241,6 +253,14 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,
                                     time.time() - started, logger, start.step)
     return FittedRun(trainer, checkpoint, logger, summary if trainer.is_global_zero else None)
+
+
+def mixture_callbacks(datamodule: L.LightningDataModule) -> list[L.Callback]:
+    """The per-source token share logger when the training data is a weighted mixture."""
+    weights = getattr(datamodule, "train_weights", None)
+    if not weights:
+        return []
+    return [SourceShareLogger([Path(str(entry)).name for entry in datamodule.train_files])]
 
 
 def result_line(summary: dict, logger: RunLogger | None) -> str:
