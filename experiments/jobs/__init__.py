@@ -35,6 +35,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                   "data.superglue_dir", "data.fewglue_dir", "data.wsc_negatives", "data.num_workers",
                   "superglue", "optim", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
                   "trainer.strategy", "trainer.precision", "trainer.log_every_n_steps", "logging"),
+    "prepare_data": ("tokenizer", "data.train_files", "data.val_files", "data.cache_dir", "data.num_proc",
+                     "data.rehash"),
     "ablations": ("scale", "ablations.variants", "ablations.baseline", "ablations.seeds",
                   "ablations.pretrain", "ablations.finetune", "ablations.lm_eval", "data.train_files",
                   "data.superglue_dir", "lm_eval.file", "task", "logging"),
