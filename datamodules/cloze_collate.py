@@ -1,4 +1,4 @@
-"""Collation of cloze-encoded SuperGLUE examples into batches (GLM_SPEC §7.1, §7.2).
+"""Collation of cloze-encoded SuperGLUE examples into batches (official `tasks/data_utils.py::my_collate`).
 
 Every example (``glm_lightning.cloze.encode_example``) holds ``C`` candidate rows of one length
 ``L``. Multi-token tasks have a varying number of candidates, so, as the official ``my_collate``,

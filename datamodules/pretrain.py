@@ -1,9 +1,9 @@
 """GLM pretraining data: packed samples (the official `BlockDataset`) and the Lightning DataModule.
 
 `PackedSampleDataset` packs documents of a `TokenizedCorpus` into samples of at most
-`seq_length` tokens, exactly as GLM_SPEC.md section 2 describes; `PretrainDataModule` tokenizes
-the corpora (cached), splits train / validation by document, and serves micro-batches built by
-`BlankInfillingCollator`.
+`seq_length` tokens, exactly as the official `BlockDataset` (`data_utils/datasets.py`) does;
+`PretrainDataModule` tokenizes the corpora (cached), splits train / validation by document, and
+serves micro-batches built by `BlankInfillingCollator`.
 
 Determinism: a sample depends only on (seed, index); the training order only on (seed, epoch);
 the corruption of a micro-batch only on (seed, epoch, micro-batch index, rank). Nothing depends on
@@ -38,7 +38,7 @@ SampleKey = tuple[int, int, int]  # (epoch, micro-batch index, sample index)
 
 
 class PackedSampleDataset(Dataset):
-    """Samples packed from whole documents as the official GLM pretraining does (GLM_SPEC.md 2).
+    """Samples packed from whole documents as the official `data_utils/datasets.py` does.
 
     Item `idx` seeds its own generator from (seed, idx) and draws a document with probability
     proportional to its length. A document longer than ``seq_length - 1`` (counting its appended

@@ -1,4 +1,4 @@
-"""Seq2seq finetuning data (GLM_SPEC §8.1): jsonl files of {"source", "target"} laid out as
+"""Seq2seq finetuning data (official `tasks/seq2seq/`): jsonl files of {"source", "target"} laid out as
 
     Part A: [CLS] [MASK] prompt source          positions 0 .. S-1,  block positions 0
     Part B: [sop] target[:-1]                   positions = mask position (1), block positions 1 .. T

@@ -2,7 +2,7 @@
 
 `read_split(task, data_dir, split)` turns one file into a list of plain dicts, one per example the
 model scores: MultiRC is flattened to one example per answer option and ReCoRD to one example per
-query, as the official GLM processors do (GLM_SPEC.md §7.3). No tokenization happens here.
+query, as the official processors do (`tasks/superglue/dataset.py`). No tokenization happens here.
 
 Every example has an `idx` (a tuple for the flattened tasks, so answers can be grouped back by
 question) and a `label` (None where the file has none, e.g. the test split). Errors name the file,

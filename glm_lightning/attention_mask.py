@@ -1,4 +1,4 @@
-"""The GLM attention pattern: bidirectional Part A, causal Part B (GLM_SPEC §3.7).
+"""The GLM attention pattern: bidirectional Part A, causal Part B (paper §2.1.1, Figure 2).
 
 A batch carries one integer per sample, ``sep`` (the length of Part A). Query ``i`` may attend to
 key ``j`` iff ``j < sep`` (all of Part A) or ``j <= i`` (causal). Rows in Part A therefore see all

@@ -1,4 +1,4 @@
-"""Autoregressive blank infilling: GLM's corruption of packed text samples (GLM_SPEC.md section 3).
+"""Autoregressive blank infilling: GLM's corruption of packed samples (paper §2.1; `blocklm_utils.py`).
 
 From a packed sample `x` (documents, each `[CLS] doc eos`) some spans are sampled; each span is
 replaced by one mask token (Part A) and the spans are appended, in a shuffled order, as Part B, each
@@ -323,7 +323,7 @@ def build_block_sample(
     sentinel_tokens: bool = False,
     max_seq_length: int | None = None,
 ) -> dict[str, Any]:
-    """Blank-infilling layout of one sample (`make_block_data`, GLM_SPEC.md section 3.4).
+    """Blank-infilling layout of one sample (official `blocklm_utils.py::make_block_data`).
 
     `spans` are half-open (start, end) pairs into `tokens`, non-overlapping; `order` is the Part-B
     order as indices into `spans` (None: as given). Part A is the text with one mask per span

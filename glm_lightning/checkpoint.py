@@ -1,6 +1,6 @@
 """GLM checkpoints in the official, Hugging Face and our own layouts: import, export, conversion.
 
-All three layouts carry the official key names (GLM_SPEC §10), so conversion is mostly about
+All three layouts carry the key names of the official `model/modeling_glm.py`, so conversion is mostly about
 where the tensors are stored:
 
 * official Megatron/DeepSpeed: ``<dir>/<tag>/mp_rank_XX_model_states.pt`` with the tag named by
@@ -49,19 +49,19 @@ PREFIXES = ("model.", "glm.")
 TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")
 SHARD_PATTERN = re.compile(r"mp_rank_(\d+)_model_states\.pt")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-HEAD_DIM = 64  # every released GLM uses 64-dimensional heads (GLM_SPEC §5.1)
+HEAD_DIM = 64  # every released GLM uses 64-dimensional heads (official `config/*.sh`)
 
 # glm-10b-chinese was trained with [gMASK] and [eop] sharing id 50007; the Hugging Face release
-# gives [gMASK] its own id 50009 and copies the embedding row there (GLM_SPEC §1, §10.2).
+# gives [gMASK] its own id 50009 and copies the embedding row there (the Hugging Face glm-10b-chinese files).
 CHINESE_EOP_ID = 50007
 CHINESE_GMASK_ID = 50009
 
-# Model-parallel slicing of the official checkpoints (GLM_SPEC §10.1), by key suffix.
+# Model-parallel slicing of the official checkpoints (official `mpu/`), by key suffix.
 QKV_KEYS = ("attention.query_key_value.weight", "attention.query_key_value.bias")
 COLUMN_KEYS = ("word_embeddings.weight", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
 ROW_KEYS = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
 
-# Fields of the Hugging Face GLM config (GLM_SPEC §10.2) that our GLMConfig does not have.
+# Fields of the Hugging Face GLM config (THUDM/glm-* on the hub) that our GLMConfig does not have.
 HF_FIXED_FIELDS = {
     "checkpoint_num_layers": 1,
     "parallel_output": True,
@@ -412,7 +412,7 @@ def _write_official(weights: dict[str, Tensor], config: GLMConfig, out_dir: Path
 
 
 def hf_config(config: GLMConfig) -> dict:
-    """The Hugging Face GLM ``config.json`` of a model with ``config`` (GLM_SPEC §10.2)."""
+    """The Hugging Face GLM ``config.json`` (as THUDM/glm-* on the hub) of a model with ``config``."""
     if config.intermediate_size != 4 * config.hidden_size:
         raise ValueError(f"the Hugging Face GLM has FFN size 4 * hidden_size = {4 * config.hidden_size}; "
                          f"this model has {config.intermediate_size}")

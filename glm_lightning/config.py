@@ -128,7 +128,7 @@ class DataConfig:
 
 @dataclass
 class GenerationConfig:
-    """Decoding (GLM_SPEC 8.2): for exp=generate, seq2seq validation and test predictions."""
+    """Decoding for exp=generate, seq2seq validation and test predictions (paper §3.3)."""
 
     strategy: str = "greedy"
     max_new_tokens: int = 32
@@ -143,7 +143,7 @@ class GenerationConfig:
 
 @dataclass
 class Seq2SeqConfig:
-    """Seq2seq finetuning (GLM_SPEC 8.1): [CLS] [MASK] " Content:" source | [sop] target [eop]."""
+    """Seq2seq finetuning (paper §3.3): [CLS] [MASK] " Content:" source | [sop] target [eop]."""
 
     src_length: int = 464  # source tokens incl. [CLS], mask and prompt (official CNN/DM: 608)
     tgt_length: int = 48  # target tokens incl. [eop] (official CNN/DM: 160)
@@ -154,7 +154,7 @@ class Seq2SeqConfig:
 
 @dataclass
 class LMEvalConfig:
-    """Zero-shot language modelling (GLM_SPEC 8.4) on ``file``."""
+    """Zero-shot language modelling (paper §3.3; official `tasks/language_model/`) on ``file``."""
 
     task: str = "perplexity"  # lambada: last-word accuracy (jsonl {"text"}); perplexity: a text file
     file: str | None = None
@@ -165,7 +165,8 @@ class LMEvalConfig:
 
 @dataclass
 class SuperGLUETaskConfig:
-    """Finetuning settings of one SuperGLUE task (GLM_SPEC 7.4); superglue.yaml sets the released ones."""
+    """Finetuning settings of one SuperGLUE task; superglue.yaml sets the released ones (official
+    `config_tasks/task_*.sh`)."""
 
     max_seq_length: int = 256  # tokens per candidate row
     batch_size: int = 16  # global batch (micro-batches x devices x accumulation)
@@ -201,7 +202,7 @@ class SuperGLUETasksConfig:
 
 @dataclass
 class SuperGLUEConfig:
-    """SuperGLUE finetuning (GLM_SPEC 7): data source, head and the per-task settings."""
+    """SuperGLUE finetuning (paper §2.3, §3.2): data source, head and the per-task settings."""
 
     head: str = "cloze"  # cloze (GLM) or classifier ([CLS] head, the ablation baseline)
     micro_batch_size: int | None = None  # per device; None = the whole global batch at once
@@ -257,7 +258,7 @@ class LoggingConfig:
 
 @dataclass
 class AblationVariantConfig:
-    """One row of an ablation table (GLM_SPEC 9.2): what it changes, as command-line overrides."""
+    """One row of an ablation table (paper Table 6): what it changes, as command-line overrides."""
 
     description: str = ""
     pretrain: list[str] = field(default_factory=list)  # key=value overrides of its pretraining run

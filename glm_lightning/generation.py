@@ -1,4 +1,4 @@
-"""Autoregressive decoding of GLM blanks (GLM_SPEC §8.2) and multi-blank infilling (§8.3).
+"""Autoregressive decoding of GLM blanks and multi-blank infilling (official `generate_samples.py`).
 
 A blank is generated the way Part B is laid out in pretraining: ``[sop]`` at (mask position, 1),
 then each generated token at (mask position, 2), (mask position, 3), ... Decoding runs on the KV
@@ -333,8 +333,9 @@ def generate(
 
 
 def infilling_context(tokenizer: GLMTokenizer, text: str) -> tuple[list[int], list[int]]:
-    """The context of §8.3 and its sorted mask positions: ``[CLS]`` + text, a ``[gMASK]``
-    appended when the text has no mask, and ``eos`` unless the text ends with ``[gMASK]``."""
+    """The infilling context and its sorted mask positions (official ``generate_samples.py``):
+    ``[CLS]`` + text, a ``[gMASK]`` appended when the text has no mask, and ``eos`` unless the text
+    ends with ``[gMASK]``."""
     masks = {tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id}
     ids = tokenizer.encode(text)
     if not masks.intersection(ids):
@@ -356,7 +357,7 @@ def fill_blanks(
     return_ids: bool = False,
     **decoding: Any,
 ) -> str | list[list[int]]:
-    """Fill every [MASK]/[sMASK]/[gMASK] of ``text`` left to right (GLM_SPEC §8.3).
+    """Fill every [MASK]/[sMASK]/[gMASK] of ``text`` left to right (official `generate_samples.py`).
 
     The context is run once; each blank then starts with ``[sop]`` at (its mask position, 1).
     After a blank is chosen, its ``[sop]`` and tokens stay in the cache exactly as Part B is laid

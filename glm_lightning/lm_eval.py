@@ -1,5 +1,5 @@
-"""Zero-shot language modelling with GLM (GLM_SPEC §8.4): LAMBADA last-word accuracy and
-sliding-window perplexity.
+"""Zero-shot language modelling with GLM (paper §3.3; official `tasks/language_model/`): LAMBADA
+last-word accuracy and sliding-window perplexity.
 
 Both tasks lay the text out as blank infilling: a Part A that holds the context and one mask,
 then ``[sop]`` and the tokens to predict in Part B at (mask position, 1, 2, ...), exactly as a

@@ -1,4 +1,4 @@
-"""SuperGLUE metrics as torchmetrics Metrics (GLM_SPEC.md §7.3, Table 1 of §9.1).
+"""SuperGLUE metrics as torchmetrics Metrics (official `tasks/superglue/finetune.py`, the paper's Table 1).
 
 Every metric keeps per-example rows (example id, prediction, target) in "cat" states and reduces
 them only in `compute`. That makes them correct under DDP, where the distributed sampler pads the

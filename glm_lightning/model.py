@@ -1,4 +1,4 @@
-"""The GLM transformer (GLM_SPEC §5), in one file read top to bottom.
+"""The GLM transformer (paper §2.2; official `model/modeling_glm.py`), in one file read top to bottom.
 
 Pre-LN layers with a fused QKV projection, GeLU (tanh approximation), a final LayerNorm and an
 output head tied to the word embeddings without bias. Every token carries two positions (2D
@@ -65,7 +65,7 @@ class GLMConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> GLMConfig:
-        """A released model's sizes (GLM_SPEC §5.2), optionally overridden field by field."""
+        """A released model's sizes, optionally overridden field by field."""
         if name not in PRESETS:
             raise ValueError(f"unknown GLM preset {name!r}; choose one of {sorted(PRESETS)}")
         fields = {f.name for f in dataclasses.fields(cls)}

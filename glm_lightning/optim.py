@@ -1,4 +1,4 @@
-"""Optimiser parameter groups and the official AnnealingLR schedule (GLM_SPEC §6)."""
+"""Optimiser parameter groups and the official AnnealingLR schedule (official `learning_rates.py`)."""
 
 from __future__ import annotations
 

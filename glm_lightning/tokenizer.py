@@ -1,11 +1,12 @@
 """GLM tokenizer: GLM's command tokens laid over a subword backend.
 
 GLM adds command tokens ([MASK], [sMASK], [gMASK], <|startofpiece|>, ...) to an ordinary subword
-vocabulary at fixed ids (GLM_SPEC.md section 1). `GLMTokenizer` owns the command tokens, the literal
-string splitting and the padded vocabulary size; a small backend (`TokenizerBackend`) only turns
-plain text into piece ids and back. `SentencePieceBackend` is the backend used for models trained
-with `train_sentencepiece` and for the official Chinese sentencepiece model; `WordPieceBackend`
-(BERT uncased) and `BPEBackend` (GPT-2, RoBERTa) read the official English vocabularies.
+vocabulary at fixed ids (official `data_utils/tokenization.py`). `GLMTokenizer` owns the command
+tokens, the literal string splitting and the padded vocabulary size; a small backend
+(`TokenizerBackend`) only turns plain text into piece ids and back. `SentencePieceBackend` is the
+backend used for models trained with `train_sentencepiece` and for the official Chinese
+sentencepiece model; `WordPieceBackend` (BERT uncased) and `BPEBackend` (GPT-2, RoBERTa) read the
+official English vocabularies.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ def _read_text(path: str, what: str) -> str:
 def sentencepiece_command_tokens(
     num_pieces: int, *, fix_command_token: bool = True, num_sentinels: int = 0
 ) -> list[CommandToken]:
-    """The official Chinese sentencepiece layout (GLM_SPEC.md section 1) for N = num_pieces.
+    """The official Chinese sentencepiece layout (official `data_utils/tokenization.py`) for N = num_pieces.
 
     Without `fix_command_token`, [gMASK] shares its id with <|endofpiece|> as in GLM-10B-Chinese.
     N + 5 is unused, as in the official tokenizer.
@@ -294,7 +295,7 @@ def sentencepiece_command_tokens(
 
 
 def wordpiece_command_tokens(backend: TokenizerBackend, *, num_sentinels: int = 0) -> list[CommandToken]:
-    """The official BERT layout (GLM_SPEC.md section 1): the end of a document is [PAD] = 0.
+    """The official BERT layout (official `data_utils/tokenization.py`): the end of a document is [PAD] = 0.
 
     [PAD], [CLS], [MASK], [SEP] and [UNK] are the vocabulary's own entries; sop, eop, [gMASK],
     [sMASK] and [dBLOCK] follow the N pieces. No token swallows whitespace (BERT drops it anyway).

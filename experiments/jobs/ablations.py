@@ -1,4 +1,4 @@
-"""Ablation sweeps (GLM_SPEC §9.2): every variant x seed is pretrained, finetuned on SuperGLUE and
+"""Ablation sweeps (paper §3.4, Table 6): every variant x seed is pretrained, finetuned on SuperGLUE and
 evaluated as a language model, with the same sizes and budgets (the ``scale``), in one MLflow
 experiment.
 

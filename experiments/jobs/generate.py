@@ -1,4 +1,4 @@
-"""Generation job: fill the blanks of each configured prompt with a trained GLM (GLM_SPEC §8.3)."""
+"""Generation job: fill the blanks of each prompt with a trained GLM (official `generate_samples.py`)."""
 
 from __future__ import annotations
 

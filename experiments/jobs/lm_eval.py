@@ -1,4 +1,4 @@
-"""Zero-shot language-model evaluation job (GLM_SPEC §8.4): LAMBADA accuracy or perplexity of a
+"""Zero-shot language-model evaluation job (paper §3.3): LAMBADA accuracy or perplexity of a
 checkpoint on ``lm_eval.file``, printed and logged as an MLflow run."""
 
 from __future__ import annotations

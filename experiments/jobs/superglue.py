@@ -1,4 +1,4 @@
-"""SuperGLUE finetuning job: the official GLM protocol (GLM_SPEC §7), one task after another.
+"""SuperGLUE finetuning job: the official protocol (paper §2.3, §3.2; `finetune_glm.py`), task by task.
 
 Per task: finetune from ``model.init_from`` for the configured epochs, validate on the dev set after
 every epoch, keep the best epoch on the task's main metric, reload it for the final dev score and

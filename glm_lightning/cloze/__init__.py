@@ -1,8 +1,9 @@
 """SuperGLUE as cloze questions: patterns and verbalizers as data, and the model-input encoding.
 
 `encode_example(task, example, tokenizer, pattern_id=..., max_seq_length=...)` turns one
-`datamodules.superglue.read_split` example into model inputs (GLM_SPEC.md §7.1);
-`augment_training_examples(task, examples)` applies the training-set transformations of §7.3.
+`datamodules.superglue.read_split` example into model inputs (paper §2.3; official `tasks/superglue/pvp.py`);
+`augment_training_examples(task, examples)` applies the training-set transformations of the official
+`tasks/superglue/dataset.py`.
 """
 
 from glm_lightning.cloze.encoding import encode_example, verbalizer_ids

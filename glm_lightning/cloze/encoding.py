@@ -1,5 +1,5 @@
 """Model inputs of one SuperGLUE example, laid out as the official cloze finetuning builds them
-(GLM_SPEC.md §7.1).
+(official `tasks/data_utils.py::build_input_from_ids`).
 
 Cloze mode: `[CLS] A B eos` is Part A (bidirectional, `sep` = its length), followed by Part B:
 one `[sop]` for single-token verbalizers, or `[sop] a_1 .. a_m` per answer candidate with targets

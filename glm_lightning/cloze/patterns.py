@@ -1,4 +1,4 @@
-"""Cloze patterns and verbalizers of every SuperGLUE task, as data (GLM_SPEC.md §7.3).
+"""Cloze patterns and verbalizers of every SuperGLUE task, as data (official `tasks/superglue/pvp.py`).
 
 A pattern is a list of parts for segment A and (optionally) segment B. Each part is tokenized on
 its own, so part boundaries are token boundaries and a leading space belongs to the part that

@@ -1,4 +1,4 @@
-"""Task logic that does not fit the pattern tables (GLM_SPEC.md §7.3).
+"""Task logic that does not fit the pattern tables (official `tasks/superglue/dataset.py`, `pvp.py`).
 
 Template fields per task (punctuation stripping, COPA casing and joiners, WSC pronoun marking,
 ReCoRD query split), answer candidates of the multi-token tasks, class labels, the training-set

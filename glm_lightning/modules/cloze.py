@@ -1,4 +1,4 @@
-"""SuperGLUE finetuning in the cloze formulation, or with a classifier head (GLM_SPEC §7).
+"""SuperGLUE finetuning as cloze questions, or with a classifier head (paper §2.3; `tasks/superglue/`).
 
 Batches come from ``datamodules.cloze_collate.cloze_collate``: ``input_ids [B, C, L]``,
 ``position_ids [B, C, 2, L]``, ``sep [B, C]``, ``target_ids``/``logit_mask [B, C, L]``,
@@ -121,11 +121,11 @@ class ClassificationHead(nn.Module):
 class GLMClozeModule(L.LightningModule):
     """GLMModel finetuned on one SuperGLUE task; evaluation feeds ``superglue_metrics(task)``.
 
-    Defaults are the released finetuning settings (§7.4): AdamW lr 1e-5, weight decay 0.1 (none on
-    biases and LayerNorm), betas (0.9, 0.999), eps 1e-8, warmup 10 % then linear decay to 0.1 x lr
-    over the run (``lr_decay_iters`` or the Trainer's total steps). Gradient clipping (1.0) is a
-    Trainer setting. ``self.predictions`` holds ``(idx, prediction)`` pairs of the latest
-    validation or test run on this process (for WSC the prediction is 1 = "refers to span 1").
+    Defaults are the released finetuning settings (``config_tasks/task_*.sh``): AdamW lr 1e-5, weight
+    decay 0.1 (none on biases and LayerNorm), betas (0.9, 0.999), eps 1e-8, warmup 10 % then linear
+    decay to 0.1 x lr over the run (``lr_decay_iters`` or the Trainer's total steps). Gradient
+    clipping (1.0) is a Trainer setting. ``self.predictions`` holds ``(idx, prediction)`` pairs of the
+    latest validation or test run on this process (for WSC the prediction is 1 = "refers to span 1").
     ``wsc_mode`` ("candidates" or "generative") chooses WSC's formulation.
     """
 

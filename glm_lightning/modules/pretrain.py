@@ -1,4 +1,4 @@
-"""Blank-infilling pretraining as a LightningModule (GLM_SPEC §6)."""
+"""Blank-infilling pretraining as a LightningModule (paper §2.1, §3.1; official `pretrain_glm.py`)."""
 
 from __future__ import annotations
 

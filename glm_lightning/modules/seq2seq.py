@@ -1,4 +1,4 @@
-"""Seq2seq finetuning (GLM_SPEC §8.1-§8.2): label-smoothed loss on Part B, ROUGE of decoded text."""
+"""Seq2seq finetuning (paper §3.3): label-smoothed loss on Part B, ROUGE of the decoded text."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class GLMSeq2SeqModule(L.LightningModule):
 
     @torch.no_grad()
     def decode(self, batch: dict) -> list[str]:
-        """The generated text of each source of the batch (§8.2 decoding, stopped at ``[eop]``)."""
+        """The generated text of each source of the batch (decoded as configured, stopped at ``[eop]``)."""
         tok = self.tokenizer
         ids = generate(self.model, batch["source_ids"], batch["source_position_ids"], batch["sep"],
                        batch["mask_position"], sop_id=tok.sop_id, eop_id=tok.eop_id, eos_id=tok.eos_id,
