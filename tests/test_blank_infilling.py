@@ -120,7 +120,7 @@ def expected(tokens, targets, dim1, dim2, loss, sep) -> dict:
     }
 
 
-# The worked example of GLM_SPEC.md 3.4: x = [CLS] x1 .. x6 eos with x_i = 10 + i.
+# The worked example of paper §2.1.1 (Figure 2): x = [CLS] x1 .. x6 eos with x_i = 10 + i.
 X = [CLS, 11, 12, 13, 14, 15, 16, EOS]
 SPANS = [(3, 4), (5, 7)]  # {x3}, {x5 x6}
 ORDER = [1, 0]  # Part B: (x5 x6) then (x3)
@@ -429,7 +429,7 @@ def test_task_masks():
 
 
 # ------------------------------------------------------------------------------------------
-# A loop-by-loop reference of the layout (GLM_SPEC.md 3.4) against the vectorised one
+# A loop-by-loop reference of the layout (official `make_block_data`) against the vectorised one
 # ------------------------------------------------------------------------------------------
 
 
@@ -1115,7 +1115,7 @@ def packed_micro_batches(draw, max_doc: int = 160) -> list[np.ndarray]:
 
 def longest_document(tokens: np.ndarray) -> int:
     """Tokens of the longest document a span may use: [CLS] and eos excluded, and the last token
-    of a sample that does not end with eos (GLM_SPEC.md 3.3)."""
+    of a sample that does not end with eos (official `blocklm_utils.py`)."""
     runs, run = [], 0
     for allowed in inside_documents(tokens):
         run = run + 1 if allowed else 0

@@ -87,7 +87,7 @@ def test_the_job_builds_its_model_from_init_from(tmp_path, tokenizer):
         build_module(load_config("quickstart", [f"model.init_from={path}"]), tokenizer)
 
 
-# Conversion between the official, Hugging Face and our layouts (GLM_SPEC §10).
+# Conversion between the official, Hugging Face and our layouts (official `model/modeling_glm.py` keys).
 
 HEADS = CONFIG.num_attention_heads  # 4: not hidden_size // 64, so the tests must pass it
 

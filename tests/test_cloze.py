@@ -1,6 +1,6 @@
-"""Golden tests of the SuperGLUE cloze encoding (GLM_SPEC.md §7.1, §7.3).
+"""Golden tests of the SuperGLUE cloze encoding (official `tasks/superglue/pvp.py`).
 
-Expected sequences are built here from the pattern text of the spec, typed out independently of
+Expected sequences are built here from the pattern text of the official `pvp.py`, typed out independently of
 `glm_lightning.cloze.patterns`: each expected part is encoded on its own and the ids concatenated.
 """
 

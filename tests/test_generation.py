@@ -1,4 +1,4 @@
-"""Decoding on the KV cache (GLM_SPEC §8.2) and multi-blank infilling (§8.3)."""
+"""Decoding on the KV cache and multi-blank infilling (official `generate_samples.py`)."""
 
 from __future__ import annotations
 

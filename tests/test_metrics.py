@@ -154,7 +154,7 @@ def test_superglue_metrics_names():
 
 
 def test_table_row_reproduces_glm_large():
-    # GLM_Large row of Table 1 (GLM_SPEC.md §9.1): average 77.0
+    # GLM_Large row of Table 1 (the paper): average 77.0
     results = {
         "ReCoRD": {"f1": 81.7, "em": 81.1}, "COPA": {"accuracy": 76.0}, "WSC": {"accuracy": 81.7},
         "RTE": {"accuracy": 74.0}, "BoolQ": {"accuracy": 82.1}, "WiC": {"accuracy": 68.5},

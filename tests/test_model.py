@@ -284,7 +284,7 @@ def parameter_count(name: str) -> int:
         return GLMModel(GLMConfig.from_name(name)).num_parameters()
 
 
-# Sizes of GLM_SPEC §5.2 (the paper's names). GLM-2B is "~2B" there: checked to 5%.
+# Sizes of the released models (the paper's names). GLM-2B is "~2B" there: checked to 5%.
 @pytest.mark.parametrize("name,expected,tolerance", [
     ("glm-base", 110e6, 0.03), ("glm-large", 335e6, 0.03), ("glm-410m", 410e6, 0.03),
     ("glm-515m", 515e6, 0.03), ("glm-10b", 10e9, 0.03), ("glm-2b", 2e9, 0.05),

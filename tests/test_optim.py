@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the AnnealingLR schedule (GLM_SPEC §6)."""
+"""AdamW parameter groups and the AnnealingLR schedule (official `learning_rates.py`)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests for datamodules.pretrain: sample packing (GLM_SPEC.md section 2), order, resume, workers."""
+"""Tests for datamodules.pretrain: sample packing (as `data_utils/datasets.py`), order, resume, workers."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def dataset(documents: list[list[int]], seq_length: int, **kwargs: Any) -> Packe
 
 
 def reference_sample(ds: PackedSampleDataset, idx: int) -> list[int]:
-    """The official BlockDataset.__getitem__ loops, token by token on lists (GLM_SPEC.md 2)."""
+    """The official BlockDataset.__getitem__ loops, token by token on lists (`data_utils/datasets.py`)."""
     rng = ds.rng(idx)
     is_end, max_len = ds.sentence_end, ds.seq_length
     cumulative = list(accumulate(ds.corpus.lengths.tolist()))
