@@ -114,7 +114,7 @@ def config_summary(cfg: DictConfig, keys: Sequence[str]) -> str:
              + (f" run_name={cfg.run_name}" if cfg.run_name else "")]
     for key in keys:
         value = OmegaConf.select(cfg, key)
-        flat = _flatten(OmegaConf.to_container(value, resolve=True), key) if OmegaConf.is_dict(value) \
+        flat = flatten(OmegaConf.to_container(value, resolve=True), f"{key}.") if OmegaConf.is_dict(value) \
             else {key: OmegaConf.to_container(value) if OmegaConf.is_list(value) else value}
         items = [f"{k}={_compact(v)}" for k, v in flat.items() if v is not None
                  and not (selected is not None and k.startswith("superglue.tasks.")
@@ -125,13 +125,14 @@ def config_summary(cfg: DictConfig, keys: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _flatten(tree: dict, prefix: str) -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"optim.lr": ...}: keys named exactly as command-line overrides."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}.{key}"))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}.{key}"] = value
+            flat[f"{prefix}{key}"] = value
     return flat
 
 

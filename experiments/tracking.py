@@ -10,6 +10,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.config import flatten
+
 RUN_ID_FILE = "mlflow_run_id"
 
 
@@ -49,17 +51,6 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     if cfg.logging.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.logging.parent_run_id
     return tags
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """Nested config -> {"optim.lr": ...}: params named exactly as command-line overrides."""
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class RunLogger(MLFlowLogger):
