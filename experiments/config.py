@@ -79,6 +79,10 @@ def load_config(exp: str, overrides: Sequence[str] = (), *, configs_dir: Path = 
             override = OmegaConf.to_container(OmegaConf.from_dotlist([argument]))
         except OmegaConfBaseException as error:
             raise ConfigError(f"{where}{_one_line(error)}") from None
+        except yaml.YAMLError as error:  # the value is not YAML, e.g. an unclosed list
+            problem = getattr(error, "problem", None) or _one_line(error)
+            raise ConfigError(f"{where}the value is not valid YAML ({problem}); write lists whole and "
+                              "quote them for the shell, e.g. 'optim.betas=[0.9,0.98]'") from None
         _merge(cfg, override, where)
     cfg.exp = exp
     return _finish(cfg)

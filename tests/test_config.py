@@ -251,6 +251,15 @@ def test_unknown_experiment_lists_available_ones() -> None:
         assert name in str(error.value)
 
 
+def test_malformed_yaml_value_is_one_line_that_shows_how_to_quote() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config("quickstart", ["optim.betas=[0.9"])
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("argument 'optim.betas=[0.9': the value is not valid YAML")
+    assert "'optim.betas=[0.9,0.98]'" in message
+
+
 def test_malformed_override_explains_syntax() -> None:
     with pytest.raises(
         ConfigError, match=r"argument 'trainer.max_steps': malformed override; write key=value"
