@@ -186,7 +186,9 @@ def _load_file(path: Path) -> object:
         except pickle.UnpicklingError:
             # Official DeepSpeed files also pickle their training arguments; only tensors are used.
             return torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ModuleNotFoundError) as error:
+    # A text or truncated file fails in the unpickler in many ways (a text file: KeyError of its memo).
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ModuleNotFoundError, KeyError,
+            IndexError, ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''})") from error
 

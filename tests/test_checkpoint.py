@@ -284,6 +284,9 @@ def test_unreadable_paths_fail_with_one_line(tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         read_state_dict(tmp_path / "junk.pt")
+    (tmp_path / "hello.txt").write_text("hello\n")  # read as a legacy pickle: a KeyError in its memo
+    with pytest.raises(ValueError, match="hello.txt is not a readable PyTorch checkpoint"):
+        read_state_dict(tmp_path / "hello.txt")
     (tmp_path / "latest").write_text("global_step5")
     with pytest.raises(FileNotFoundError, match="names checkpoint tag 'global_step5'"):
         read_state_dict(tmp_path)
