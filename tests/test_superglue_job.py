@@ -293,6 +293,12 @@ def test_task_selection_and_config_errors(tmp_path, pretrained, capsys):
         run(config(f"data.superglue_dir={data}", "task=rte", f"model.init_from={tmp_path / 'none.ckpt'}"))
     with pytest.raises(ConfigError, match="superglue.head"):
         load_config("superglue", ["superglue.head=mlp"])
+    (data / "RTE" / "train.jsonl").write_text("")  # an empty training file: one line, no traceback
+    assert main(["exp=superglue", *overrides(tmp_path, pretrained, f"data.superglue_dir={data}", "task=rte",
+                                             "superglue.tasks.rte.max_seq_length=64", "logging.enabled=false",
+                                             "run_name=empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RTE has no training examples in" in err
 
 
 def write_wsc(root: Path, negatives: bool) -> Path:
