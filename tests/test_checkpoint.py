@@ -278,6 +278,27 @@ def test_ours_is_a_lightning_checkpoint_of_the_pretraining_module(tmp_path):
     assert load_glm(tmp_path / "m.ckpt").config == CONFIG  # the stored config gives the heads
 
 
+def test_jobs_pass_an_explicit_head_count_to_the_loader(tmp_path):
+    """An official checkpoint stores no head count: 64-wide heads are assumed unless model.num_attention_heads
+    says otherwise, and the generation, LM-evaluation and SuperGLUE jobs must pass it on."""
+    from experiments.config import load_config
+    from experiments.jobs.generate import load_model
+    from experiments.jobs.superglue import load_backbone
+
+    source = source_model()
+    path = write_layout(source, "official-flat", tmp_path / "official")
+    tokenizer = type("Tok", (), {"__len__": lambda self: CONFIG.vocab_size})()
+    for exp in ("generate", "lm_eval"):
+        cfg = load_config(exp, [f"model.init_from={path}", f"model.num_attention_heads={HEADS}",
+                                "trainer.accelerator=cpu"])
+        torch.testing.assert_close(logits(load_model(cfg, tokenizer)), logits(source), atol=1e-5, rtol=0)
+    cfg = load_config("superglue", [f"model.init_from={path}", f"model.num_attention_heads={HEADS}"])
+    config, weights = load_backbone(cfg, tokenizer)
+    assert config.num_attention_heads == HEADS
+    guessed, _ = load_backbone(load_config("superglue", [f"model.init_from={path}"]), tokenizer)
+    assert guessed.num_attention_heads == CONFIG.hidden_size // 64 != HEADS
+
+
 def test_unreadable_paths_fail_with_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_state_dict(tmp_path / "nothing")

@@ -47,7 +47,7 @@ def pick_device(cfg: DictConfig) -> torch.device:
 def load_model(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMModel:
     """The checkpoint at ``model.init_from`` (its own sizes), checked against the tokenizer."""
     try:
-        model = load_glm(require_checkpoint(cfg))
+        model = load_glm(require_checkpoint(cfg), num_attention_heads=cfg.model.num_attention_heads)
     except ValueError as error:  # readable file, but not a GLM checkpoint we understand
         raise ConfigError(f"model.init_from: {error}") from error
     if len(tokenizer) > model.config.vocab_size:

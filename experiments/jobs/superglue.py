@@ -101,7 +101,7 @@ def load_backbone(cfg: DictConfig, tokenizer: GLMTokenizer) -> tuple[GLMConfig, 
     ``model.init_from``, checked against the tokenizer."""
     path = require_checkpoint(cfg)
     try:
-        model = load_glm(path)
+        model = load_glm(path, num_attention_heads=cfg.model.num_attention_heads)  # None = inferred
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"model.init_from: {error}") from error
     if len(tokenizer) > model.config.vocab_size:
