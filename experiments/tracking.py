@@ -54,12 +54,28 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
 
 
 class RunLogger(MLFlowLogger):
-    """MLFlowLogger whose run ends as KILLED (not FAILED) when training was interrupted on purpose."""
+    """MLFlowLogger whose run ends as KILLED (not FAILED) when training was interrupted on purpose,
+    and that logs each step of a metric once (see ``skip_logged_steps``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tracking_uri = kwargs.get("tracking_uri")
         self._killed = False
+        self._logged_through: dict[str, int] = {}  # metric -> last step the run already holds
+
+    def skip_logged_steps(self) -> None:
+        """A run resumed from an older checkpoint trains some steps again; MLflow keeps every value
+        it is sent, so the steps a metric already has are not logged again (one value per step)."""
+        client, run_id = self.experiment, self.run_id
+        for key in client.get_run(run_id).data.metrics:
+            self._logged_through[key] = max(m.step for m in client.get_metric_history(run_id, key))
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if step is not None and self._logged_through:
+            metrics = {k: v for k, v in metrics.items() if step > self._logged_through.get(k, -1)}
+        if metrics:
+            super().log_metrics(metrics, step)
 
     def mark_killed(self) -> None:
         self._killed = True
@@ -83,6 +99,8 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> Ru
     )
     if run_id is None:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    elif rank_zero_only.rank == 0:
+        logger.skip_logged_steps()
     if rank_zero_only.rank == 0:  # other ranks log nothing; Lightning routes them to a no-op
         run_dir.mkdir(parents=True, exist_ok=True)
         run_id_file.write_text(logger.run_id)
