@@ -64,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
-    print(format_config(cfg), end="", flush=True)
+    # A YAML comment, so that the printed config stays valid YAML (print_config=true).
+    default = "" if any(a.startswith("exp=") for a in args) else " (the default; see --help for the others)"
+    print(f"# running exp={exp}{default}\n{format_config(cfg)}", end="", flush=True)
     if cfg.print_config:
         return 0
     try:
