@@ -5,8 +5,9 @@ few hundred short documents (about 400 KB) built from templated sentences about 
 world (cities on rivers, the goods they make, the people who live there). The same facts recur in
 many documents and in many phrasings, and the sentences end in ``. ? ! ; :`` and newlines, so a
 tiny GLM can learn to fill blanks from context within a short training run: its blank-infilling
-loss drops clearly, which is what the quickstart needs to show. The text is synthetic and says
-nothing true about the real world.
+loss drops clearly, which is what the quickstart needs to show. ``datamodules.builtin_probes`` asks
+about the same facts in phrasings this module never uses for them, to measure what a model learned.
+The text is synthetic and says nothing true about the real world.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def _city_facts(c: City, rng: random.Random) -> list[str]:
                 f"The city of {c.name} lies on {c.water}.",
                 f"{c.name} is a city on {c.water}.",
                 f"{c.name} was built beside {c.water}.",
+                f"Boats leave {c.name} on {c.water} every morning.",
+                f"{c.name} sits by {c.water}, and its people fish there.",
             ]
         ),
         rng.choice(
@@ -117,6 +120,7 @@ def _city_facts(c: City, rng: random.Random) -> list[str]:
                 f"{c.name} is in the region of {c.region}.",
                 f"It belongs to the region of {c.region}.",
                 f"The region of {c.region} is the home of {c.name}.",
+                f"{c.name}, in the region of {c.region}, is a busy city.",
             ]
         ),
         rng.choice(
@@ -125,6 +129,8 @@ def _city_facts(c: City, rng: random.Random) -> list[str]:
                 f"{c.name} is famous for its {c.goods}!",
                 f"What does {c.name} sell? It sells {c.goods}.",
                 f"Everyone knows the {c.goods} of {c.name}.",
+                f"{c.name} sends its {c.goods} to the other cities by road.",
+                f"Buy {c.goods} in {c.name}, and you buy the best.",
             ]
         ),
         rng.choice(
@@ -132,6 +138,8 @@ def _city_facts(c: City, rng: random.Random) -> list[str]:
                 f"{c.name} was founded in the year {c.founded}.",
                 f"The city is old: it was founded in {c.founded}.",
                 f"When was {c.name} founded? In the year {c.founded}.",
+                f"In {c.founded}, the first families came to {c.name}.",
+                f"{c.name}, founded in {c.founded}, is older than many cities.",
             ]
         ),
         rng.choice(
@@ -146,6 +154,8 @@ def _city_facts(c: City, rng: random.Random) -> list[str]:
                 f"The weather in {c.name} is often {c.weather}.",
                 f"{c.name} is a {c.weather} place; people say so every day.",
                 f"Is {c.name} {c.weather}? Yes, most of the year.",
+                f"It is {c.weather} in {c.name} today, as on most days.",
+                f"{c.name} has {c.weather} days in every season.",
             ]
         ),
     ]
@@ -172,6 +182,8 @@ def _person_facts(p: Person, rng: random.Random) -> list[str]:
                 f"{p.name} is a {p.job} from {p.city}.",
                 f"{p.name} works as a {p.job} in {p.city}.",
                 f"In {p.city} lives {p.name}, the {p.job}.",
+                f"{p.name}, the {p.job}, is known all over {p.city}.",
+                f"{p.name} lives in {p.city} and works there as a {p.job}.",
             ]
         ),
         rng.choice(
@@ -179,6 +191,8 @@ def _person_facts(p: Person, rng: random.Random) -> list[str]:
                 f"{they} keeps a {p.colour} {p.pet}.",
                 f"{they} has a {p.colour} {p.pet} at home.",
                 f"{p.first}'s {p.pet} is {p.colour}.",
+                f"{p.first} and {their} {p.colour} {p.pet} go out together every day.",
+                f"A {p.colour} {p.pet} lives with {p.name}.",
             ]
         ),
         rng.choice(

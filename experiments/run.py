@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    # A YAML comment, so that the printed config stays valid YAML (print_config=true).
+    default = "" if any(a.startswith("exp=") for a in args) else " (the default; see --help for the others)"
+    print(f"# running exp={exp}{default}", flush=True)
     if cfg.print_config:
         print(format_config(cfg), end="", flush=True)
         return 0

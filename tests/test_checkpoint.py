@@ -84,7 +84,8 @@ def test_the_job_builds_its_model_from_init_from(tmp_path, tokenizer):
     for key, value in start.state_dict().items():
         assert torch.equal(module.model.state_dict()[key], value), key
     with pytest.raises(ConfigError, match="model.init_from: .* lacks GLM weights"):
-        build_module(load_config("quickstart", [f"model.init_from={path}"]), tokenizer)
+        build_module(load_config("quickstart", ["model.num_layers=4", "model.hidden_size=64",
+                                                f"model.init_from={path}"]), tokenizer)
 
 
 # Conversion between the official, Hugging Face and our layouts (official `model/modeling_glm.py` keys).

@@ -72,7 +72,9 @@ def test_quickstart_is_small() -> None:
     assert cfg.model.name == "tiny"
     assert list(cfg.data.train_files) == []
     assert cfg.data.num_workers <= 1 and cfg.data.seq_length <= 128
-    assert cfg.trainer.max_steps <= 1000 and cfg.trainer.precision == "32-true"
+    assert cfg.model.num_layers * cfg.model.hidden_size <= 512
+    assert cfg.data.batch_size * cfg.data.seq_length <= 1024
+    assert cfg.trainer.max_steps <= 6000 and cfg.trainer.precision == "32-true"
 
 
 def test_pretrain_matches_official_glm_large_script() -> None:
@@ -294,12 +296,14 @@ def test_missing_job_is_reported(tmp_path: Path) -> None:
 
 
 def test_model_overrides_keep_only_what_is_set() -> None:
-    cfg = load_config("quickstart", ["model.num_layers=3", "model.attention_dropout_prob=0.0"])
+    cfg = load_config("quickstart", ["model.num_layers=3", "model.attention_dropout_prob=0.1"])
     overrides = model_overrides(cfg.model)
     assert overrides == {
         "num_layers": 3,
         "hidden_size": 128,
-        "attention_dropout_prob": 0.0,
+        "embedding_dropout_prob": 0.0,
+        "attention_dropout_prob": 0.1,
+        "output_dropout_prob": 0.0,
         "block_position_encoding": True,
         "checkpoint_activations": False,
     }
@@ -333,6 +337,7 @@ def test_job_registry_is_lazy_strings() -> None:
 def test_cli_print_config_prints_resolved_yaml(exp: str) -> None:
     result = run_cli(f"exp={exp}", "print_config=true", "seed=7")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"# running exp={exp}"
     printed = yaml.safe_load(result.stdout)
     assert printed == OmegaConf.to_container(load_config(exp, ["print_config=true", "seed=7"]))
     assert printed["exp"] == exp and printed["seed"] == 7
@@ -378,6 +383,8 @@ def test_cli_defaults_to_quickstart_and_imports_nothing_heavy() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["exp"] == "quickstart"
+    first = result.stdout.splitlines()[0]
+    assert first == "# running exp=quickstart (the default; see --help for the others)"
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

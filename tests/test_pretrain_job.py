@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.builtin_probes import builtin_probes
 from experiments.config import load_config
 from experiments.jobs.pretrain import build_module, build_tokenizer, result_line, run
 from glm_lightning.config import ConfigError
+from glm_lightning.infilling_eval import most_frequent_answer_baseline
 from glm_lightning.tokenizer import GLMTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +32,9 @@ def quickstart(tmp_path: Path, *overrides: str):
 
 
 @pytest.mark.slow
-def test_quickstart_trains_tracks_and_resumes(tmp_path):
+def test_quickstart_trains_tracks_and_resumes(tmp_path, capsys):
     run_dir = run(quickstart(tmp_path))
+    printed = capsys.readouterr().out.splitlines()
     assert run_dir == tmp_path / "outputs" / "quickstart" / "r1"
     assert (run_dir / "config.yaml").exists()
     assert GLMTokenizer.from_sentencepiece(str(run_dir / "tokenizer.model")).encode("Arlen lies") != []
@@ -43,9 +46,10 @@ def test_quickstart_trains_tracks_and_resumes(tmp_path):
     assert len(runs) == 1
     first = runs[0]
     assert first.info.status == "FINISHED" and first.info.run_name == "r1"
-    assert first.data.params["optim.lr"] == "0.001" and first.data.params["model.num_layers"] == "2"
+    assert first.data.params["optim.lr"] == "0.006" and first.data.params["model.num_layers"] == "2"
     assert {"train/loss", "train/loss_span", "val/loss", "val/loss_span", "val/ppl", "train/lr",
-            "train/tokens_seen", "train/samples", "val/unigram_baseline"} <= set(first.data.metrics)
+            "train/tokens_seen", "train/samples", "val/unigram_baseline", "infill/accuracy",
+            "infill/baseline"} <= set(first.data.metrics)
     assert first.data.metrics["train/tokens_seen"] == last["tokens_seen"] > 8 * 4
     assert first.data.tags["git_commit"] and first.data.tags["exp"] == "quickstart"
     assert (run_dir / "mlflow_run_id").read_text() == first.info.run_id
@@ -60,6 +64,23 @@ def test_quickstart_trains_tracks_and_resumes(tmp_path):
     val_history = mlflow.MlflowClient().get_metric_history(first.info.run_id, "val/loss")
     assert summary["best_score"] == pytest.approx(min(m.value for m in val_history))
     assert Path(summary["best_checkpoint"]).is_absolute() and Path(summary["last_checkpoint"]).is_file()
+
+    # After training on the built-in corpus: held-out infilling accuracy next to its baseline.
+    probes = builtin_probes()
+    accuracy, baseline = summary["metrics"]["infill/accuracy"], summary["metrics"]["infill/baseline"]
+    assert baseline == pytest.approx(most_frequent_answer_baseline(probes)) == pytest.approx(17 / 114)
+    assert accuracy * len(probes) == pytest.approx(round(accuracy * len(probes)))  # a count of exact fills
+    assert (first.data.metrics["infill/accuracy"], first.data.metrics["infill/baseline"]) == pytest.approx(
+        (accuracy, baseline))
+    logged = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=first.info.run_id, artifact_path="summary.json", dst_path=str(tmp_path / "dl"))).read_text())
+    assert logged["metrics"]["infill/baseline"] == baseline
+    (result,) = [i for i, line in enumerate(printed) if line.startswith("held-out infilling")]
+    assert printed[result - 1].startswith("finished 8 steps")
+    numbers = f"greedy exact match {accuracy:.1%}, most-frequent-answer baseline {baseline:.1%}"
+    assert numbers in printed[result]
+    examples = printed[result + 1 : result + 4]
+    assert len(examples) == 3 and all("[MASK]" in line and "  ->  " in line for line in examples)
 
     # Starting again in the same run directory would overwrite it: refused with a clear message.
     with pytest.raises(ConfigError, match="resume=auto"):
@@ -113,7 +134,9 @@ def step_losses(tracking_db: Path, run_name: str) -> dict[int, float]:
 @pytest.mark.slow
 def test_resume_equals_uninterrupted_training(tmp_path):
     """2N steps straight == N steps, stop, resume for N more: same losses and weights (dropout on)."""
-    common = ("trainer.log_every_n_steps=1", "trainer.val_check_interval=5", "optim.lr_decay_iters=10")
+    common = ("trainer.log_every_n_steps=1", "trainer.val_check_interval=5", "optim.lr_decay_iters=10",
+              "model.embedding_dropout_prob=0.1", "model.attention_dropout_prob=0.1",
+              "model.output_dropout_prob=0.1")
     straight = run(quickstart(tmp_path, "run_name=straight", "trainer.max_steps=10", *common))
     run(quickstart(tmp_path, "run_name=halves", "trainer.max_steps=5", *common))
     halves = run(quickstart(tmp_path, "run_name=halves", "trainer.max_steps=10", "resume=auto", *common))
@@ -184,6 +207,9 @@ def test_two_process_cpu_run_through_the_command_line(tmp_path, strategy):
     (found,) = mlflow.search_runs(experiment_names=["quickstart"], output_format="list")
     assert found.info.status == "FINISHED" and found.info.run_id == (run_dir / "mlflow_run_id").read_text()
     assert "val/loss" in found.data.metrics and found.data.params["trainer.strategy"] == strategy
+    # Rank zero scores the saved weights on the held-out blanks (its module may hold a shard only).
+    assert {"infill/accuracy", "infill/baseline"} <= set(found.data.metrics)
+    assert result.stdout.count("held-out infilling") == 1
 
 
 def test_seq_length_beyond_the_position_table_is_a_config_error(tokenizer):

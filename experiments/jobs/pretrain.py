@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from datamodules.builtin_corpus import write_builtin_corpus
+from datamodules.builtin_probes import builtin_probes
 from datamodules.content_hash import content_hash
 from datamodules.corpus import resolve_inputs
 from datamodules.corpus_reader import iter_documents
@@ -30,8 +31,9 @@ from experiments.config import save_config
 from experiments.errors import RunInterrupted
 from experiments.tracking import RunLogger, mlflow_logger
 from glm_lightning.callbacks import LastCheckpoint, StartStep
-from glm_lightning.checkpoint import init_weights
+from glm_lightning.checkpoint import init_weights, load_glm
 from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
+from glm_lightning.infilling_eval import evaluate_infilling
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.pretrain import GLMPretrainModule
 from glm_lightning.parallel import build_strategy
@@ -115,6 +117,8 @@ def initialized(module: L.LightningModule, cfg: DictConfig) -> L.LightningModule
     return module
 
 
+INFILL_ACCURACY = "infill/accuracy"  # MLflow / summary.json names of the built-in corpus's probes
+INFILL_BASELINE = "infill/baseline"
 RUN_DIR_VARIABLE = "GLM_LIGHTNING_RUN_DIR"  # inherited by the processes Lightning launches
 
 
@@ -198,7 +202,38 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path)
     if run.trainer.is_global_zero:
         print(result_line(run.summary, run.logger))
+        if not cfg.data.train_files:  # the built-in world: show what the model learned about it
+            print(builtin_infilling(run, module, tokenizer, run_dir / "summary.json"))
     return run_dir
+
+
+def builtin_infilling(run: FittedRun, module: GLMPretrainModule, tokenizer: GLMTokenizer,
+                      summary_path: Path) -> str:
+    """Greedy infilling accuracy on the held-out probes of the built-in world and the
+    most-frequent-answer baseline, added to the summary and the MLflow run; the lines to print."""
+    if run.trainer.world_size == 1:
+        model = module.model
+    else:  # the weights of rank zero's module may be a shard: read the saved ones
+        last = Path(run.summary["last_checkpoint"])
+        if not last.is_file():
+            return f"held-out infilling not evaluated: {last} is a sharded checkpoint"
+        model = load_glm(last)
+    probes = builtin_probes()
+    result = evaluate_infilling(model, tokenizer, probes)
+    metrics = {INFILL_ACCURACY: result.accuracy, INFILL_BASELINE: result.baseline}
+    run.summary["metrics"].update(metrics)
+    summary_path.write_text(json.dumps(run.summary, indent=2) + "\n")
+    if run.logger:
+        for name, value in metrics.items():
+            run.logger.experiment.log_metric(run.logger.run_id, name, value, step=run.summary["global_step"])
+        run.logger.experiment.log_artifact(run.logger.run_id, str(summary_path))
+    lines = [f"held-out infilling ({len(probes)} facts of the built-in world, in phrasings its corpus never "
+             f"uses for them): greedy exact match {result.accuracy:.1%}, most-frequent-answer baseline "
+             f"{result.baseline:.1%}"]
+    for fill in result.examples(3):
+        mark = "right" if fill.correct else f"wrong, the answer is {fill.answer!r}"
+        lines.append(f"  {fill.text}  ->  {fill.prediction!r} ({mark})")
+    return "\n".join(lines)
 
 
 @dataclass
