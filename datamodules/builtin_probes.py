@@ -99,13 +99,10 @@ def builtin_probes(seed: int = 0) -> list[Probe]:
     held-out template chosen by ``seed``; deterministic for a given seed."""
     rng = random.Random(seed)
     probes = []
-    for relation, templates in CITY_TEMPLATES.items():
-        for city in CITIES:
-            text, answer = rng.choice(templates)(city)
-            probes.append(Probe(relation, city.name, text, answer))
-    for relation, templates in PERSON_TEMPLATES.items():
-        for person in PEOPLE:
-            text, answer = rng.choice(templates)(person)
-            probes.append(Probe(relation, person.name, text, answer))
+    for table, entities in ((CITY_TEMPLATES, CITIES), (PERSON_TEMPLATES, PEOPLE)):
+        for relation, templates in table.items():
+            for entity in entities:
+                text, answer = rng.choice(templates)(entity)
+                probes.append(Probe(relation, entity.name, text, answer))
     return probes
 
