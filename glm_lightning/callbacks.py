@@ -32,7 +32,7 @@ class LastCheckpoint(L.Callback):
 
     def _save(self, trainer: L.Trainer) -> None:
         if self._saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # a full, resumable checkpoint
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():

@@ -123,6 +123,26 @@ def test_cli_reports_a_bad_training_file_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+def test_the_command_line_says_what_it_runs_and_prints_no_library_noise(tmp_path):
+    """The first line names the experiment; Lightning's adverts, its deprecation warnings and its
+    note on ``weights_only`` (a last checkpoint saved off the validation schedule) never show."""
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run", f"output_dir={tmp_path / 'outputs'}",
+         f"data.cache_dir={tmp_path / 'cache'}", "model.num_layers=1", "model.hidden_size=64",
+         "data.seq_length=32", "data.batch_size=4", "trainer.max_steps=3", "trainer.val_check_interval=2",
+         "trainer.limit_val_batches=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("# running exp=quickstart")
+    (run_dir,) = (tmp_path / "outputs" / "quickstart").iterdir()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    output = result.stdout + result.stderr
+    for noise in ("Tip:", "litlogger", "LeafSpec", "weights_only", "Warning"):
+        assert noise not in output
+
+
 def step_losses(tracking_db: Path, run_name: str) -> dict[int, float]:
     mlflow.set_tracking_uri(f"sqlite:///{tracking_db}")
     client = mlflow.MlflowClient()
