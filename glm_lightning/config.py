@@ -36,6 +36,7 @@ MODEL_NAMES = (
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": MODEL_NAMES,
     "tokenizer.kind": ("sentencepiece", "wordpiece", "gpt2", "roberta"),
+    "tokenizer.model_type": ("unigram", "bpe"),
     "optim.lr_decay_style": ("cosine", "linear", "constant"),
     "trainer.strategy": ("auto", "ddp", "fsdp", "fsdp1"),
     "trainer.checkpoint_format": ("full", "sharded"),
@@ -91,6 +92,9 @@ class TokenizerConfig:
     path: str | None = None  # .model / vocab.txt / vocab.json; None trains a sentencepiece model
     merges: str | None = None  # merges.txt of the gpt2 and roberta vocabularies
     vocab_size: int = 8000  # number of pieces when training a sentencepiece model
+    # the algorithm of a trained sentencepiece model: unigram (the GLM Chinese model's) or bpe, which
+    # on a small corpus reaches vocab_size with whole words where unigram stops short in subwords
+    model_type: str = "unigram"
 
 
 @dataclass

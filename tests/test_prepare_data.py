@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sentencepiece import sentencepiece_model_pb2
+
 from datamodules.corpus import tokenize_corpus
 from experiments.config import load_config
 from experiments.jobs.pretrain import build_tokenizer, training_files
@@ -49,3 +51,18 @@ def test_a_tokenizer_trained_on_jsonl_has_no_json_pieces(tmp_path: Path, make_te
     pieces = [tokenizer.backend.id_to_piece(i) for i in range(tokenizer.backend.num_pieces)]
     assert len(pieces) > 400
     assert not [p for p in pieces if set(p) & set('{}"\\')]  # the text itself has none of these
+
+
+def test_tokenizer_model_type_selects_the_sentencepiece_algorithm(tmp_path: Path, make_text: Any) -> None:
+    files = write_corpus(tmp_path / "data", make_text)
+    types = {}
+    for model_type in ("unigram", "bpe"):
+        cfg = load_config("pretrain", [f"data.train_files=[{files[1]}]", f"data.cache_dir={tmp_path / 'c'}",
+                                       "tokenizer.vocab_size=500", f"tokenizer.model_type={model_type}"])
+        tokenizer: GLMTokenizer = build_tokenizer(cfg, training_files(cfg))
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(Path(tokenizer.backend.path).read_bytes())
+        types[model_type] = (proto.trainer_spec.model_type, tokenizer.backend.path)
+    assert types["unigram"][0] == sentencepiece_model_pb2.TrainerSpec.UNIGRAM
+    assert types["bpe"][0] == sentencepiece_model_pb2.TrainerSpec.BPE
+    assert types["unigram"][1] != types["bpe"][1]  # cached apart

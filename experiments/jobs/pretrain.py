@@ -49,7 +49,7 @@ def training_files(cfg: DictConfig) -> list[str]:
 
 def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
     """The official vocabulary at ``tokenizer.path``, or a sentencepiece model: the given one, or one
-    trained on the training files once per (file contents, vocab size) and cached under
+    trained on the training files once per (file contents, vocab size, model type) and cached under
     ``data.cache_dir``."""
     # Sentinel ablation: one [MASK{i}]/<|startofpiece{i}|> pair per span; a sample holds at most
     # int(mask_ratio * seq_length) + 1 spans (each masks at least one token).
@@ -64,6 +64,8 @@ def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
         return GLMTokenizer.from_sentencepiece(path, **extra)
     # keyed by the files' content hashes (remembered by size and mtime), never by reading them whole
     digest = hashlib.sha256(f"{cfg.tokenizer.vocab_size};extracted documents".encode())
+    if cfg.tokenizer.model_type != "unigram":  # (unigram models keep the keys they were cached under)
+        digest.update(cfg.tokenizer.model_type.encode())
     for name in sorted(files):
         memo = Path(cfg.data.cache_dir) / "hashes"
         digest.update(content_hash(name, memo, rehash=cfg.data.rehash).encode())
@@ -75,6 +77,7 @@ def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
         trained = train_sentencepiece(sorted(files), cfg.tokenizer.vocab_size, str(tmp_prefix),
                                       documents=iter_documents,
                                       input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                                      model_type=cfg.tokenizer.model_type,
                                       hard_vocab_limit=False)  # small corpora support fewer pieces
         Path(trained).replace(model_path)
         Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
