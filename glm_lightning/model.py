@@ -266,8 +266,8 @@ class GLMStack(nn.Module):
     batches of cloze, seq2seq and evaluation reuse a graph instead of compiling one per shape
     (padding lengths to buckets would still compile once per bucket and per batch size). A graph
     is added only per kind of mask (GLM ``sep``, explicit, causal), per train/eval mode, and for
-    sizes of 1, which torch specialises. Decoding on the KV cache stays eager: its cache length
-    changes every step and the step is too small for compilation to pay.
+    sizes of 1, which torch specialises. Decoding on the KV cache runs eagerly: the cache is Python
+    state whose length changes at every step, which would guard and recompile the graph each time.
     """
 
     def __init__(self, config: GLMConfig):
