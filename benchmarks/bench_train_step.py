@@ -1,4 +1,5 @@
-"""Training-step throughput, peak memory and MFU of GLMModel next to GPT-2 and BERT of the same shape.
+"""Training-step throughput, peak memory and MFU of GLMModel next to GPT-2 and BERT of the same shape,
+each eager and, for GLM and GPT-2, compiled.
 
 One step is forward + loss + backward + AdamW step, in fp32 with dropout 0.1 everywhere:
 
@@ -9,12 +10,15 @@ One step is forward + loss + backward + AdamW step, in fp32 with dropout 0.1 eve
 * BERT (``BertForMaskedLM``): MLM loss on 15% of the tokens.
 
 The Hugging Face models get the same layers / hidden / heads / FFN / vocabulary / positions, the
-tanh GeLU and ``attn_implementation="sdpa"``. Timed steps alternate between the models (the order
-rotates every round) so that machine noise hits all of them alike; the median and the fastest step
-are reported. Timed rounds stop at a deadline so that a busy machine still finishes.
-Peak memory is the peak resident set size (``ru_maxrss``) of a fresh child process per model that
-runs two steps (the second one holds activations, gradients and AdamW state at once); it is
-reported in full and above the same child's RSS after imports. MFU uses the analytic model FLOPs of
+tanh GeLU and ``attn_implementation="sdpa"``. "compiled" is ``GLMConfig.compile`` (every layer
+through one ``torch.compile``'d function, ``model.compile=true``) for GLM and ``torch.compile`` of
+the whole model for GPT-2; they compile in the warm-up round. Timed steps alternate between the
+models (the order rotates every round) so that machine noise hits all of them alike; the median
+and the fastest step are reported. Timed rounds stop at a deadline so that a busy machine still
+finishes. Peak memory is the peak resident set size (``ru_maxrss``) of a fresh child process per
+eager model (compiled models are not measured: the compiler's own memory would dominate) that runs
+two steps (the second one holds activations, gradients and AdamW state at once); it is reported
+in full and above the same child's RSS after imports. MFU uses the analytic model FLOPs of
 ``glm_lightning.flops`` and, as the peak, the fp32 matmul throughput measured in every round.
 
     python benchmarks/bench_train_step.py    # under 5 minutes: timed rounds stop at --total-s
@@ -44,7 +48,8 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 from glm_lightning.flops import training_flops_per_token
 from glm_lightning.model import GLMConfig, GLMModel
 
-MODELS = ("GLM", "GPT-2", "BERT")
+MODELS = ("GLM", "GLM compiled", "GPT-2", "GPT-2 compiled", "BERT")
+EAGER = ("GLM", "GPT-2", "BERT")
 # glm-base with half the layers and a smaller width, so that a step takes seconds on a CPU.
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, POSITIONS, DROPOUT = 6, 512, 8, 2048, 30592, 512, 0.1
 PART_A_FRACTION = 0.85
@@ -54,15 +59,15 @@ Step = Callable[[], None]
 Built = tuple[nn.Module, Callable[[], Tensor]]  # the model and its loss on a fixed batch
 
 
-def glm_config() -> GLMConfig:
+def glm_config(compile: bool = False) -> GLMConfig:
     return GLMConfig(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, intermediate_size=FFN,
                      vocab_size=VOCAB, max_sequence_length=POSITIONS, embedding_dropout_prob=DROPOUT,
-                     attention_dropout_prob=DROPOUT, output_dropout_prob=DROPOUT)
+                     attention_dropout_prob=DROPOUT, output_dropout_prob=DROPOUT, compile=compile)
 
 
-def build_glm(batch_size: int, seq_length: int, g: torch.Generator) -> Built:
+def build_glm(batch_size: int, seq_length: int, g: torch.Generator, compile: bool = False) -> Built:
     """GLM on a blank-infilling batch: Part A bidirectional, one span generated in Part B."""
-    model = GLMModel(glm_config())
+    model = GLMModel(glm_config(compile))
     ids = torch.randint(VOCAB, (batch_size, seq_length), generator=g)
     targets = torch.randint(VOCAB, (batch_size, seq_length), generator=g)
     # Part-A lengths around 85% of the sequence, different per sample as in real batches.
@@ -78,14 +83,15 @@ def build_glm(batch_size: int, seq_length: int, g: torch.Generator) -> Built:
                                           targets[loss_mask])
 
 
-def build_gpt2(batch_size: int, seq_length: int, g: torch.Generator) -> Built:
+def build_gpt2(batch_size: int, seq_length: int, g: torch.Generator, compile: bool = False) -> Built:
     config = GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                         n_inner=FFN, activation_function="gelu_pytorch_tanh", resid_pdrop=DROPOUT,
                         embd_pdrop=DROPOUT, attn_pdrop=DROPOUT, layer_norm_epsilon=1e-5,
                         bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     ids = torch.randint(VOCAB, (batch_size, seq_length), generator=g)
-    return model, lambda: model(input_ids=ids, labels=ids).loss
+    run = torch.compile(model) if compile else model
+    return model, lambda: run(input_ids=ids, labels=ids).loss
 
 
 def build_bert(batch_size: int, seq_length: int, g: torch.Generator) -> Built:
@@ -100,7 +106,10 @@ def build_bert(batch_size: int, seq_length: int, g: torch.Generator) -> Built:
     return model, lambda: model(input_ids=ids, labels=labels).loss
 
 
-BUILDERS = {"GLM": build_glm, "GPT-2": build_gpt2, "BERT": build_bert}
+BUILDERS: dict[str, Callable[..., Built]] = {
+    "GLM": build_glm, "GLM compiled": lambda *args: build_glm(*args, compile=True),
+    "GPT-2": build_gpt2, "GPT-2 compiled": lambda *args: build_gpt2(*args, compile=True), "BERT": build_bert,
+}
 
 
 def make_step(name: str, batch_size: int, seq_length: int) -> tuple[Step, int]:
@@ -184,7 +193,7 @@ def main() -> None:
     parser.add_argument("--total-s", type=float, default=280.0,
                         help="no timed round beyond --min-repeats starts that would end after this")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--memory-of", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", choices=EAGER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     deadline = time.perf_counter() + args.total_s
     torch.set_num_threads(args.threads)
@@ -201,7 +210,7 @@ def main() -> None:
     print(f"shape: layers {LAYERS}, hidden {HIDDEN}, heads {HEADS}, FFN {FFN}, vocab {VOCAB}, "
           f"batch {B} x seq {L}, fp32, dropout {DROPOUT}")
 
-    memory = {name: peak_rss_child(name, B, L, args.threads) for name in MODELS}
+    memory = {name: peak_rss_child(name, B, L, args.threads) for name in EAGER}
     steps, params = {}, {}
     for name in MODELS:
         steps[name], params[name] = make_step(name, B, L)
@@ -213,11 +222,11 @@ def main() -> None:
 
 def report(seconds: dict[str, list[float]], matmul: list[float], memory: dict[str, dict],
            params: dict[str, int], batch_size: int, seq_length: int) -> None:
-    """Markdown table and GLM ratios.
+    """Markdown table and ratios of tokens/s.
 
     Besides medians and best steps, the per-round ratio compares steps run back to back, so it is
-    the least sensitive to the machine's load changing during the run. All three models share the
-    GLM FLOP count (same shape; BERT's extra MLM-head transform, under 1% more, is not credited).
+    the least sensitive to the machine's load changing during the run. All models share the GLM
+    FLOP count (same shape; BERT's extra MLM-head transform, under 1% more, is not credited).
     """
     tokens = batch_size * seq_length
     flops_per_token = training_flops_per_token(glm_config(), seq_length)
@@ -231,18 +240,30 @@ def report(seconds: dict[str, list[float]], matmul: list[float], memory: dict[st
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in MODELS:
         mfu, mfu_best = median[name] * flops_per_token / peak, best[name] * flops_per_token / best_peak
-        rss, above = memory[name]["peak_mib"], memory[name]["peak_mib"] - memory[name]["after_imports_mib"]
+        rss = above = "-"
+        if name in memory:
+            rss = f"{memory[name]['peak_mib']:.0f}"
+            above = f"{memory[name]['peak_mib'] - memory[name]['after_imports_mib']:.0f}"
         print(f"| {name} | {params[name] / 1e6:.1f} | {median[name]:.0f} | {best[name]:.0f} | {mfu:.1%} "
-              f"| {mfu_best:.1%} | {rss:.0f} | {above:.0f} |")
+              f"| {mfu_best:.1%} | {rss} | {above} |")
+    print()
 
-    def vs_faster(tps: dict[str, float]) -> float:
-        return tps["GLM"] / max(tps["GPT-2"], tps["BERT"])
+    def ratio(model: str, others: tuple[str, ...]) -> None:
+        """tokens/s of ``model`` over the fastest of ``others``."""
+        def of(tps: dict[str, float]) -> float:
+            return tps[model] / max(tps[other] for other in others)
 
-    rounds = [vs_faster({name: 1 / s for name, s in zip(MODELS, r, strict=True)})
-              for r in zip(*(seconds[name] for name in MODELS), strict=True)]
-    print(f"\nGLM / max(GPT-2, BERT) tokens/s: medians {vs_faster(median):.3f}, best steps "
-          f"{vs_faster(best):.3f}, per round {statistics.median(rounds):.3f} "
-          f"(median; range {min(rounds):.2f}-{max(rounds):.2f})")
+        rounds = [of({name: 1 / s for name, s in zip(MODELS, r, strict=True)})
+                  for r in zip(*(seconds[name] for name in MODELS), strict=True)]
+        against = f"max({', '.join(others)})" if len(others) > 1 else others[0]
+        print(f"{model} / {against} tokens/s: medians {of(median):.3f}, best steps {of(best):.3f}, per "
+              f"round {statistics.median(rounds):.3f} (median; range {min(rounds):.2f}-{max(rounds):.2f})")
+
+    ratio("GLM", ("GPT-2", "BERT"))
+    ratio("GLM compiled", ("GPT-2",))
+    ratio("GLM compiled", ("GPT-2 compiled",))
+    ratio("GLM compiled", ("GLM",))
+    ratio("GPT-2 compiled", ("GPT-2",))
     for other in ("GPT-2", "BERT"):
         print(f"GLM / {other} peak RSS: {memory['GLM']['peak_mib'] / memory[other]['peak_mib']:.3f}")
 

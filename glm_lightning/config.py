@@ -40,7 +40,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.lr_decay_style": ("cosine", "linear", "constant"),
     "trainer.strategy": ("auto", "ddp", "fsdp", "fsdp1"),
     "trainer.checkpoint_format": ("full", "sharded"),
-    "trainer.precision": ("32-true", "bf16-mixed", "16-mixed"),
+    "trainer.precision": ("32-true", "bf16-mixed", "16-mixed", "bf16-true"),
+    "model.attention": ("auto", "sdpa", "flex"),
     "generation.strategy": ("greedy", "sample", "beam"),
     "lm_eval.task": ("lambada", "perplexity"),
 }
@@ -64,6 +65,8 @@ MODEL_OVERRIDE_FIELDS = (
     "output_dropout_prob",
     "block_position_encoding",
     "checkpoint_activations",
+    "attention",
+    "compile",
 )
 
 
@@ -81,6 +84,8 @@ class ModelConfig:
     output_dropout_prob: float | None = None
     block_position_encoding: bool = True  # second (intra-span) position table; off for the ablation
     checkpoint_activations: bool = False  # recompute layer activations in backward to save memory
+    attention: str = "auto"  # sdpa, flex (FlexAttention; training needs CUDA) or auto (flex on CUDA)
+    compile: bool = False  # torch.compile every transformer layer (dynamic shapes)
     init_from: str | None = None  # checkpoint to start from (official GLM, Hugging Face or ours)
 
 
@@ -244,7 +249,9 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto, ddp, fsdp (FSDP2, CPU or GPU), fsdp1 (FSDPStrategy, GPU only)
     checkpoint_format: str = "full"  # full: one file gathered on rank 0; sharded: a folder of per-rank shards
-    precision: str = "32-true"  # Lightning precision
+    # Lightning precision: 32-true, bf16-mixed or 16-mixed (fp32 weights, autocast), bf16-true (bf16
+    # weights and optimizer state); losses and log-softmax are computed in fp32 under all of them
+    precision: str = "32-true"
     accumulate_grad_batches: int = 1  # micro-batches per optimizer step
     val_check_interval: int = 200  # validate every this many training batches
     limit_val_batches: int = 20  # validation batches per check

@@ -13,17 +13,23 @@ Module paths mirror the official implementation, so the state-dict keys are the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
-from glm_lightning.attention_mask import glm_attention_mask
+from glm_lightning.attention_mask import dense_block_mask, glm_attention_mask, glm_block_mask, real_lengths
+from glm_lightning.config import ConfigError
 
 VOCAB_MULTIPLE = 128
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 
 
 def pad_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -48,8 +54,13 @@ class GLMConfig:
     initializer_range: float = 0.02
     block_position_encoding: bool = True  # False = the "w/o 2D positions" ablation
     checkpoint_activations: bool = False  # recompute each layer in backward to save memory
+    attention: str = "auto"  # sdpa, flex (FlexAttention, block-sparse) or auto (flex on CUDA)
+    compile: bool = False  # torch.compile each layer (see GLMStack for the shapes it compiles)
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention {self.attention!r}; "
+                             f"valid choices: {', '.join(ATTENTION_BACKENDS)}")
         self.vocab_size = pad_vocab_size(self.vocab_size)
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
@@ -134,6 +145,48 @@ class KVCache:
         self.values = [v.index_select(0, index) for v in self.values]
 
 
+def attention_backend(config: GLMConfig, device: torch.device, training: bool) -> str:
+    """``"sdpa"`` or ``"flex"`` for one forward pass. ``auto`` takes flex on CUDA, where its
+    compiled kernels skip the masked blocks, except while attention dropout is active (flex has
+    no dropout); elsewhere sdpa (FlexAttention has no backward pass off CUDA)."""
+    if config.attention != "auto":
+        return config.attention
+    dropout = training and config.attention_dropout_prob > 0
+    return "flex" if device.type == "cuda" and not dropout else "sdpa"
+
+
+def check_trainable(config: GLMConfig, device: torch.device) -> None:
+    """Refuse, in one line before the first step, an attention backend that cannot train here."""
+    if attention_backend(config, device, training=True) != "flex":
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"model.attention=flex cannot train on {device.type}: FlexAttention's backward "
+                          "pass needs CUDA; use model.attention=sdpa or auto")
+    if config.attention_dropout_prob > 0:
+        raise ConfigError("model.attention=flex has no attention dropout (model.attention_dropout_prob="
+                          f"{config.attention_dropout_prob}); set it to 0, or use model.attention=sdpa")
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable[..., Tensor]:
+    """``flex_attention`` compiled once per process: only compiled does it run the fused,
+    block-sparse kernels (eagerly it materialises every score)."""
+    return torch.compile(flex_attention)
+
+
+def flex_attention_forward(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    """FlexAttention of ``q [B, h, Lq, d]`` against ``k, v [B, h, Lk, d]``: traced into the graph
+    of a compiled layer, compiled on GPUs, and eager on CPU (forward only; torch's advice to
+    compile it there is meant for GPUs and is silenced)."""
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if q.device.type == "cpu":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex_attention(q, k, v, block_mask=block_mask)
+    return compiled_flex_attention()(q, k, v, block_mask=block_mask)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection (rows: Q | K | V, heads contiguous)."""
 
@@ -145,7 +198,7 @@ class SelfAttention(nn.Module):
         self.attention_dropout = config.attention_dropout_prob
         self.output_dropout = nn.Dropout(config.output_dropout_prob)
 
-    def forward(self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None, layer: int,
+    def forward(self, x: Tensor, mask: Tensor | BlockMask | None, kv_cache: KVCache | None, layer: int,
                 causal: bool = False) -> Tensor:
         B, L, H = x.shape
         q, k, v = (
@@ -154,12 +207,15 @@ class SelfAttention(nn.Module):
         )
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=causal,
-        )
+        if isinstance(mask, BlockMask):
+            y = flex_attention_forward(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                dropout_p=self.attention_dropout if self.training else 0.0,
+                is_causal=causal,
+            )
         return self.output_dropout(self.dense(y.transpose(1, 2).reshape(B, L, H)))
 
 
@@ -184,14 +240,35 @@ class GLMLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None = None,
+    def forward(self, x: Tensor, mask: Tensor | BlockMask | None, kv_cache: KVCache | None = None,
                 layer: int = 0, causal: bool = False) -> Tensor:
         x = x + self.attention(self.input_layernorm(x), mask, kv_cache, layer, causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def run_layer(layer: GLMLayer, h: Tensor, mask: Tensor | BlockMask | None, causal: bool) -> Tensor:
+    """One layer without a KV cache: the unit that ``GLMConfig.compile`` compiles."""
+    return layer(h, mask, None, 0, causal)
+
+
+@functools.cache
+def compiled_run_layer() -> Callable[..., Tensor]:
+    """``run_layer`` compiled once per process with dynamic batch and sequence sizes (see GLMStack)."""
+    return torch.compile(run_layer, dynamic=True)
+
+
 class GLMStack(nn.Module):
-    """Position embeddings, the layers and the final LayerNorm (the official ``transformer``)."""
+    """Position embeddings, the layers and the final LayerNorm (the official ``transformer``).
+
+    With ``config.compile`` every layer runs through one compiled function (the layers share its
+    graphs; parameters are graph inputs, so the state-dict keys stay the official ones). Shapes are
+    compiled dynamically (``dynamic=True``): batch size and length are symbols, so the varying
+    batches of cloze, seq2seq and evaluation reuse a graph instead of compiling one per shape
+    (padding lengths to buckets would still compile once per bucket and per batch size). A graph
+    is added only per kind of mask (GLM ``sep``, explicit, causal), per train/eval mode, and for
+    sizes of 1, which torch specialises. Decoding on the KV cache runs eagerly: the cache is Python
+    state whose length changes at every step, which would guard and recompile the graph each time.
+    """
 
     def __init__(self, config: GLMConfig):
         super().__init__()
@@ -204,18 +281,21 @@ class GLMStack(nn.Module):
         self.layers = nn.ModuleList(GLMLayer(config) for _ in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
-    def forward(self, words: Tensor, position_ids: Tensor, mask: Tensor | None,
+    def forward(self, words: Tensor, position_ids: Tensor, mask: Tensor | BlockMask | None,
                 kv_cache: KVCache | None, causal: bool = False) -> Tensor:
         h = words + self.position_embeddings(position_ids[:, 0])
         if self.config.block_position_encoding:
             h = h + self.block_position_embeddings(position_ids[:, 1])
         h = self.embedding_dropout(h)
-        recompute = self.config.checkpoint_activations and self.training and kv_cache is None
+        recompute = self.config.checkpoint_activations and self.training
+        run = compiled_run_layer() if self.config.compile else run_layer
         for i, layer in enumerate(self.layers):
-            if recompute:
-                h = checkpoint(layer, h, mask, None, i, causal, use_reentrant=False)
-            else:
+            if kv_cache is not None:
                 h = layer(h, mask, kv_cache, i, causal)
+            elif recompute:
+                h = checkpoint(run, layer, h, mask, causal, use_reentrant=False)
+            else:
+                h = run(layer, h, mask, causal)
         return self.final_layernorm(h)
 
 
@@ -270,13 +350,25 @@ class GLMModel(nn.Module):
         is True and returns them as ``[N, V]`` in row-major order: pretraining predicts Part B only,
         so this skips most of the output projection, the largest matmul of a small model.
         ``return_hidden`` returns the final hidden states instead of logits (for other heads).
+
+        The attention runs on ``config.attention`` (see ``attention_backend``); its mask is built
+        once here for all layers. FlexAttention skips the blocks of padding: with ``sep`` and no
+        cache, the tokens after the last non-zero dim-1 position (``real_lengths``) are padding.
         """
         B, L = input_ids.shape
         if position_ids.shape != (B, 2, L):
             raise ValueError(f"position_ids must be [B, 2, L] = {[B, 2, L]}, got {list(position_ids.shape)}")
         past = kv_cache.length if kv_cache is not None else 0
         mask, causal = attention_mask, False
-        if mask is None:
+        if attention_backend(self.config, input_ids.device, self.training) == "flex":
+            if mask is not None:
+                mask = dense_block_mask(mask, B)
+            else:
+                lengths = None
+                if sep is not None and not past:  # Part A is never padding
+                    lengths = torch.maximum(real_lengths(position_ids), sep)
+                mask = glm_block_mask(sep, lengths, L, past + L)
+        elif mask is None:
             if sep is not None or (past and L > 1):
                 mask = glm_attention_mask(sep, L, past + L, device=input_ids.device)
             else:  # no Part A: plain causal, or one new token that sees every cached one (no mask)

@@ -306,10 +306,14 @@ def test_model_overrides_keep_only_what_is_set() -> None:
         "output_dropout_prob": 0.0,
         "block_position_encoding": True,
         "checkpoint_activations": False,
+        "attention": "auto",
+        "compile": False,
     }
     assert set(model_overrides(ExperimentConfig().model)) == {
         "block_position_encoding",
         "checkpoint_activations",
+        "attention",
+        "compile",
     }
 
 

@@ -53,6 +53,8 @@ def load_model(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMModel:
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the checkpoint's vocabulary only "
                           f"{model.config.vocab_size}; set the tokenizer the model was trained with")
+    # the attention backend and compilation are how this run computes, not what was trained
+    model.config.attention, model.config.compile = cfg.model.attention, cfg.model.compile
     return model.to(pick_device(cfg)).eval()
 
 

@@ -97,8 +97,8 @@ def resolve_wsc_mode(cfg: DictConfig, train_dir: Path) -> str:
 
 
 def load_backbone(cfg: DictConfig, tokenizer: GLMTokenizer) -> tuple[GLMConfig, dict[str, torch.Tensor]]:
-    """Config (sizes from the checkpoint, dropouts from ``model.*`` when set) and weights of
-    ``model.init_from``, checked against the tokenizer."""
+    """Config (sizes from the checkpoint; dropouts when set, attention and compile from ``model.*``)
+    and weights of ``model.init_from``, checked against the tokenizer."""
     path = require_checkpoint(cfg)
     try:
         model = load_glm(path, num_attention_heads=cfg.model.num_attention_heads)  # None = inferred
@@ -109,7 +109,9 @@ def load_backbone(cfg: DictConfig, tokenizer: GLMTokenizer) -> tuple[GLMConfig, 
                           f"only {model.config.vocab_size}; set the tokenizer the model was trained with")
     dropouts = {name: getattr(cfg.model, name) for name in DROPOUT_FIELDS
                 if getattr(cfg.model, name) is not None}
-    return dataclasses.replace(model.config, **dropouts), model.state_dict()
+    # the attention backend and compilation are how this run computes, not what was trained
+    return dataclasses.replace(model.config, **dropouts, attention=cfg.model.attention,
+                               compile=cfg.model.compile), model.state_dict()
 
 
 def task_epochs(cfg: DictConfig, task: str) -> int:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from glm_lightning.attention_mask import candidate_attention_mask
 from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.metrics import ReCoRDMetric, superglue_metrics
-from glm_lightning.model import GLMConfig, GLMModel
+from glm_lightning.model import GLMConfig, GLMModel, check_trainable
 from glm_lightning.optim import adamw_with_annealing
 
 LOSS_FUNCS = ("cross_entropy", "mix", "generative")
@@ -242,6 +242,9 @@ class GLMClozeModule(L.LightningModule):
         targets = target[predicted]
         reproduced = greedy_reproduces(logits, targets, predicted.nonzero()[:, 0], len(ids))
         return F.cross_entropy(logits, targets), reproduced.long()
+
+    def on_fit_start(self) -> None:
+        check_trainable(self.model.config, self.device)  # one line now, not a traceback at step 1
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if self.generative:

@@ -13,7 +13,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from glm_lightning.flops import training_flops_per_batch
-from glm_lightning.model import GLMConfig, GLMModel
+from glm_lightning.model import GLMConfig, GLMModel, check_trainable
 from glm_lightning.optim import adamw_with_annealing
 
 OBJECTIVES = ("span", "sentence", "document", "masked_lm")
@@ -129,6 +129,9 @@ class GLMPretrainModule(L.LightningModule):
         tokens = predicted.sum()
         ce = F.cross_entropy(logits, batch["target_ids"][predicted], reduction="sum")
         return ce / tokens.clamp(min=1), tokens
+
+    def on_fit_start(self) -> None:
+        check_trainable(self.model.config, self.device)  # one line now, not a traceback at step 1
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, tokens = self.loss(batch)

@@ -15,7 +15,7 @@ from torchmetrics.text.rouge import ROUGEScore
 
 from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.generation import generate
-from glm_lightning.model import GLMConfig, GLMModel
+from glm_lightning.model import GLMConfig, GLMModel, check_trainable
 from glm_lightning.modules.pretrain import TokenWeightedLoss
 from glm_lightning.optim import adamw_with_annealing
 from glm_lightning.tokenizer import GLMTokenizer
@@ -77,6 +77,9 @@ class GLMSeq2SeqModule(L.LightningModule):
         logits = self.model(batch["input_ids"], batch["position_ids"], batch["sep"], output_mask=predicted)
         return label_smoothed_loss(logits, batch["target_ids"][predicted], self.hparams.label_smoothing), \
             predicted.sum()
+
+    def on_fit_start(self) -> None:
+        check_trainable(self.model.config, self.device)  # one line now, not a traceback at step 1
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, tokens = self.loss(batch)
