@@ -81,6 +81,8 @@ def test_the_job_builds_its_model_from_init_from(tmp_path, tokenizer):
     torch.save({"module": start.state_dict()}, path)
     module = build_module(load_config("quickstart", ["model.num_layers=2", "model.hidden_size=64",
                                                      f"model.init_from={path}"]), tokenizer)
+    assert module.model.word_embeddings.weight.is_meta  # read once the Trainer sets the module up
+    module.configure_model()
     for key, value in start.state_dict().items():
         assert torch.equal(module.model.state_dict()[key], value), key
     with pytest.raises(ConfigError, match="model.init_from: .* lacks GLM weights"):
@@ -294,9 +296,9 @@ def test_jobs_pass_an_explicit_head_count_to_the_loader(tmp_path):
                                 "trainer.accelerator=cpu"])
         torch.testing.assert_close(logits(load_model(cfg, tokenizer)), logits(source), atol=1e-5, rtol=0)
     cfg = load_config("superglue", [f"model.init_from={path}", f"model.num_attention_heads={HEADS}"])
-    config, weights = load_backbone(cfg, tokenizer)
+    config = load_backbone(cfg, tokenizer)
     assert config.num_attention_heads == HEADS
-    guessed, _ = load_backbone(load_config("superglue", [f"model.init_from={path}"]), tokenizer)
+    guessed = load_backbone(load_config("superglue", [f"model.init_from={path}"]), tokenizer)
     assert guessed.num_attention_heads == CONFIG.hidden_size // 64 != HEADS
 
 
