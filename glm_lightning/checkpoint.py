@@ -18,6 +18,12 @@ where the tensors are stored:
 Plain state dicts in a single file (keys optionally prefixed ``glm.`` or ``model.``) are read too.
 ``.safetensors`` files need the ``safetensors`` package.
 
+Large checkpoints load without a second copy in memory: ``.pt`` / ``.ckpt`` / ``.bin`` zip files are
+memory-mapped (``torch.load(mmap=True)``), safetensors files opened with ``safe_open``, and
+``load_weights`` copies one weight at a time into a model built on the meta device (model-parallel
+shards merged per weight, cast per weight, the file pages released after each), so peak memory is
+the model plus one weight. Under FSDP2 each rank copies only its own shard of each weight.
+
 Command line::
 
     python -m glm_lightning.checkpoint convert SRC DST --to ours|official|hf [--model-parallel N]
@@ -28,18 +34,23 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import logging
+import mmap
 import pickle
 import re
 import sys
+import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from glm_lightning.model import VOCAB_MULTIPLE, GLMConfig, GLMModel
 
@@ -76,11 +87,33 @@ HF_FIXED_FIELDS = {
 
 @dataclass
 class StoredCheckpoint:
-    """The backbone weights read from a checkpoint, with what else the checkpoint says."""
+    """The backbone weights of a checkpoint, with what else the checkpoint says. The tensors are
+    memory-mapped where the file format allows: nothing is read from disk until a weight is used."""
 
-    weights: dict[str, Tensor]
+    shards: list[dict[str, Tensor]]  # one per model-parallel rank of an official checkpoint, else one
     layout: str  # e.g. "official (2-way model parallel)", for messages and ``inspect``
     config: dict = field(default_factory=dict)  # GLMConfig fields stored beside the weights
+    mapped: bool = False  # the tensors are views of torch.load(mmap=True) files (see ``stream``)
+
+    @property
+    def weights(self) -> dict[str, Tensor]:
+        """Every weight, model-parallel shards merged (in memory at once: conversion, small models)."""
+        return merge_model_parallel(self.shards)
+
+    def shapes(self) -> dict[str, Tensor]:
+        """Meta tensors with the merged shape and dtype of every weight; reads no data."""
+        return merge_model_parallel([{k: torch.empty_like(v, device="meta") for k, v in shard.items()}
+                                     for shard in self.shards])
+
+    def stream(self, keys: Iterable[str]) -> Iterator[tuple[str, Tensor]]:
+        """The merged weights of ``keys`` one at a time, read from disk when reached. Once the caller
+        asks for the next one, the previous one is dropped from these shards and its file pages are
+        released, so memory holds one weight of the checkpoint at a time; the shards are consumed."""
+        for key in keys:
+            parts = [shard.pop(key) for shard in self.shards]
+            yield key, merge_tensor(key, parts)
+            if self.mapped:
+                release_pages(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +156,7 @@ def read_checkpoint(path: str | Path) -> StoredCheckpoint:
         return _read_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected a checkpoint file or folder")
-    stored = _load_file(path)
+    stored, mapped = _load_file(path)
     config = {}
     if isinstance(stored, dict) and isinstance(stored.get("state_dict"), dict):
         # A Lightning checkpoint, ours or a training checkpoint of GLMPretrainModule.
@@ -135,7 +168,7 @@ def read_checkpoint(path: str | Path) -> StoredCheckpoint:
     else:
         config = _hf_config(path.parent)
         layout = "state dict"
-    return StoredCheckpoint(_backbone(stored, path), layout, config)
+    return StoredCheckpoint([_backbone(stored, path)], layout, config, mapped)
 
 
 def _read_folder(folder: Path) -> StoredCheckpoint:
@@ -153,39 +186,49 @@ def _read_folder(folder: Path) -> StoredCheckpoint:
         if sorted(shards) != list(range(len(shards))):
             raise ValueError(f"{shard_folder}: model-parallel ranks {sorted(shards)} "
                              f"are not 0..{len(shards) - 1}")
-        weights = [_backbone(_load_file(shards[rank]), shards[rank]) for rank in range(len(shards))]
+        loaded = [_load_file(shards[rank]) for rank in range(len(shards))]
+        weights = [_backbone(stored, shards[rank]) for rank, (stored, _) in enumerate(loaded)]
         layout = "official" if len(weights) == 1 else f"official ({len(weights)}-way model parallel)"
-        return StoredCheckpoint(merge_model_parallel(weights), layout)
+        return StoredCheckpoint(weights, layout, mapped=all(mapped for _, mapped in loaded))
     for name in HF_WEIGHT_FILES:
         index = folder / f"{name}.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            weights = {}
-            for file in sorted(set(weight_map.values())):
-                weights.update(_backbone(_load_file(folder / file), folder / file))
-            return StoredCheckpoint(weights, f"hugging face ({name}, sharded)", _hf_config(folder))
-        if (folder / name).is_file():
-            weights = _backbone(_load_file(folder / name), folder / name)
-            return StoredCheckpoint(weights, f"hugging face ({name})", _hf_config(folder))
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else (
+            [name] if (folder / name).is_file() else [])
+        if files:
+            weights, all_mapped = {}, True
+            for file in files:
+                stored, mapped = _load_file(folder / file)
+                weights.update(_backbone(stored, folder / file))
+                all_mapped = all_mapped and mapped
+            layout = f"hugging face ({name}{', sharded' if index.is_file() else ''})"
+            return StoredCheckpoint([weights], layout, _hf_config(folder), all_mapped)
     raise FileNotFoundError(
         f"{folder}: no GLM checkpoint file found in this folder (looked for mp_rank_XX_model_states.pt, "
         f"{' or '.join(TRACKER_FILES)}, {', '.join(HF_WEIGHT_FILES)} and their .index.json)"
     )
 
 
-def _load_file(path: Path) -> object:
+def _load_file(path: Path) -> tuple[object, bool]:
+    """The object stored in ``path`` and whether its tensors are views of one ``mmap`` of the file.
+
+    Zip-format torch files (every ``torch.save`` since PyTorch 1.6) are memory-mapped; safetensors
+    tensors each map their own bytes (``safe_open``: unmapped when the tensor is dropped); only
+    legacy torch files are read whole.
+    """
     if path.suffix == ".safetensors":
         try:
-            from safetensors.torch import load_file
+            from safetensors import safe_open
         except ImportError as error:
             raise ValueError(f"{path}: reading .safetensors needs the safetensors package") from error
-        return load_file(path)
+        with safe_open(path, framework="pt") as file:
+            return {key: file.get_tensor(key) for key in file.keys()}, False  # noqa: SIM118 (not a dict)
+    mapped = zipfile.is_zipfile(path)
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped), mapped
         except pickle.UnpicklingError:
             # Official DeepSpeed files also pickle their training arguments; only tensors are used.
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mapped), mapped
     # A text or truncated file fails in the unpickler in many ways (a text file: KeyError of its memo).
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ModuleNotFoundError, KeyError,
             IndexError, ValueError, UnicodeDecodeError) as error:
@@ -238,26 +281,42 @@ def merge_model_parallel(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     (``attention.dense``, ``dense_4h_to_h``) are concatenated on dim 1; everything else (their
     biases, LayerNorms, position tables) is replicated and taken from rank 0.
     """
-    if len(shards) == 1:
-        return dict(shards[0])
     keys = list(shards[0])
     for rank, shard in enumerate(shards[1:], start=1):
         if set(shard) != set(keys):
             raise ValueError(f"model-parallel rank {rank} holds other weights than rank 0: "
                              f"{sorted(set(shard) ^ set(keys))[:5]}")
-    merged = {}
-    for key in keys:
-        parts = [shard[key] for shard in shards]
-        if key.endswith(QKV_KEYS):
-            blocks = [part.chunk(3, dim=0) for part in parts]
-            merged[key] = torch.cat([torch.cat([b[i] for b in blocks], dim=0) for i in range(3)], dim=0)
-        elif key.endswith(COLUMN_KEYS):
-            merged[key] = torch.cat(parts, dim=0)
-        elif key.endswith(ROW_KEYS):
-            merged[key] = torch.cat(parts, dim=1)
-        else:
-            merged[key] = parts[0]
-    return merged
+    return {key: merge_tensor(key, [shard[key] for shard in shards]) for key in keys}
+
+
+def merge_tensor(key: str, parts: list[Tensor]) -> Tensor:
+    """One weight from its model-parallel ``parts`` (rank order), as ``merge_model_parallel``."""
+    if len(parts) == 1:
+        return parts[0]
+    if key.endswith(QKV_KEYS):
+        blocks = [part.chunk(3, dim=0) for part in parts]
+        return torch.cat([torch.cat([b[i] for b in blocks], dim=0) for i in range(3)], dim=0)
+    if key.endswith(COLUMN_KEYS):
+        return torch.cat(parts, dim=0)
+    if key.endswith(ROW_KEYS):
+        return torch.cat(parts, dim=1)
+    return parts[0]
+
+
+def release_pages(tensors: list[Tensor]) -> None:
+    """Drop the memory-mapped file pages that lie wholly inside ``tensors`` from this process
+    (``madvise(MADV_DONTNEED)``; Linux only, elsewhere a no-op). The data stays valid: a page
+    touched again is read back from the file. Only for tensors of ``torch.load(mmap=True)``, whose
+    mapping lives as long as any tensor of the file, so pages read once would otherwise stay."""
+    if not sys.platform.startswith("linux"):
+        return
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def split_model_parallel(state_dict: dict[str, Tensor], model_parallel: int) -> list[dict[str, Tensor]]:
@@ -324,7 +383,7 @@ def checkpoint_config(stored: StoredCheckpoint, num_attention_heads: int | None 
     else from the config stored beside the weights, else ``hidden_size // 64``; dropouts and
     other settings from the stored config where there is one."""
     heads = num_attention_heads or stored.config.get("num_attention_heads")
-    sizes = dataclasses.asdict(infer_config(stored.weights, heads))
+    sizes = dataclasses.asdict(infer_config(stored.shapes(), heads))
     names = {f.name for f in dataclasses.fields(GLMConfig)}
     settings = {k: v for k, v in stored.config.items() if k in names}
     shape_fields = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -336,37 +395,83 @@ def fix_chinese_gmask(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """A copy of the glm-10b-chinese weights with embedding row 50007 ([eop], which the original
     training also used for [gMASK]) copied into row 50009, the id the Hugging Face tokenizer gives
     [gMASK]; as the Hugging Face conversion does."""
-    embeddings = state_dict["word_embeddings.weight"]
+    return {**state_dict, "word_embeddings.weight": _chinese_gmask_row(state_dict["word_embeddings.weight"])}
+
+
+def _chinese_gmask_row(embeddings: Tensor) -> Tensor:
     if embeddings.shape[0] <= CHINESE_GMASK_ID:
         raise ValueError(f"the [gMASK] fix needs the Chinese vocabulary (50048 rows); "
                          f"word_embeddings has {embeddings.shape[0]}")
     embeddings = embeddings.clone()
     embeddings[CHINESE_GMASK_ID] = embeddings[CHINESE_EOP_ID]
-    return {**state_dict, "word_embeddings.weight": embeddings}
+    return embeddings
 
 
 def load_glm(path: str | Path, *, num_attention_heads: int | None = None,
              fix_chinese_gmask_row: bool = False, dtype: torch.dtype = torch.float32) -> GLMModel:
     """A GLMModel (in eval mode, ``dtype``) with the config inferred from the checkpoint at
-    ``path`` (see ``checkpoint_config``) and its weights."""
+    ``path`` (see ``checkpoint_config``) and its weights, built on the meta device and filled one
+    weight at a time (``load_weights``): peak memory is the model plus one weight."""
     stored = read_checkpoint(path)
     config = checkpoint_config(stored, num_attention_heads)
-    weights = fix_chinese_gmask(stored.weights) if fix_chinese_gmask_row else stored.weights
     with torch.device("meta"):  # no random init of weights that are overwritten anyway
-        model = GLMModel(config)
-    model.load_state_dict(_select(model, weights, path), assign=True)
-    return model.to(dtype).eval()
+        model = GLMModel(config).to(dtype)
+    load_weights(model, stored, path, fix_chinese_gmask_row=fix_chinese_gmask_row)
+    return model.eval()
 
 
 def init_weights(model: GLMModel, path: str | Path) -> None:
-    """Copy the weights of ``path`` into ``model``; every backbone weight must be present with the
-    model's shape, so a wrong size or vocabulary fails here instead of training a mix."""
-    model.load_state_dict(_select(model, read_state_dict(path), path))
+    """Copy the weights of ``path`` into ``model`` (see ``load_weights``); every backbone weight must
+    be present with the model's shape, so a wrong size or vocabulary fails here instead of training
+    a mix."""
+    load_weights(model, read_checkpoint(path), path)
 
 
-def _select(model: GLMModel, weights: dict[str, Tensor], source: str | Path) -> dict[str, Tensor]:
+def new_glm(config: GLMConfig, init_from: str | Path | None = None) -> GLMModel:
+    """The model a training module starts from: randomly initialised, or for ``init_from`` built on
+    the meta device (no memory, no random init), to be filled from that checkpoint when the Trainer
+    sets the module up (``glm_lightning.parallel.configure_glm_module``), after any sharding."""
+    if init_from is None:
+        return GLMModel(config)
+    with torch.device("meta"):
+        return GLMModel(config)
+
+
+def check_weights(config: GLMConfig, path: str | Path) -> None:
+    """Raise ValueError unless the checkpoint at ``path`` holds every weight of a model with
+    ``config`` in its shape; reads no weights, so a job can check before it trains."""
+    with torch.device("meta"):
+        _select(GLMModel(config), read_checkpoint(path).shapes(), path)
+
+
+def load_weights(model: nn.Module, stored: StoredCheckpoint, source: str | Path, *,
+                 device: torch.device | str = "cpu", fix_chinese_gmask_row: bool = False) -> None:
+    """Fill ``model`` (a GLMModel, possibly sharded) with the weights of ``stored``, one at a time.
+
+    Each weight is read from disk, merged across model-parallel shards, copied into its parameter
+    (cast to the parameter's dtype) and its file pages released, so memory holds the model and one
+    weight of the checkpoint. Meta-device parameters are allocated on ``device`` first. FSDP2
+    parameters (DTensors) receive only this rank's shard of each weight. Consumes ``stored``.
+    """
+    _select(model, stored.shapes(), source)  # every weight present, in the model's shape
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, weight in stored.stream(params):
+            if key == "word_embeddings.weight" and fix_chinese_gmask_row:
+                weight = _chinese_gmask_row(weight)
+            param = params[key]
+            if isinstance(param, DTensor):  # this rank's slice, cut locally (no communication)
+                shard = distribute_tensor(weight, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(shard.to_local())
+            else:
+                param.copy_(weight)
+
+
+def _select(model: nn.Module, weights: dict[str, Tensor], source: str | Path) -> dict[str, Tensor]:
     """The weights ``model`` needs, after checking that all are there with its shapes."""
-    expected = model.state_dict()
+    expected = dict(model.named_parameters())
     ignored = sorted(set(weights) - set(expected))
     if ignored:
         log.warning("%s: ignoring %d weights that are not part of the GLM backbone: %s",
@@ -509,7 +614,7 @@ def describe(src: str | Path, num_attention_heads: int | None = None) -> str:
     stored = read_checkpoint(src)
     config = checkpoint_config(stored, num_attention_heads)
     with torch.device("meta"):
-        weights = _select(GLMModel(config), stored.weights, src)
+        weights = _select(GLMModel(config), stored.shapes(), src)
     count = sum(t.numel() for t in weights.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
     if num_attention_heads:

@@ -5,8 +5,9 @@
 ``ddp``    Data parallel, a full model replica per process (gloo on CPU, NCCL on GPU).
 ``fsdp``   FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's
            ``ModelParallelStrategy``: one data-parallel mesh dimension over every process.
-           ``GLMPretrainModule.configure_model`` shards each ``GLMLayer`` and then the root, so
-           the tied word embedding / output projection is one parameter in the root group.
+           The ``configure_model`` of every training module (pretraining, SuperGLUE, seq2seq) is
+           ``configure_glm_module``: it shards each ``GLMLayer`` and then the root, so the tied
+           word embedding / output projection is one parameter in the root group.
            Runs on CPU (gloo) and GPU. Precision: ``32-true`` or ``bf16-mixed`` (bf16
            parameters in compute, fp32 gradient reduction; the master weights stay fp32).
 ``fsdp1``  Lightning's ``FSDPStrategy`` (FlatParameter FSDP): one wrapped unit per ``GLMLayer``,
@@ -21,9 +22,15 @@ its own shard into a checkpoint folder (fast, no rank-0 memory peak; PyTorch's d
 checkpoint format, which reshards on load). ``consolidate_checkpoint`` turns such a folder into
 a single weights file.
 
-Activation checkpointing: ``GLMConfig.checkpoint_activations`` recomputes every layer in the
-backward pass inside the model, which composes with ``ddp`` and ``fsdp``. With ``fsdp1`` use
+Activation checkpointing (``model.activation_checkpointing=true``, ``GLMConfig.checkpoint_activations``)
+recomputes every layer in the backward pass inside the model, which composes with ``ddp`` and
+``fsdp`` (under FSDP2 the recomputation gathers the layer's weights again). With ``fsdp1`` use
 either that flag or ``activation_checkpointing=True`` here, not both (both recompute twice).
+
+Starting weights (``init_from``): the modules then build their model on the meta device and
+``configure_glm_module`` fills it from the checkpoint after sharding, one weight at a time, each
+rank copying only its own shard (``glm_lightning.checkpoint.load_weights``): no rank ever holds
+the whole model.
 
 Multi-node runs: Lightning starts one process per device and reads the cluster from the
 environment, so the same command works under torchrun and SLURM. Two nodes of 8 GPUs::
@@ -48,13 +55,18 @@ is enough: Lightning launches the other N - 1 processes itself (also on CPU with
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from glm_lightning.checkpoint import load_weights, read_checkpoint
 from glm_lightning.model import GLMLayer, GLMModel
 
 STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1")
@@ -114,7 +126,7 @@ def build_strategy(
                          "(its checkpoints are always one full file)")
     if activation_checkpointing and name != "fsdp1":
         raise ValueError("activation_checkpointing is an fsdp1 option; for other strategies set "
-                         "GLMConfig.checkpoint_activations (model.checkpoint_activations=true)")
+                         "GLMConfig.checkpoint_activations (model.activation_checkpointing=true)")
     if name in FSDP_PRECISIONS and precision not in FSDP_PRECISIONS[name]:
         raise ValueError(f"strategy {name!r} supports precision {', '.join(FSDP_PRECISIONS[name])}; "
                          f"got {precision!r}")
@@ -181,6 +193,47 @@ def apply_fsdp2_for_precision(model: GLMModel, device_mesh: DeviceMesh, precisio
     dtypes = mixed_precision_dtypes(precision)
     param_dtype, reduce_dtype = dtypes if dtypes is not None else (None, None)
     return apply_fsdp2(model, device_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def configure_glm_module(module: L.LightningModule) -> None:
+    """The ``configure_model`` of every GLM training module (``module.model``, ``module.init_from``).
+
+    Under the ``fsdp`` strategy (the one that gives the module a device mesh) the model is sharded
+    per layer in the Trainer's precision (``apply_fsdp2``), and every other child with parameters
+    (the classifier head) becomes an FSDP group of its own, so that its gradients are reduced
+    across ranks too. A model still on the meta device (built so for ``init_from``) is then
+    filled from that checkpoint, each rank copying only its shards. Under every other strategy the
+    model trains as built. Calling it again changes nothing.
+    """
+    mesh = module.device_mesh
+    if mesh is not None:
+        data_parallel = mesh["data_parallel"]
+        apply_fsdp2_for_precision(module.model, data_parallel, module.trainer.precision)
+        dtypes = mixed_precision_dtypes(module.trainer.precision) or (None, None)
+        for child in module.children():
+            if child is not module.model and not isinstance(child, FSDPModule) and any(child.parameters()):
+                fully_shard(child, mesh=data_parallel, mp_policy=MixedPrecisionPolicy(*dtypes))
+    if module.init_from and any(p.is_meta for p in module.model.parameters()):
+        device = module.trainer.strategy.root_device if module._trainer is not None else "cpu"
+        load_weights(module.model, read_checkpoint(module.init_from), module.init_from, device=device)
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Keep the weights of an FSDP2-sharded ``model`` gathered over a stretch of forward passes whose
+    number may differ between ranks (decoding stops when its own batch is done): otherwise every
+    forward all-gathers, and a rank that stopped early would leave the others waiting. One
+    all-gather on entry, which every rank must reach; a model that is not sharded is left alone."""
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for group in groups:
+        group.set_reshard_after_forward(False, recurse=False)
+        group.unshard()
+    try:
+        yield
+    finally:
+        for group in groups:
+            group.reshard()
+            group.set_reshard_after_forward(True, recurse=False)
 
 
 def consolidate_checkpoint(folder: str | Path, output_file: str | Path) -> Path:

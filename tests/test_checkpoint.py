@@ -18,6 +18,7 @@ from glm_lightning.checkpoint import (
     init_weights,
     load_glm,
     merge_model_parallel,
+    read_checkpoint,
     read_state_dict,
     save_ours,
     split_model_parallel,
@@ -81,6 +82,8 @@ def test_the_job_builds_its_model_from_init_from(tmp_path, tokenizer):
     torch.save({"module": start.state_dict()}, path)
     module = build_module(load_config("quickstart", ["model.num_layers=2", "model.hidden_size=64",
                                                      f"model.init_from={path}"]), tokenizer)
+    assert module.model.word_embeddings.weight.is_meta  # read once the Trainer sets the module up
+    module.configure_model()
     for key, value in start.state_dict().items():
         assert torch.equal(module.model.state_dict()[key], value), key
     with pytest.raises(ConfigError, match="model.init_from: .* lacks GLM weights"):
@@ -294,9 +297,9 @@ def test_jobs_pass_an_explicit_head_count_to_the_loader(tmp_path):
                                 "trainer.accelerator=cpu"])
         torch.testing.assert_close(logits(load_model(cfg, tokenizer)), logits(source), atol=1e-5, rtol=0)
     cfg = load_config("superglue", [f"model.init_from={path}", f"model.num_attention_heads={HEADS}"])
-    config, weights = load_backbone(cfg, tokenizer)
+    config = load_backbone(cfg, tokenizer)
     assert config.num_attention_heads == HEADS
-    guessed, _ = load_backbone(load_config("superglue", [f"model.init_from={path}"]), tokenizer)
+    guessed = load_backbone(load_config("superglue", [f"model.init_from={path}"]), tokenizer)
     assert guessed.num_attention_heads == CONFIG.hidden_size // 64 != HEADS
 
 
@@ -361,3 +364,67 @@ def test_local_paths_are_never_taken_for_hub_repo_ids(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     weights = read_state_dict("org/model")  # a relative path that looks like a repo id
     assert torch.equal(weights["word_embeddings.weight"], source.state_dict()["word_embeddings.weight"])
+
+
+# Loading one weight at a time into a meta-device model (memory-mapped files).
+
+
+def eager_state_dict(path) -> dict[str, torch.Tensor]:
+    """Every file of a written layout read whole with torch.load / safetensors, shards merged at once: the
+    loading path before meta-device construction, as the reference."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.rglob("*.pt")) + sorted(path.rglob("*.bin")) + sorted(path.rglob("*.safetensors"))
+    stored = [load_file(f) if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
+              for f in ([path] if path.is_file() else files)]
+    parts = [s.get("module") or {k.removeprefix("model."): v for k, v in s.get("state_dict", s).items()}
+             for s in stored]
+    if "official" in str(path):
+        return merge_model_parallel(parts)
+    return {k.removeprefix("glm."): v for part in parts for k, v in part.items() if k != "dense.weight"}
+
+
+@pytest.mark.parametrize("layout", ["official-mp2", "hf-safetensors", "hf-bin-sharded", "ours"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_meta_device_loading_equals_the_eager_path(tmp_path, layout, dtype):
+    """Exactly the weights and logits of reading the files whole; a fp16 checkpoint is cast per weight;
+    the model owns its memory (rewriting the checkpoint file afterwards changes nothing)."""
+    source = source_model().to(dtype)
+    path = write_layout(source, layout, tmp_path / layout)
+    expected = eager_state_dict(path)
+    loaded = load_glm(path, num_attention_heads=HEADS)
+    reference = GLMModel(CONFIG)
+    reference.load_state_dict(expected)  # cast to fp32 by copy, as before
+    for key, value in reference.state_dict().items():
+        assert loaded.state_dict()[key].dtype == torch.float32
+        assert torch.equal(loaded.state_dict()[key], value), key
+    torch.testing.assert_close(logits(loaded), logits(reference), atol=0, rtol=0)
+    in_dtype = load_glm(path, num_attention_heads=HEADS, dtype=dtype)
+    assert all(torch.equal(in_dtype.state_dict()[k], v) for k, v in expected.items())
+    for file in [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]:
+        file.write_bytes(b"\0" * file.stat().st_size)  # same size, other bytes: a mapping would see them
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
+def test_streaming_releases_file_pages_and_keeps_the_data(tmp_path):
+    """Each weight's file pages leave the process once the next weight is read; reading it again still
+    gives the stored values (the pages come back from the file)."""
+    path = tmp_path / "big.pt"
+    torch.save({"module": {"a": torch.randn(4_000_000), "b": torch.randn(4_000_000)}}, path)  # 16 MB each
+    stored = read_checkpoint(path)
+    assert stored.mapped
+    a = stored.shards[0]["a"]
+    expected = torch.load(path, weights_only=True)["module"]
+
+    def file_rss_kb() -> int:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return int(status["RssFile"].split()[0])
+
+    stream = stored.stream(["a", "b"])
+    before = file_rss_kb()
+    key, weight = next(stream)
+    assert key == "a" and torch.equal(weight, expected["a"])  # touches its 16 MB
+    touched = file_rss_kb()
+    next(stream)  # releases a (b is not read until used)
+    assert touched - before > 12_000 and touched - file_rss_kb() > 12_000
+    assert torch.equal(a, expected["a"])

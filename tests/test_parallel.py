@@ -165,14 +165,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(batches: Path, out: Path, *args: str) -> dict:
-    """Run the script on two processes (Lightning starts the second); kill them all on timeout."""
+def launch(batches: Path, out: Path, *args: str, script: Path = Path(__file__)) -> dict:
+    """Run ``script`` (this file) on two processes (Lightning starts the second); kill them all on timeout."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "PL_", "TORCHELASTIC_"))
            and k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    command = [sys.executable, str(Path(__file__).resolve()), "--batches", str(batches), "--out", str(out),
-               *args]
+    # the script imports the packages of this tree, not of another installed copy
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = [sys.executable, str(script.resolve()), "--batches", str(batches), "--out", str(out), *args]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:

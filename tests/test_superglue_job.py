@@ -357,7 +357,7 @@ def _cli(args: list[str], timeout: int = 300) -> None:
 
 @pytest.mark.slow
 def test_two_processes_score_and_predict_like_one(tmp_path, pretrained):
-    """DDP on 2 CPU processes: both ranks evaluate their part of the dev and test files, and the
+    """DDP and FSDP2 on 2 CPU processes: both ranks evaluate their part of the dev and test files, and the
     Table-1 row and the leaderboard files equal those of one process. The runs train on the same
     gradients: each epoch is one optimizer step over all 8 training examples (two micro-batches of 4
     accumulated, or one per rank), and dropout is off."""
@@ -378,17 +378,20 @@ def test_two_processes_score_and_predict_like_one(tmp_path, pretrained):
                 *(f"superglue.tasks.{t}.{k}={v}" for t in ("rte", "copa")
                   for k, v in (("epochs", 3), ("batch_size", 8), ("max_seq_length", 64)))]
     outputs = {}
-    for devices in (1, 2):
-        root = tmp_path / f"devices{devices}"
-        strategy = ["trainer.strategy=ddp", "trainer.devices=2"] if devices == 2 else []
-        _cli(["exp=superglue", *overrides(root, pretrained, *settings, *strategy)])
-        outputs[devices] = root / "outputs" / "superglue" / "sweep"
-    one, two = (json.loads((outputs[d] / "results.json").read_text()) for d in (1, 2))
-    assert two["table1"] == pytest.approx(one["table1"], abs=1e-6)
-    for task in ("RTE", "COPA"):
-        assert two["tasks"][task] == pytest.approx(one["tasks"][task], abs=1e-6)
+    for strategy in ("single", "ddp", "fsdp"):
+        root = tmp_path / strategy
+        devices = [] if strategy == "single" else [f"trainer.strategy={strategy}", "trainer.devices=2",
+                                                   "trainer.accelerator=cpu"]
+        _cli(["exp=superglue", *overrides(root, pretrained, *settings, *devices)])
+        outputs[strategy] = root / "outputs" / "superglue" / "sweep"
+    one = json.loads((outputs["single"] / "results.json").read_text())
     assert one["tasks"]["RTE"]["accuracy"] * 7 == pytest.approx(round(one["tasks"]["RTE"]["accuracy"] * 7))
-    for name in ("RTE.jsonl", "COPA.jsonl"):
-        lines = (outputs[2] / name).read_text().splitlines()
-        assert lines == (outputs[1] / name).read_text().splitlines()
+    for strategy in ("ddp", "fsdp"):
+        two = json.loads((outputs[strategy] / "results.json").read_text())
+        assert two["table1"] == pytest.approx(one["table1"], abs=1e-6), strategy
+        for task in ("RTE", "COPA"):
+            assert two["tasks"][task] == pytest.approx(one["tasks"][task], abs=1e-6), (strategy, task)
+        for name in ("RTE.jsonl", "COPA.jsonl"):
+            lines = (outputs[strategy] / name).read_text().splitlines()
+            assert lines == (outputs["single"] / name).read_text().splitlines(), (strategy, name)
         assert [json.loads(line)["idx"] for line in lines] == list(range(len(lines)))  # in order, once

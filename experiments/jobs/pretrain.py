@@ -31,7 +31,7 @@ from experiments.config import save_config
 from experiments.errors import RunInterrupted
 from experiments.tracking import RunLogger, mlflow_logger
 from glm_lightning.callbacks import LastCheckpoint, StartStep
-from glm_lightning.checkpoint import init_weights, load_glm
+from glm_lightning.checkpoint import check_weights, load_glm
 from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
 from glm_lightning.infilling_eval import evaluate_infilling
 from glm_lightning.model import GLMConfig
@@ -107,17 +107,18 @@ def build_module(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMPretrainModule:
     if cfg.data.seq_length > model_config.max_sequence_length:
         raise ConfigError(f"data.seq_length ({cfg.data.seq_length}) exceeds the model's position table "
                           f"(model.max_sequence_length = {model_config.max_sequence_length})")
-    return initialized(GLMPretrainModule(model_config, **optimizer_settings(cfg.optim)), cfg)
+    check_init_from(cfg, model_config)
+    return GLMPretrainModule(model_config, init_from=cfg.model.init_from, **optimizer_settings(cfg.optim))
 
 
-def initialized(module: L.LightningModule, cfg: DictConfig) -> L.LightningModule:
-    """``module`` with its ``model`` loaded from ``model.init_from`` when that is set."""
+def check_init_from(cfg: DictConfig, model_config: GLMConfig) -> None:
+    """Fail now, in one line, when ``model.init_from`` does not fit the configured model; the
+    module loads it later, once sharded (reading shapes only, so this costs no memory)."""
     if cfg.model.init_from:
         try:
-            init_weights(module.model, cfg.model.init_from)
-        except ValueError as error:  # the checkpoint does not fit the configured model
+            check_weights(model_config, cfg.model.init_from)
+        except (ValueError, FileNotFoundError) as error:
             raise ConfigError(f"model.init_from: {error}") from error
-    return module
 
 
 INFILL_ACCURACY = "infill/accuracy"  # MLflow / summary.json names of the built-in corpus's probes

@@ -20,8 +20,8 @@ from datamodules.seq2seq import Seq2SeqDataModule, read_jsonl
 from experiments.config import save_config
 from experiments.jobs.pretrain import (
     build_tokenizer,
+    check_init_from,
     fit,
-    initialized,
     launch,
     result_line,
     resume_checkpoint,
@@ -54,11 +54,12 @@ def build_module(cfg: DictConfig, tokenizer: GLMTokenizer, run_dir: Path) -> GLM
         raise ConfigError(f"seq2seq.src_length / tgt_length / generation.max_new_tokens ({needed}) "
                           "exceed the model's position table "
                           f"(model.max_sequence_length = {model_config.max_sequence_length})")
-    module = GLMSeq2SeqModule(
+    check_init_from(cfg, model_config)
+    return GLMSeq2SeqModule(
         model_config, tokenizer, label_smoothing=s.label_smoothing, generation=dict(cfg.generation),
-        predictions_dir=str(run_dir / "predictions"), **optimizer_settings(cfg.optim),
+        predictions_dir=str(run_dir / "predictions"), init_from=cfg.model.init_from,
+        **optimizer_settings(cfg.optim),
     )
-    return initialized(module, cfg)
 
 
 def run(cfg: DictConfig) -> Path:

@@ -31,8 +31,8 @@ from experiments.jobs.pretrain import launch, resume_checkpoint, throughput_moni
 from experiments.tables import avg_header
 from experiments.tracking import RunLogger, artifact_location, mlflow_logger, run_tags, tracking_uri
 from glm_lightning.callbacks import StartStep
-from glm_lightning.checkpoint import load_glm
-from glm_lightning.config import ConfigError, optimizer_settings, superglue_tasks
+from glm_lightning.checkpoint import checkpoint_config, read_checkpoint
+from glm_lightning.config import ConfigError, activation_checkpointing, optimizer_settings, superglue_tasks
 from glm_lightning.metrics import TABLE1_METRICS, table_row
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.cloze import GLMClozeModule
@@ -96,22 +96,24 @@ def resolve_wsc_mode(cfg: DictConfig, train_dir: Path) -> str:
     return mode
 
 
-def load_backbone(cfg: DictConfig, tokenizer: GLMTokenizer) -> tuple[GLMConfig, dict[str, torch.Tensor]]:
-    """Config (sizes from the checkpoint; dropouts when set, attention and compile from ``model.*``)
-    and weights of ``model.init_from``, checked against the tokenizer."""
+def load_backbone(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMConfig:
+    """Config of ``model.init_from`` (sizes from the checkpoint; dropouts from ``model.*`` when set,
+    recomputation, attention backend and compilation from ``model.*``), checked against the
+    tokenizer. Only shapes are read here: each task's module loads the weights once the Trainer has
+    sharded it."""
     path = require_checkpoint(cfg)
     try:
-        model = load_glm(path, num_attention_heads=cfg.model.num_attention_heads)  # None = inferred
+        config = checkpoint_config(read_checkpoint(path), cfg.model.num_attention_heads)  # None = inferred
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"model.init_from: {error}") from error
-    if len(tokenizer) > model.config.vocab_size:
+    if len(tokenizer) > config.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the checkpoint at 'model.init_from' "
-                          f"only {model.config.vocab_size}; set the tokenizer the model was trained with")
+                          f"only {config.vocab_size}; set the tokenizer the model was trained with")
     dropouts = {name: getattr(cfg.model, name) for name in DROPOUT_FIELDS
                 if getattr(cfg.model, name) is not None}
-    # the attention backend and compilation are how this run computes, not what was trained
-    return dataclasses.replace(model.config, **dropouts, attention=cfg.model.attention,
-                               compile=cfg.model.compile), model.state_dict()
+    # recomputation, the attention backend and compilation are how this run computes, not what was trained
+    return dataclasses.replace(config, **dropouts, checkpoint_activations=activation_checkpointing(cfg.model),
+                               attention=cfg.model.attention, compile=cfg.model.compile)
 
 
 def task_epochs(cfg: DictConfig, task: str) -> int:
@@ -206,25 +208,24 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError("a SuperGLUE sweep resumes per task: use resume=auto with its run_name")
     data_dir = superglue_data_dir(cfg, tasks)
     tokenizer = resolve_tokenizer(cfg)
-    model_config, weights = load_backbone(cfg, tokenizer)
+    model_config = load_backbone(cfg, tokenizer)
     for task in tasks:
         length = cfg.superglue.tasks[task.lower()].max_seq_length
         if length > model_config.max_sequence_length:
             raise ConfigError(f"superglue.tasks.{task.lower()}.max_seq_length ({length}) exceeds the model's "
                               f"position table ({model_config.max_sequence_length})")
     # Every rank runs every task; launch() hands the run directory to the ranks Lightning starts.
-    return launch(cfg, lambda cfg, run_dir, _: _run(cfg, tasks, data_dir, tokenizer, model_config, weights,
-                                                     run_dir))
+    return launch(cfg, lambda cfg, run_dir, _: _run(cfg, tasks, data_dir, tokenizer, model_config, run_dir))
 
 
 def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokenizer, model_config: GLMConfig,
-         weights: dict[str, torch.Tensor], run_dir: Path) -> Path:
+         run_dir: Path) -> Path:
     is_zero = rank_zero_only.rank == 0
     if is_zero:
         save_config(cfg, run_dir / "config.yaml")
     parent = mlflow_logger(cfg, run_dir, resume=cfg.resume == "auto") if cfg.logging.enabled else None
     try:
-        results = {task: run_task(cfg, task, data_dir, tokenizer, model_config, weights, run_dir, parent)
+        results = {task: run_task(cfg, task, data_dir, tokenizer, model_config, run_dir, parent)
                    for task in tasks}
         row = table_row(results)
         table = markdown_row(results, row)
@@ -252,7 +253,7 @@ def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokeni
 
 
 def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer, model_config: GLMConfig,
-             weights: dict[str, torch.Tensor], run_dir: Path, parent: RunLogger | None) -> dict[str, float]:
+             run_dir: Path, parent: RunLogger | None) -> dict[str, float]:
     """Finetune one task with best-epoch selection; returns its dev metrics (Table-1 names)."""
     tc, t, o = cfg.superglue.tasks[task.lower()], cfg.trainer, cfg.optim
     task_dir = run_dir / task
@@ -290,9 +291,9 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
               flush=True)
     module = GLMClozeModule(
         dataclasses.asdict(model_config), task=task, head=cfg.superglue.head, loss_func=tc.loss_func,
-        length_penalty=tc.length_penalty, wsc_mode=wsc_mode, **optimizer_settings(o),
+        length_penalty=tc.length_penalty, wsc_mode=wsc_mode, init_from=str(require_checkpoint(cfg)),
+        **optimizer_settings(o),
     )
-    module.model.load_state_dict(weights)
     metric = main_metric(task)
     checkpoint = ModelCheckpoint(dirpath=task_dir / "checkpoints", filename="best", monitor=f"val/{metric}",
                                  mode="max", save_top_k=1, save_last=True, enable_version_counter=False)
@@ -350,9 +351,10 @@ def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, m
     trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                         strategy=strategy(cfg), precision=t.precision, logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     names = TABLE1_METRICS[task]
-    scores = trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)[0]
+    # The strategy reads the best epoch into the module, sharded or not; later calls keep it.
+    scores = trainer.validate(module, dataloaders=datamodule.val_dataloader(), ckpt_path=best, verbose=False,
+                              weights_only=False)[0]
     dev = {name: float(scores[f"val/{name}"]) for name in names}
     metrics = {f"dev/{name}": value for name, value in dev.items()}
     if task == "WSC":  # a constant prediction is WSC's failure mode: show how often True is predicted

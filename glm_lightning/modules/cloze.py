@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glm_lightning.attention_mask import candidate_attention_mask
+from glm_lightning.checkpoint import new_glm
 from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.metrics import ReCoRDMetric, superglue_metrics
 from glm_lightning.model import GLMConfig, GLMModel, check_trainable
 from glm_lightning.optim import adamw_with_annealing
+from glm_lightning.parallel import configure_glm_module
 
 LOSS_FUNCS = ("cross_entropy", "mix", "generative")
 HEADS = ("cloze", "classifier")
@@ -161,12 +163,10 @@ class GLMClozeModule(L.LightningModule):
             raise ValueError(f"wsc_mode must be one of {WSC_MODES}, got {wsc_mode!r}")
         if num_classes is None:
             num_classes = NUM_CLASSES.get(task, 2)
-        self.save_hyperparameters()
-        self.model = GLMModel(GLMConfig(**model_config))
-        if init_from:
-            from glm_lightning.checkpoint import init_weights
-
-            init_weights(self.model, init_from)
+        # init_from is not kept: a checkpoint of this module carries the weights themselves
+        self.save_hyperparameters(ignore=["init_from"])
+        self.init_from = init_from  # loaded in configure_model, after any sharding
+        self.model = new_glm(GLMConfig(**model_config), init_from)
         self.multiple_choice = task in MULTIPLE_CHOICE_TASKS
         self.generative = task == "WSC" and wsc_mode == "generative" and head == "cloze"
         self.head = None
@@ -323,6 +323,11 @@ class GLMClozeModule(L.LightningModule):
             if metric.update_count:
                 self.log(f"{stage}/{name}", metric.compute(), prog_bar=name in ("accuracy", "f1"))
             metric.reset()
+
+    def configure_model(self) -> None:
+        """FSDP2 sharding under the ``fsdp`` strategy (the classifier head as a group of its own),
+        then the ``init_from`` weights (``glm_lightning.parallel.configure_glm_module``)."""
+        configure_glm_module(self)
 
     def configure_optimizers(self):
         total_steps = int(self.trainer.estimated_stepping_batches)

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from glm_lightning.checkpoint import new_glm
 from glm_lightning.flops import training_flops_per_batch
-from glm_lightning.model import GLMConfig, GLMModel, check_trainable
+from glm_lightning.model import GLMConfig, check_trainable
 from glm_lightning.optim import adamw_with_annealing
+from glm_lightning.parallel import configure_glm_module
 
 OBJECTIVES = ("span", "sentence", "document", "masked_lm")
 
@@ -106,12 +108,15 @@ class GLMPretrainModule(L.LightningModule):
         lr_decay_style: str = "cosine",
         lr_decay_iters: int | None = None,
         lr_decay_ratio: float = 0.05,
+        init_from: str | None = None,
     ):
         super().__init__()
         if isinstance(model_config, GLMConfig):
             model_config = asdict(model_config)
-        self.save_hyperparameters()
-        self.model = GLMModel(GLMConfig(**model_config))
+        # init_from is not kept: a checkpoint of this module carries the weights themselves
+        self.save_hyperparameters(ignore=["init_from"])
+        self.init_from = init_from  # loaded in configure_model, after any sharding
+        self.model = new_glm(GLMConfig(**model_config), init_from)
         # Token-weighted validation losses: one per objective, and "all" over every objective.
         self.val_loss = torch.nn.ModuleDict({name: TokenWeightedLoss() for name in (*OBJECTIVES, "all")})
         self.val_unigram = UnigramBaseline(self.model.config.vocab_size)
@@ -189,13 +194,9 @@ class GLMPretrainModule(L.LightningModule):
             self.val_unigram.reset()
 
     def configure_model(self) -> None:
-        """Shard the model with FSDP2 when the Trainer runs the ``fsdp`` strategy, which is the one
-        that provides a device mesh; under every other strategy the model trains as built."""
-        if self.device_mesh is None:
-            return
-        from glm_lightning.parallel import apply_fsdp2_for_precision
-
-        apply_fsdp2_for_precision(self.model, self.device_mesh["data_parallel"], self.trainer.precision)
+        """FSDP2 sharding under the ``fsdp`` strategy, then the ``init_from`` weights
+        (``glm_lightning.parallel.configure_glm_module``)."""
+        configure_glm_module(self)
 
     def configure_optimizers(self):
         decay_iters = self.hparams.lr_decay_iters or self.trainer.max_steps

@@ -13,11 +13,13 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch import Tensor
 from torchmetrics.text.rouge import ROUGEScore
 
+from glm_lightning.checkpoint import new_glm
 from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.generation import generate
-from glm_lightning.model import GLMConfig, GLMModel, check_trainable
+from glm_lightning.model import GLMConfig, check_trainable
 from glm_lightning.modules.pretrain import TokenWeightedLoss
 from glm_lightning.optim import adamw_with_annealing
+from glm_lightning.parallel import configure_glm_module, gathered
 from glm_lightning.tokenizer import GLMTokenizer
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -55,12 +57,14 @@ class GLMSeq2SeqModule(L.LightningModule):
         lr_decay_ratio: float = 0.0,
         generation: dict | None = None,
         predictions_dir: str | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
         if isinstance(model_config, GLMConfig):
             model_config = asdict(model_config)
-        self.save_hyperparameters(ignore=["tokenizer"])
-        self.model = GLMModel(GLMConfig(**model_config))
+        self.save_hyperparameters(ignore=["tokenizer", "init_from"])
+        self.init_from = init_from  # loaded in configure_model, after any sharding
+        self.model = new_glm(GLMConfig(**model_config), init_from)
         self.flops_per_batch = 0.0  # model FLOPs of the latest training micro-batch (ThroughputMonitor)
         self.tokenizer = tokenizer
         self.generation = dict(generation or {})
@@ -97,9 +101,10 @@ class GLMSeq2SeqModule(L.LightningModule):
     def decode(self, batch: dict) -> list[str]:
         """The generated text of each source of the batch (decoded as configured, stopped at ``[eop]``)."""
         tok = self.tokenizer
-        ids = generate(self.model, batch["source_ids"], batch["source_position_ids"], batch["sep"],
-                       batch["mask_position"], sop_id=tok.sop_id, eop_id=tok.eop_id, eos_id=tok.eos_id,
-                       **self.generation)
+        with gathered(self.model):  # ranks may decode different numbers of steps
+            ids = generate(self.model, batch["source_ids"], batch["source_position_ids"], batch["sep"],
+                           batch["mask_position"], sop_id=tok.sop_id, eop_id=tok.eop_id, eos_id=tok.eos_id,
+                           **self.generation)
         return [tok.decode(row).strip() for row in ids]
 
     def _eval_step(self, batch: dict) -> None:
@@ -149,6 +154,11 @@ class GLMSeq2SeqModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    def configure_model(self) -> None:
+        """FSDP2 sharding under the ``fsdp`` strategy, then the ``init_from`` weights
+        (``glm_lightning.parallel.configure_glm_module``)."""
+        configure_glm_module(self)
 
     def configure_optimizers(self):
         decay_iters = self.hparams.lr_decay_iters or self.trainer.max_steps
