@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import flatten
+from glm_lightning.atomic import atomic_write_text
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -103,5 +104,5 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> Ru
         logger.skip_logged_steps()
     if rank_zero_only.rank == 0:  # other ranks log nothing; Lightning routes them to a no-op
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_id_file.write_text(logger.run_id)
+        atomic_write_text(run_id_file, logger.run_id)
     return logger
