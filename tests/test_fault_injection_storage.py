@@ -1,0 +1,206 @@
+"""Storage faults on a shared cluster disk: kills during saves, a full disk, concurrent runs on one
+MLflow store, damaged cache shards, concurrent writers of the built-in corpus.
+
+The faults are real: runs are subprocesses of ``python -m experiments.run`` killed with SIGKILL; a
+full disk and a rename across file systems come from ``tests/fault_injection/sitecustomize.py``,
+which makes the process's own writes fail as the kernel would, below the code under test.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from experiments.config import load_config
+from experiments.jobs.pretrain import resume_checkpoint
+from glm_lightning.atomic import atomic_write, atomic_write_text, remove_abandoned, temporary_path
+from glm_lightning.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
+from glm_lightning.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULTS = Path(__file__).resolve().parent / "fault_injection"
+TINY = ["model.num_layers=2", "model.hidden_size=64", "data.seq_length=64", "data.batch_size=4",
+        "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
+
+
+def command(tmp_path: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.run", f"output_dir={tmp_path / 'outputs'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "run_name=r1", *TINY, *overrides]
+
+
+def faulty_env(**variables: str) -> dict[str, str]:
+    """The environment of a subprocess with the fault injection loaded (see its docstring)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAULTS), str(ROOT)]), **variables}
+
+
+def temporaries(*folders: Path) -> list[Path]:
+    return [p for folder in folders if folder.is_dir() for p in folder.iterdir() if p.name.endswith(".tmp")
+            or p.name.startswith("tmp")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = atomic_write_text(tmp_path / "summary.json", "old\n")
+
+    def fail_halfway(f):
+        f.write(b"new and longer")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, fail_halfway)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert target.read_text() == "old\n" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_a_later_write_removes_what_a_killed_writer_left(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    host = socket.gethostname()
+    abandoned = tmp_path / f".step4.ckpt~0123abcd~{pid}~{host}.tmp"
+    other_host_old = tmp_path / ".last.ckpt~0123abcd~1~elsewhere.tmp"
+    other_host_fresh = tmp_path / ".last.ckpt~4567abcd~1~elsewhere.tmp"
+    mine = temporary_path(tmp_path / "last.ckpt")  # this live process's: being written
+    unrelated = tmp_path / ".notes.tmp"
+    for path in (abandoned, other_host_old, other_host_fresh, mine, unrelated):
+        path.write_bytes(b"partial")
+    os.utime(other_host_old, (time.time() - 3600, time.time() - 3600))
+    assert set(remove_abandoned(tmp_path)) == {abandoned, other_host_old}
+    assert {p.name for p in tmp_path.iterdir()} == {other_host_fresh.name, mine.name, unrelated.name}
+
+
+def small_checkpoint(path: Path, step: int) -> Path:
+    checkpoint = {"global_step": step, "state_dict": {"w": torch.arange(5000.0)}}
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    return path
+
+
+def break_file(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    broken = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": os.urandom(len(data))}[how]
+    path.write_bytes(broken)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "garbage"])
+def test_resume_auto_skips_a_broken_checkpoint_and_explicit_resume_names_it(tmp_path, capsys, how):
+    checkpoints = tmp_path / "outputs" / "quickstart" / "r1" / "checkpoints"
+    older = small_checkpoint(checkpoints / "step4.ckpt", 4)
+    last = small_checkpoint(checkpoints / "last.ckpt", 8)
+    os.utime(older, ns=(1, 1_000_000_000))  # written before last.ckpt
+    break_file(last, how)
+    assert checkpoint_problem(older) is None and checkpoint_problem(last) is not None
+    cfg = load_config("quickstart", [f"output_dir={tmp_path / 'outputs'}", "run_name=r1", "resume=auto"])
+    assert resume_checkpoint(cfg, checkpoints.parent) == str(older)
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning.startswith("warning: resume=auto skips ") and str(last) in warning
+    assert f"resuming from {older}" in warning
+
+    explicit = load_config("quickstart", [f"resume={last}"])
+    with pytest.raises(ConfigError) as raised:
+        resume_checkpoint(explicit, checkpoints.parent)
+    reason = {"empty": "empty file (0 bytes)", "truncated": "truncated",
+              "garbage": "not a PyTorch checkpoint"}
+    assert str(last) in str(raised.value) and reason[how] in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+    break_file(older, how)  # nothing intact left: one line that lists what was found
+    with pytest.raises(ConfigError, match="no intact checkpoint") as raised:
+        resume_checkpoint(cfg, checkpoints.parent)
+    assert str(older) in str(raised.value) and str(last) in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def second_filesystem(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A TMPDIR on another file system than ``tmp_path`` (/dev/shm when it is one), or a folder of
+    the same one whose renames to elsewhere fail with EXDEV as across file systems."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev:
+        return Path(tempfile.mkdtemp(dir=shm, prefix="glm-test-")), {}
+    folder = tmp_path / "tmpdir"
+    folder.mkdir()
+    return folder, {"GLM_FAULT_EXDEV_DIR": str(folder)}
+
+
+def kill_during_a_save(process: subprocess.Popen, checkpoints: Path, tmpdir: Path, delay: float) -> bool:
+    """SIGKILL ``process`` ``delay`` seconds after a checkpoint save is seen under way (a temporary
+    file beside the checkpoints or in TMPDIR) once one checkpoint exists; False if it ended first."""
+    while process.poll() is None:
+        if any(checkpoints.glob("*.ckpt")) and temporaries(checkpoints, tmpdir):
+            time.sleep(delay)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.002)
+    return False
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_saves_with_tmpdir_on_another_filesystem(tmp_path):
+    tmpdir, extra = second_filesystem(tmp_path)
+    env = faulty_env(TMPDIR=str(tmpdir), **extra)
+    checkpoints = tmp_path / "outputs" / "quickstart" / "r1" / "checkpoints"
+    # Checkpoints of about 40 MB saved at every second step, so saves take most of the time.
+    big = ["model.hidden_size=256", "model.num_layers=4", "trainer.val_check_interval=2",
+           "trainer.max_steps=100000"]
+    rng = random.Random(20261206)
+    try:
+        kills = 0
+        for _ in range(3):
+            process = subprocess.Popen(command(tmp_path, *big, "resume=auto"), cwd=ROOT, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            killed = kill_during_a_save(process, checkpoints, tmpdir, rng.uniform(0.0, 0.05))
+            assert killed, process.stderr.read()[-3000:]
+            kills += 1
+            saved = sorted(checkpoints.glob("*.ckpt"))
+            assert saved, "a killed run kept no checkpoint"
+            assert {p.name: checkpoint_problem(p) for p in saved} == {p.name: None for p in saved}
+        step = max(torch.load(p, weights_only=False, mmap=True)["global_step"]
+                   for p in checkpoints.glob("*.ckpt"))
+        resumed = subprocess.run(command(tmp_path, *big, "resume=auto", f"trainer.max_steps={step + 2}"),
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == step + 2
+        assert temporaries(checkpoints, checkpoints.parent, tmpdir) == []
+        assert kills == 3
+    finally:
+        if tmpdir.parent == Path("/dev/shm"):
+            subprocess.run(["rm", "-rf", str(tmpdir)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_keeps_no_partial_file_and_fails_the_run(tmp_path):
+    checkpoints = tmp_path / "outputs" / "quickstart" / "r1" / "checkpoints"
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    # The checkpoints and TMPDIR share a disk with 300 KB free: the first save (2 MB) fills it.
+    env = faulty_env(TMPDIR=str(tmpdir), GLM_FAULT_ENOSPC_AFTER="300000",
+                     GLM_FAULT_ENOSPC_DIRS=os.pathsep.join([str(checkpoints), str(tmpdir)]))
+    result = subprocess.run(command(tmp_path, "trainer.max_steps=8", "trainer.val_check_interval=4"),
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: No space left on device while writing ")
+    assert str(checkpoints / "step4.ckpt") in last_line and "Traceback" not in result.stderr
+    assert list(checkpoints.iterdir()) == [] and temporaries(tmpdir) == []  # nothing partial
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (found,) = mlflow.search_runs(experiment_names=["quickstart"], output_format="list")
+    assert found.info.status == "FAILED"
+    assert json.loads((checkpoints.parent / "summary.json").read_text())["global_step"] == 4
+    assert np.isfinite(found.data.metrics["train/loss"])
