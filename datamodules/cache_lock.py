@@ -65,6 +65,12 @@ class CacheLock:
             return True
         return False
 
+    def acquire(self, poll_seconds: float = 0.1) -> CacheLock:
+        """Wait until this process holds the lock (a stale one is taken over); returns self."""
+        while not self.try_acquire():
+            time.sleep(poll_seconds)
+        return self
+
     def release(self) -> None:
         if self._stop is None:
             return

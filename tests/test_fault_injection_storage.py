@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.builtin_corpus import write_builtin_corpus
 from experiments.config import load_config
 from experiments.jobs.pretrain import resume_checkpoint
 from glm_lightning.atomic import atomic_write, atomic_write_text, remove_abandoned, temporary_path
@@ -204,3 +205,97 @@ def test_a_full_disk_during_a_save_keeps_no_partial_file_and_fails_the_run(tmp_p
     assert found.info.status == "FAILED"
     assert json.loads((checkpoints.parent / "summary.json").read_text())["global_step"] == 4
     assert np.isfinite(found.data.metrics["train/loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrent runs on one MLflow store
+
+
+def run_metrics(tracking: str, experiment: str = "quickstart") -> dict[str, tuple[str, dict[str, list[int]]]]:
+    """run name -> (status, metric -> logged steps) of every run of ``experiment`` in a store."""
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return {run.info.run_name: (run.info.status, {key: sorted(m.step for m in client.get_metric_history(
+        run.info.run_id, key)) for key in ("train/loss", "val/loss")}) for run in runs}
+
+
+COMPLETE = ("FINISHED", {"train/loss": [0, 1, 2, 3], "val/loss": [1, 3]})  # 4 steps, validated twice
+
+
+@pytest.mark.slow
+def test_runs_started_together_on_a_fresh_mlflow_store_all_finish(tmp_path):
+    processes = [subprocess.Popen(command(tmp_path, f"run_name=r{k}", "trainer.max_steps=4",
+                                          "trainer.val_check_interval=2"),
+                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for k in range(4)]
+    errors = [p.communicate(timeout=600)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0] * 4, "\n".join(e[-2000:] for e in errors)
+    found = run_metrics(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert found == {f"r{k}": COMPLETE for k in range(4)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_run_logs_to_an_mlflow_server(tmp_path):
+    port, store = free_port(), f"sqlite:///{tmp_path / 'server.db'}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stderr.read()[-3000:]
+                time.sleep(0.5)
+        result = subprocess.run(command(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=2",
+                                        f"logging.tracking_uri=http://127.0.0.1:{port}"),
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()  # everything went to the server
+    assert run_metrics(store) == {"r1": COMPLETE}
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in corpus, written by runs that start together
+
+CORPUS_WRITER = """
+import sys
+from pathlib import Path
+from datamodules.builtin_corpus import DOCUMENT_SEPARATOR as SEPARATOR, DOCUMENTS_PER_FILE as PER_FILE
+from datamodules.builtin_corpus import builtin_documents, write_builtin_corpus
+documents = builtin_documents()
+expected = [SEPARATOR.join(documents[k:k + PER_FILE]) + "\\n" for k in range(0, len(documents), PER_FILE)]
+for _ in range(int(sys.argv[2])):
+    paths = write_builtin_corpus(sys.argv[1])
+    seen = [Path(p).read_text(encoding="utf-8") for p in paths]
+    if seen != expected:
+        sys.exit(f"incomplete built-in corpus: {[len(s) for s in seen]} characters, expected "
+                 f"{[len(e) for e in expected]}")
+"""
+
+
+def test_runs_writing_the_builtin_corpus_together_all_see_complete_files(tmp_path):
+    directory = tmp_path / "builtin_corpus"
+    writers = [subprocess.Popen([sys.executable, "-c", CORPUS_WRITER, str(directory), "10"], cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [w.communicate(timeout=300)[1] for w in writers]
+    assert [w.returncode for w in writers] == [0] * 4, errors
+    assert sorted(p.name for p in directory.iterdir()) == [f"builtin_{k:02d}.txt" for k in range(4)]
+
+    # A later call leaves identical files alone: their modification times stay.
+    for path in directory.iterdir():
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    write_builtin_corpus(directory)
+    assert {p.stat().st_mtime_ns for p in directory.iterdir()} == {1_000_000_000}
