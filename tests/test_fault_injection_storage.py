@@ -26,6 +26,8 @@ import pytest
 import torch
 
 from datamodules.builtin_corpus import write_builtin_corpus
+from datamodules.corpus import tokenize_corpus
+from datamodules.pretrain import PretrainDataModule
 from experiments.config import load_config
 from experiments.jobs.pretrain import resume_checkpoint
 from glm_lightning.atomic import atomic_write, atomic_write_text, remove_abandoned, temporary_path
@@ -299,3 +301,54 @@ def test_runs_writing_the_builtin_corpus_together_all_see_complete_files(tmp_pat
         os.utime(path, ns=(1_000_000_000, 1_000_000_000))
     write_builtin_corpus(directory)
     assert {p.stat().st_mtime_ns for p in directory.iterdir()} == {1_000_000_000}
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged cache shards
+
+
+def training_batches(tokenizer, files: list[Path], cache: Path) -> list[dict]:
+    datamodule = PretrainDataModule(tokenizer, files, cache_dir=cache, seq_length=64, batch_size=4,
+                                    progress=False, seed=3)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = iter(datamodule.train_dataloader())
+    return [next(loader) for _ in range(3)]
+
+
+@pytest.mark.parametrize("fill", [b"\x00", b"\xff"], ids=["zeros", "0xFF"])
+def test_a_damaged_shard_is_detected_and_tokenized_again(tmp_path, tokenizer, capfd, fill):
+    cache = tmp_path / "cache"
+    (corpus_file,) = map(Path, write_builtin_corpus(tmp_path / "corpus", num_documents=40))
+    original = tokenize_corpus(corpus_file, tokenizer, cache, progress=False)
+    documents = [original.document(i).tolist() for i in range(len(original))]
+    expected = training_batches(tokenizer, [corpus_file], cache)
+    (tokens,) = cache.glob("*.tokens")
+    intact = tokens.read_bytes()
+    capfd.readouterr()
+
+    tokens.write_bytes(fill * len(intact))  # same size: only the checksum can tell
+    rebuilt = training_batches(tokenizer, [corpus_file], cache)
+    (warning,) = capfd.readouterr().err.splitlines()
+    assert warning == (f"warning: cached shard {tokens} of {corpus_file.name} does not match its checksum "
+                       "(the file was changed or damaged); tokenizing it again")
+    assert tokens.read_bytes() == intact
+    for got, want in zip(rebuilt, expected, strict=True):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want if isinstance(want[k], torch.Tensor))
+    again = tokenize_corpus(corpus_file, tokenizer, cache, progress=False)
+    assert [again.document(i).tolist() for i in range(len(again))] == documents
+    assert capfd.readouterr().err == ""  # verified, nothing to report
+
+
+def test_a_shard_without_a_checksum_is_tokenized_again(tmp_path, tokenizer, corpus_file, capfd):
+    cache = tmp_path / "cache"
+    tokenize_corpus(corpus_file, tokenizer, cache, progress=False)
+    (description,) = cache.glob("*.json")
+    meta = json.loads(description.read_text())
+    checksum = meta["parts"][0].pop("blake2b")
+    description.write_text(json.dumps(meta))  # as an older version wrote it
+    capfd.readouterr()
+    tokenize_corpus(corpus_file, tokenizer, cache, progress=False)
+    assert "has no checksum (written by an older version); tokenizing it again" in capfd.readouterr().err
+    assert json.loads(description.read_text())["parts"][0]["blake2b"] == checksum
