@@ -236,6 +236,33 @@ def test_runs_started_together_on_a_fresh_mlflow_store_all_finish(tmp_path):
     assert found == {f"r{k}": COMPLETE for k in range(4)}
 
 
+LOGGER = """
+import sys
+from pathlib import Path
+from experiments.config import load_config
+from experiments.tracking import mlflow_logger
+cfg = load_config("quickstart", [f"output_dir={sys.argv[1]}", f"run_name={sys.argv[2]}"])
+logger = mlflow_logger(cfg, Path(sys.argv[1]) / "quickstart" / sys.argv[2])
+for step in range(4):
+    logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+logger.log_metrics({"val/loss": 0.5}, 1)
+logger.log_metrics({"val/loss": 0.25}, 3)
+logger.finalize("success")
+"""
+
+
+@pytest.mark.slow
+def test_loggers_opening_a_fresh_mlflow_store_together_all_log(tmp_path):
+    """The store-creation race alone, without training: four processes open a new store at once."""
+    out = tmp_path / "outputs"
+    processes = [subprocess.Popen([sys.executable, "-c", LOGGER, str(out), f"r{k}"], cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for k in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0] * 4, "\n".join(e[-2000:] for e in errors)
+    assert run_metrics(f"sqlite:///{out / 'mlflow.db'}") == {f"r{k}": COMPLETE for k in range(4)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
