@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from glm_lightning.atomic import atomic_write
+
 DOCUMENT_SEPARATOR = "\n\f\n"  # form feed: one document each (see datamodules.corpus)
 DOCUMENTS_PER_FILE = 100
 
@@ -373,14 +375,26 @@ def builtin_documents(num_documents: int = 400, seed: int = 0) -> list[str]:
 
 
 def write_builtin_corpus(directory: str | Path, num_documents: int = 400, seed: int = 0) -> list[str]:
-    """Write the built-in corpus as text files of form-feed separated documents; return their paths."""
+    """Write the built-in corpus as text files of form-feed separated documents; return their paths.
+
+    Runs that start together share these files: each file is written atomically, and only when it
+    does not already hold the same text, so no run ever reads a half-written file and the files
+    (and their modification times, which the content-hash memo trusts) stay as they are.
+    """
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     documents = builtin_documents(num_documents, seed)
     paths = []
     for k, start in enumerate(range(0, len(documents), DOCUMENTS_PER_FILE)):
         path = out / f"builtin_{k:02d}.txt"
-        text = DOCUMENT_SEPARATOR.join(documents[start : start + DOCUMENTS_PER_FILE]) + "\n"
-        path.write_text(text, encoding="utf-8")
+        data = (DOCUMENT_SEPARATOR.join(documents[start : start + DOCUMENTS_PER_FILE]) + "\n").encode("utf-8")
+        if not _holds(path, data):
+            atomic_write(path, lambda f, data=data: f.write(data))
         paths.append(str(path))
     return paths
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except FileNotFoundError:
+        return False

@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from glm_lightning.atomic import process_alive
+
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 120.0
 
@@ -65,6 +67,12 @@ class CacheLock:
             return True
         return False
 
+    def acquire(self, poll_seconds: float = 0.1) -> CacheLock:
+        """Wait until this process holds the lock (a stale one is taken over); returns self."""
+        while not self.try_acquire():
+            time.sleep(poll_seconds)
+        return self
+
     def release(self) -> None:
         if self._stop is None:
             return
@@ -95,7 +103,7 @@ class CacheLock:
         except FileNotFoundError:
             return False
         if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-            if not _alive(info["pid"]):
+            if not process_alive(info["pid"]):
                 return True
         return age > self.stale_after
 
@@ -122,12 +130,3 @@ class CacheLock:
             aside.unlink(missing_ok=True)
         return True
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

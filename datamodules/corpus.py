@@ -20,11 +20,15 @@ Document rules (kept simple on purpose):
 Cache: each input file becomes one shard in ``cache_dir``: one or more parts (a flat token array,
 ``uint16`` when ``len(tokenizer) < 65536``, else ``uint32``, and an ``int64`` array of document
 offsets), one per byte range tokenized by a worker process, and a json description written last,
-whose presence marks a complete shard. Every file is written to a temporary name and renamed, and a
-lock file makes exactly one process prepare each shard (`datamodules.cache_lock`); the others wait.
-The shard name is the sha256 of the file's content hash, the tokenizer fingerprint, the document
-rule and the format version: a renamed file reuses its shard, a changed file or tokenizer is
-tokenized again. Content hashes are remembered by (size, mtime) (`datamodules.content_hash`).
+whose presence marks a complete shard. The description holds the blake2b checksum of each part's
+token bytes; a shard is verified against it whenever it is loaded (it reads the tokens once, at
+several hundred MB/s), and a shard that fails, or has no checksum (an older cache), is tokenized
+again with a one-line warning, rather than training on whatever the damaged bytes decode to.
+Every file is written to a temporary name and renamed, and a lock file makes exactly one process
+prepare each shard (`datamodules.cache_lock`); the others wait. The shard name is the sha256 of the
+file's content hash, the tokenizer fingerprint, the document rule and the format version: a renamed
+file reuses its shard, a changed file or tokenizer is tokenized again. Content hashes are
+remembered by (size, mtime) (`datamodules.content_hash`).
 """
 
 from __future__ import annotations
@@ -281,7 +285,7 @@ def tokenize_corpus(
     ]
     loaded: dict[int, tuple[list[_Shard], np.ndarray]] = {}
     for i, key in enumerate(keys):
-        shard = _load_shard(cache, key)
+        shard = _load_shard(cache, key, warn=True)
         if shard is not None:
             loaded[i] = shard
     reused = len(loaded)
@@ -367,7 +371,7 @@ def _prepare_missing(
             seconds += time.perf_counter() - started
             tokenized_bytes += sum(files[i].stat().st_size for i in mine)
             for i in mine:
-                shard = _load_shard(cache, keys[i])
+                shard = _load_shard(cache, keys[i], verify=False)  # checksummed as it was written
                 assert shard is not None, f"shard {keys[i]} of {files[i]} was written but cannot be read back"
                 loaded[i] = shard
             continue
@@ -421,8 +425,10 @@ def _part_paths(cache: Path, key: str, k: int) -> tuple[Path, Path]:
     return cache / f"{key}.{k}.tokens", cache / f"{key}.{k}.offsets.npy"
 
 
-def _load_shard(cache: Path, key: str) -> tuple[list[_Shard], list[np.ndarray]] | None:
-    """The parts of a complete shard and their document offsets, or None."""
+def _load_shard(cache: Path, key: str, *, verify: bool = True,
+                warn: bool = False) -> tuple[list[_Shard], list[np.ndarray]] | None:
+    """The parts of a complete shard and their document offsets, or None. With ``verify``, a shard
+    whose token bytes do not match their checksums is None too (with ``warn``, saying so)."""
     try:
         meta = json.loads((cache / f"{key}.json").read_text())
         if meta["format_version"] != FORMAT_VERSION:
@@ -440,11 +446,26 @@ def _load_shard(cache: Path, key: str) -> tuple[list[_Shard], list[np.ndarray]] 
             )
             if not complete:
                 return None
+            problem = _checksum_problem(tokens_path, part.get("blake2b")) if verify else None
+            if problem:
+                if warn:
+                    print(f"warning: cached shard {tokens_path} of {meta.get('source')} {problem}; "
+                          "tokenizing it again", file=sys.stderr, flush=True)
+                return None
             parts.append(_Shard(tokens_path, dtype, int(part["num_tokens"])))
             offsets.append(part_offsets)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return parts, offsets
+
+
+def _checksum_problem(tokens_path: Path, expected: str | None) -> str | None:
+    """Why the part's token bytes cannot be trusted (no checksum, or another one), or None."""
+    if not expected:
+        return "has no checksum (written by an older version)"
+    with tokens_path.open("rb") as f:
+        actual = hashlib.file_digest(f, "blake2b").hexdigest()
+    return None if actual == expected else "does not match its checksum (the file was changed or damaged)"
 
 
 def _write_shards(
@@ -471,11 +492,11 @@ def _write_shards(
         for i, path in files.items():
             parts = []
             for k, unit in enumerate(units[i]):
-                num_documents, num_tokens = next(results)
+                num_documents, num_tokens, checksum = next(results)
                 tokens_path, offsets_path = _part_paths(cache, keys[i], k)
                 os.replace(unit.tokens_path, tokens_path)
                 os.replace(unit.offsets_path, offsets_path)
-                parts.append({"num_documents": num_documents, "num_tokens": num_tokens})
+                parts.append({"num_documents": num_documents, "num_tokens": num_tokens, "blake2b": checksum})
             if sum(p["num_documents"] for p in parts) == 0:
                 raise CorpusError(f"{path}: no documents (the file holds only whitespace or empty texts)")
             meta = {

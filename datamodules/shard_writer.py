@@ -5,11 +5,13 @@ A *unit* is one file, or one byte range of an uncompressed file (ranges begin at
 and an ``int64`` array of document offsets. The parts of a file, in range order, hold exactly the
 documents and token ids of the whole file read by one process, so the cache is the same whatever
 the number of processes. Documents are encoded in batches (the tokenizer's ``encode_batch`` when
-it has one), which is where most of the speed comes from.
+it has one), which is where most of the speed comes from. The blake2b checksum of each part's
+token bytes is computed as they are written, so that a damaged cache can be told apart later.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing
 import os
@@ -64,8 +66,8 @@ def plan_units(path: Path, document_separator: str | None, num_proc: int,
 
 
 def tokenize_unit(unit: Unit, tokenizer: Any, dtype: np.dtype,
-                  progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-    """Tokenize one unit into its part files; returns (documents, tokens)."""
+                  progress: Callable[[int], None] | None = None) -> tuple[int, int, str]:
+    """Tokenize one unit into its part files; returns (documents, tokens, blake2b of the token bytes)."""
     vocab_size = len(tokenizer)
     encode_batch = getattr(tokenizer, "encode_batch", None)
     if encode_batch is None:
@@ -73,6 +75,7 @@ def tokenize_unit(unit: Unit, tokenizer: Any, dtype: np.dtype,
             return [tokenizer.encode(text) for text in texts]
 
     ends = array("q")  # document end offsets: 8 bytes a document, not a Python int each
+    checksum = hashlib.blake2b()
     total = 0
     texts: list[str] = []
     flags: list[bool] = []
@@ -89,7 +92,9 @@ def tokenize_unit(unit: Unit, tokenizer: Any, dtype: np.dtype,
             ids = np.array([-1])
         if count and (ids.min() < 0 or int(ids.max()) >= vocab_size):
             raise CorpusError(f"{unit.path}: tokenizer produced ids outside [0, {vocab_size})")
-        out.write(ids.tobytes())
+        data = ids.tobytes()
+        checksum.update(data)
+        out.write(data)
         for length, ends_document in zip(lengths, flags, strict=True):
             total += length
             if ends_document:
@@ -112,7 +117,7 @@ def tokenize_unit(unit: Unit, tokenizer: Any, dtype: np.dtype,
     offsets[1:] = np.frombuffer(ends, dtype=np.int64)
     with unit.offsets_path.open("wb") as f:
         np.save(f, offsets)
-    return len(ends), total
+    return len(ends), total, checksum.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,13 +136,13 @@ def _add_progress(n: int) -> None:
         counter.value += n
 
 
-def _run_unit(unit: Unit) -> tuple[int, int]:
+def _run_unit(unit: Unit) -> tuple[int, int, str]:
     return tokenize_unit(unit, _worker["tokenizer"], _worker["dtype"], _add_progress)
 
 
 def tokenize_units(units: Sequence[Unit], tokenizer: Any, dtype: np.dtype, num_proc: int, *,
-                   progress: bool, description: str) -> list[tuple[int, int]]:
-    """(documents, tokens) of every unit, tokenized by `num_proc` processes; a progress bar in
+                   progress: bool, description: str) -> list[tuple[int, int, str]]:
+    """(documents, tokens, checksum) of every unit, tokenized by `num_proc` processes; a progress bar in
     bytes read (with MB/s and ETA) when `progress`."""
     total = sum(u.size for u in units)
     processes = min(num_proc, len(units))

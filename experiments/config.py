@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from experiments.jobs import JOBS
+from glm_lightning.atomic import atomic_write_text
 from glm_lightning.config import CHOICES, ConfigError, ExperimentConfig, check_value, validate
 
 __all__ = [
@@ -153,9 +154,7 @@ def _compact(value: Any) -> str:
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (creating folders); load_saved_config reads it back."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(format_config(cfg), encoding="utf-8")
-    return path
+    return atomic_write_text(path, format_config(cfg))
 
 
 def _finish(cfg: DictConfig) -> DictConfig:

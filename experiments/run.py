@@ -15,6 +15,7 @@ from experiments.config import ConfigError, config_summary, format_config, list_
 from experiments.errors import RunInterrupted
 from experiments.jobs import SECTIONS, get_job
 from experiments.library_noise import quiet_libraries
+from glm_lightning.atomic import is_disk_full
 
 DEFAULT_EXPERIMENT = "quickstart"
 USAGE_ERROR = 2
@@ -81,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     except (FileNotFoundError, CorpusError) as error:  # bad input data: say which file, no traceback
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        print(f"error: {error.strerror} while writing {error.filename}; the files written before are intact "
+              "(free space, then continue with resume=auto)", file=sys.stderr)
         return 1
     except RunInterrupted as error:
         print(f"stopped: {error}", file=sys.stderr)

@@ -7,17 +7,43 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.cache_lock import CacheLock
 from experiments.config import flatten
+from glm_lightning.atomic import atomic_write_text
 
 RUN_ID_FILE = "mlflow_run_id"
 
 
+_READY_STORES: set[str] = set()  # sqlite stores this process has found created and migrated
+
+
 def tracking_uri(cfg: DictConfig) -> str:
-    """``logging.tracking_uri`` or a sqlite store beside the runs (MLflow 3's file store is deprecated)."""
-    return cfg.logging.tracking_uri or f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+    """``logging.tracking_uri`` or a sqlite store beside the runs (MLflow 3's file store is deprecated),
+    ready to use (see ``ready_store``)."""
+    default = f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+    return ready_store(cfg.logging.tracking_uri or default)
+
+
+def ready_store(uri: str) -> str:
+    """``uri``, after creating and migrating its sqlite store once, under a lock file beside it.
+
+    MLflow creates the tables of a new sqlite store, and runs its schema migrations, in every
+    process that opens it; processes that open a fresh store together crash on each other's
+    half-made tables (``duplicate column name``, ``_alembic_tmp_metrics already exists``) and can
+    leave it broken. A server store (``http://``) is the server's business.
+    """
+    if uri in _READY_STORES or not uri.startswith("sqlite:///"):
+        return uri
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with CacheLock(database.with_name(f"{database.name}.lock")).acquire():
+        MlflowClient(tracking_uri=uri)  # opening the store creates and migrates it
+    _READY_STORES.add(uri)
+    return uri
 
 
 def git_tags() -> dict[str, str]:
@@ -42,7 +68,15 @@ def experiment_id(cfg: DictConfig) -> str:
     client = MlflowClient(tracking_uri=tracking_uri(cfg))
     name = cfg.logging.experiment_name or cfg.exp
     found = client.get_experiment_by_name(name)
-    return found.experiment_id if found else client.create_experiment(name, artifact_location(cfg))
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location(cfg))
+    except MlflowException:  # created by a run that started at the same time
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
@@ -88,6 +122,7 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> Ru
     """A logger for this run; a resumed run continues the MLflow run recorded in its directory."""
     run_id_file = run_dir / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
+    experiment_id(cfg)  # created here, where runs that start together cannot both create it
     logger = RunLogger(
         experiment_name=cfg.logging.experiment_name or cfg.exp,
         run_name=run_dir.name,
@@ -103,5 +138,5 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> Ru
         logger.skip_logged_steps()
     if rank_zero_only.rank == 0:  # other ranks log nothing; Lightning routes them to a no-op
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_id_file.write_text(logger.run_id)
+        atomic_write_text(run_id_file, logger.run_id)
     return logger

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -30,8 +30,10 @@ from datamodules.shard_writer import default_num_proc
 from experiments.config import save_config
 from experiments.errors import RunInterrupted
 from experiments.tracking import RunLogger, mlflow_logger
+from glm_lightning.atomic import atomic_copy, atomic_write_text, publish
 from glm_lightning.callbacks import LastCheckpoint, StartStep
 from glm_lightning.checkpoint import check_weights, load_glm
+from glm_lightning.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, newest_intact_checkpoint
 from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
 from glm_lightning.infilling_eval import evaluate_infilling
 from glm_lightning.model import GLMConfig
@@ -74,13 +76,16 @@ def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
         tmp_prefix = model_path.with_name(f"{model_path.stem}-{os.getpid()}.tmp")
         # trained on the documents the corpus reader extracts (no jsonl syntax); sentencepiece keeps
         # a uniform sample of at most 2M sentences in memory however large the corpus is
-        trained = train_sentencepiece(sorted(files), cfg.tokenizer.vocab_size, str(tmp_prefix),
-                                      documents=iter_documents,
-                                      input_sentence_size=2_000_000, shuffle_input_sentence=True,
-                                      model_type=cfg.tokenizer.model_type,
-                                      hard_vocab_limit=False)  # small corpora support fewer pieces
-        Path(trained).replace(model_path)
-        Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
+        try:
+            trained = train_sentencepiece(sorted(files), cfg.tokenizer.vocab_size, str(tmp_prefix),
+                                          documents=iter_documents,
+                                          input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                                          model_type=cfg.tokenizer.model_type,
+                                          hard_vocab_limit=False)  # small corpora support fewer pieces
+            publish(trained, model_path)
+        finally:
+            for suffix in (".model", ".vocab"):
+                Path(f"{tmp_prefix}{suffix}").unlink(missing_ok=True)
     return GLMTokenizer.from_sentencepiece(str(model_path), **extra)
 
 
@@ -147,18 +152,25 @@ def throughput_monitor() -> ThroughputMonitor:
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``resume=auto``: the run's last checkpoint if there is one; ``resume=PATH``: that file.
-    Starting afresh in a run directory that has checkpoints is refused, so nothing is overwritten."""
+    """``resume=auto``: the run's newest intact checkpoint, if any (a broken one is skipped with a
+    warning); ``resume=PATH``: that checkpoint, if intact. Starting afresh in a run directory that
+    has checkpoints is refused, so nothing is overwritten."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.resume is None:
         if last.exists():
             raise ConfigError(f"{run_dir} already has checkpoints; continue it with resume=auto "
                               "or choose another run_name")
         return None
-    if cfg.resume == "auto":
-        return str(last) if last.exists() else None
-    if not Path(cfg.resume).exists():  # a file, or a folder for sharded checkpoints
-        raise ConfigError(f"invalid value {cfg.resume!r} for 'resume': no such checkpoint")
+    if cfg.resume == "auto":  # the newest checkpoint an interrupted save did not break
+        found, broken = newest_intact_checkpoint(last.parent)
+        if broken and found is None:
+            raise ConfigError(f"resume=auto: no intact checkpoint in {last.parent}: {'; '.join(broken)}")
+        if broken and rank_zero_only.rank == 0:
+            print(f"warning: resume=auto skips {'; '.join(broken)}; resuming from {found}", file=sys.stderr)
+        return None if found is None else str(found)
+    problem = checkpoint_problem(cfg.resume)  # a file, or a folder for sharded checkpoints
+    if problem:
+        raise ConfigError(f"invalid value {cfg.resume!r} for 'resume': {problem}")
     return cfg.resume
 
 
@@ -199,7 +211,7 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     tokenizer = build_tokenizer(cfg, files)
     if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":
         # Beside the checkpoints, so that the run is usable on its own (generation, finetuning).
-        shutil.copyfile(tokenizer.backend.path, run_dir / "tokenizer.model")
+        atomic_copy(tokenizer.backend.path, run_dir / "tokenizer.model")
     datamodule = build_datamodule(cfg, tokenizer, files)
     datamodule.prepare_data()  # tokenize (or find the cache) now: bad input fails before a run starts
     module = build_module(cfg, tokenizer)
@@ -226,7 +238,7 @@ def builtin_infilling(run: FittedRun, module: GLMPretrainModule, tokenizer: GLMT
     result = evaluate_infilling(model, tokenizer, probes)
     metrics = {INFILL_ACCURACY: result.accuracy, INFILL_BASELINE: result.baseline}
     run.summary["metrics"].update(metrics)
-    summary_path.write_text(json.dumps(run.summary, indent=2) + "\n")
+    atomic_write_text(summary_path, json.dumps(run.summary, indent=2) + "\n")
     if run.logger:
         for name, value in metrics.items():
             run.logger.experiment.log_metric(run.logger.run_id, name, value, step=run.summary["global_step"])
@@ -269,6 +281,7 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             gradient_clip_val=cfg.optim.clip_grad or None, val_check_interval=t.val_check_interval,
             check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
             log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
+            plugins=[AtomicCheckpointIO()],
             callbacks=[checkpoint, last, start, throughput_monitor(), *mixture_callbacks(datamodule)],
         )
         if logger:
@@ -338,7 +351,7 @@ def write_summary(path: Path, trainer: L.Trainer, checkpoint: ModelCheckpoint, l
         "last_checkpoint": str(Path(last_checkpoint).resolve()),
         "metrics": metrics,
     }
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
     if logger:  # checkpoints by reference: copying them into the artifact store would double the disk
         logger.experiment.log_artifact(logger.run_id, str(path))
         for key in ("best_checkpoint", "last_checkpoint"):

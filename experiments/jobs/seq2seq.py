@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +25,7 @@ from experiments.jobs.pretrain import (
     result_line,
     resume_checkpoint,
 )
+from glm_lightning.atomic import atomic_copy, atomic_write_text
 from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.seq2seq import GLMSeq2SeqModule
@@ -39,8 +39,7 @@ def tokenizer_text(cfg: DictConfig) -> list[str]:
     text = "".join(f"{e['source']}\n{e['target']}\n" for e in read_jsonl(train))
     path = Path(cfg.data.cache_dir) / "seq2seq_text" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        atomic_write_text(path, text)
     return [str(path)]
 
 
@@ -78,7 +77,7 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     tokenizer = build_tokenizer(cfg, [] if cfg.tokenizer.path else tokenizer_text(cfg))
     if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":
-        shutil.copyfile(tokenizer.backend.path, run_dir / "tokenizer.model")
+        atomic_copy(tokenizer.backend.path, run_dir / "tokenizer.model")
     s, d = cfg.seq2seq, cfg.data
     datamodule = Seq2SeqDataModule(tokenizer, d.dir, src_length=s.src_length, tgt_length=s.tgt_length,
                                    task_mask=s.task_mask, prompt=s.prompt, batch_size=d.batch_size,
@@ -92,7 +91,7 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
         test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best)
         if trainer.is_global_zero:
             path = run_dir / "test_metrics.json"
-            path.write_text(json.dumps(test_metrics[0], indent=2) + "\n")
+            atomic_write_text(path, json.dumps(test_metrics[0], indent=2) + "\n")
             if logger:
                 logger.experiment.log_artifact(logger.run_id, str(path))
     if trainer.is_global_zero:

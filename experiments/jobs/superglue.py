@@ -30,8 +30,10 @@ from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import launch, resume_checkpoint, throughput_monitor, write_summary
 from experiments.tables import avg_header
 from experiments.tracking import RunLogger, artifact_location, mlflow_logger, run_tags, tracking_uri
+from glm_lightning.atomic import atomic_write_text
 from glm_lightning.callbacks import StartStep
 from glm_lightning.checkpoint import checkpoint_config, read_checkpoint
+from glm_lightning.checkpoint_io import AtomicCheckpointIO
 from glm_lightning.config import ConfigError, activation_checkpointing, optimizer_settings, superglue_tasks
 from glm_lightning.metrics import TABLE1_METRICS, table_row
 from glm_lightning.model import GLMConfig
@@ -231,8 +233,8 @@ def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokeni
         table = markdown_row(results, row)
         if is_zero:
             summary = json.dumps({"tasks": results, "table1": row}, indent=2)
-            (run_dir / "results.json").write_text(summary + "\n")
-            (run_dir / "table1.md").write_text(table + "\n")
+            atomic_write_text(run_dir / "results.json", summary + "\n")
+            atomic_write_text(run_dir / "table1.md", table + "\n")
         if parent:
             parent.log_metrics({**{f"{t}/{m}": v for t, ms in results.items() for m, v in ms.items()},
                                 **{f"table1/{k}": v for k, v in row.items()}})
@@ -316,6 +318,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             log_every_n_steps=min(t.log_every_n_steps, batches), default_root_dir=task_dir,
             logger=logger or False,
             callbacks=[checkpoint, start, throughput_monitor()], enable_model_summary=False,
+            plugins=[AtomicCheckpointIO()],
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)  # our checkpoints
         if trainer.is_global_zero:
@@ -380,7 +383,7 @@ def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, m
     written = [write_jsonl(path, rows) for path, rows in files.items()]
     result = {"task": task, "dev": dev, "metrics": metrics, "best_checkpoint": str(Path(best).resolve()),
               "predictions": [str(p) for p in written]}
-    (run_dir / task / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(run_dir / task / "result.json", json.dumps(result, indent=2) + "\n")
     if logger:
         logger.log_metrics(metrics)
         for path in [*written, run_dir / task / "result.json"]:

@@ -1,0 +1,80 @@
+"""How training checkpoints are written (atomically) and told apart from broken ones (cheaply)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.types import _PATH
+
+from glm_lightning.atomic import atomic_write
+
+DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint after every shard
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` that writes each checkpoint with ``atomic_write``.
+
+    Lightning's own save goes through fsspec, which writes a file in ``$TMPDIR`` and moves it; across
+    file systems the move is a copy in place, so a kill left a truncated ``last.ckpt`` (and the
+    temporary file). Here the checkpoint streams into a temporary file beside its target and is
+    renamed when complete, which also avoids holding a second, serialized copy of it in memory.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path: _PATH, storage_options: object | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a loadable checkpoint (empty, truncated, not a checkpoint), or None.
+
+    A ``torch.save`` file is a zip archive whose central directory is written last, at its end, so
+    reading that directory (a few KB, whatever the checkpoint's size) and checking that every
+    member lies inside the file finds the empty and truncated files an interrupted write leaves
+    and files of another kind, without loading the weights (``torch.load`` would read them all; a
+    bit flip inside a tensor is not detected). A sharded checkpoint is a folder that is complete
+    once torch.distributed.checkpoint has written its ``.metadata`` file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        metadata = path / DCP_METADATA
+        if not metadata.is_file() or metadata.stat().st_size == 0:
+            return f"sharded checkpoint folder without its {DCP_METADATA} file (its write did not finish)"
+        return None
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file (0 bytes)"
+        with path.open("rb") as f:
+            magic = f.read(len(ZIP_MAGIC))
+        if magic != ZIP_MAGIC:
+            return "not a PyTorch checkpoint (it is not a zip archive)"
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except FileNotFoundError:
+        return "no such checkpoint"
+    except (OSError, zipfile.BadZipFile, ValueError) as error:
+        return f"truncated or damaged ({size} bytes; its zip table of contents is unreadable: {error})"
+    if not any(m.filename.endswith("/data.pkl") or m.filename == "data.pkl" for m in members):
+        return "not a PyTorch checkpoint (a zip archive without data.pkl)"
+    if any(m.header_offset + m.compress_size > size for m in members):
+        return f"truncated ({size} bytes, shorter than its table of contents says)"
+    return None
+
+
+def newest_intact_checkpoint(directory: str | Path) -> tuple[Path | None, list[str]]:
+    """The most recently written intact ``*.ckpt`` in ``directory`` (None if there is none) and,
+    for each newer one that is broken, ``"<path> (<problem>)"``."""
+    candidates = sorted(Path(directory).glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    skipped = []
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate, skipped
+        skipped.append(f"{candidate} ({problem})")
+    return None, skipped
