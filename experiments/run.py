@@ -74,16 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(config_summary(cfg, SECTIONS.get(cfg.job, ())), end="", flush=True)
     quiet_libraries()
+    from experiments.interruption import INTERRUPTIONS, interruptible  # imports Lightning
+
     try:
-        get_job(cfg.job)(cfg)
+        with interruptible():
+            get_job(cfg.job)(cfg)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except (FileNotFoundError, CorpusError) as error:  # bad input data: say which file, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except RunInterrupted as error:
-        print(f"stopped: {error}", file=sys.stderr)
+    except INTERRUPTIONS as error:  # SIGTERM or Ctrl-C: the MLflow run ended KILLED
+        print(f"stopped: {error if isinstance(error, RunInterrupted) else 'interrupted'}", file=sys.stderr)
         return INTERRUPTED
     return 0
 

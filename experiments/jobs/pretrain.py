@@ -28,7 +28,7 @@ from datamodules.mixture import SourceShareLogger
 from datamodules.pretrain import PretrainDataModule
 from datamodules.shard_writer import default_num_proc
 from experiments.config import save_config
-from experiments.errors import RunInterrupted
+from experiments.interruption import interruption_callback, mlflow_status, training_stopped
 from experiments.tracking import RunLogger, mlflow_logger
 from glm_lightning.callbacks import LastCheckpoint, StartStep
 from glm_lightning.checkpoint import init_weights, load_glm
@@ -265,13 +265,14 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             gradient_clip_val=cfg.optim.clip_grad or None, val_check_interval=t.val_check_interval,
             check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
             log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
-            callbacks=[checkpoint, last, start, throughput_monitor(), *mixture_callbacks(datamodule)],
+            callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
+                       *mixture_callbacks(datamodule)],
         )
         if logger:
             logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
-    except BaseException:
+    except BaseException as error:
         if logger:
-            logger.finalize("failed")  # never leave the MLflow run RUNNING
+            logger.finalize(mlflow_status(error))  # never leave the MLflow run RUNNING
         raise
     started = time.time()
     try:
@@ -281,8 +282,7 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             # our own checkpoints, which also hold RNG states and the data position
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     except SIGTERMException as stop:
-        raise RunInterrupted(f"interrupted at step {trainer.global_step}; checkpoint saved to "
-                             f"{last.path}; continue with resume=auto") from stop
+        raise training_stopped(trainer, last.path) from stop
     finally:
         if trainer.is_global_zero:
             summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,
