@@ -27,8 +27,8 @@ from datamodules.corpus_reader import iter_documents
 from datamodules.mixture import SourceShareLogger
 from datamodules.pretrain import PretrainDataModule
 from datamodules.shard_writer import default_num_proc
-from experiments.config import save_config
 from experiments.interruption import interruption_callback, mlflow_status, training_stopped
+from experiments.resume import resume_config
 from experiments.tracking import RunLogger, mlflow_logger
 from glm_lightning.callbacks import LastCheckpoint, StartStep
 from glm_lightning.checkpoint import init_weights, load_glm
@@ -189,8 +189,7 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
 
 def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
-    if rank_zero_only.rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
+    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None)
     files = training_files(cfg)
     tokenizer = build_tokenizer(cfg, files)
     if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":
@@ -199,7 +198,7 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     datamodule = build_datamodule(cfg, tokenizer, files)
     datamodule.prepare_data()  # tokenize (or find the cache) now: bad input fails before a run starts
     module = build_module(cfg, tokenizer)
-    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path)
+    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path, tags)
     if run.trainer.is_global_zero:
         print(result_line(run.summary, run.logger))
         if not cfg.data.train_files:  # the built-in world: show what the model learned about it
@@ -247,8 +246,8 @@ class FittedRun:
 
 
 def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.LightningModule,
-        datamodule: L.LightningDataModule, ckpt_path: str | None) -> FittedRun:
-    """Train ``module`` with the run's checkpoints, MLflow run and interruption handling:
+        datamodule: L.LightningDataModule, ckpt_path: str | None, tags: dict[str, str]) -> FittedRun:
+    """Train ``module`` with the run's checkpoints, MLflow run (``tags`` added) and interruption handling:
     the MLflow run never stays RUNNING, Ctrl-C/SIGTERM become ``RunInterrupted`` after saving
     ``last.ckpt``, and ``summary.json`` is written however training ends."""
     t = cfg.trainer
@@ -270,6 +269,8 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
         )
         if logger:
             logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
+            for key, value in tags.items():
+                logger.experiment.set_tag(logger.run_id, key, value)
     except BaseException as error:
         if logger:
             logger.finalize(mlflow_status(error))  # never leave the MLflow run RUNNING

@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from datamodules.superglue import TASKS, read_split, split_path
 from datamodules.superglue_data import SuperGLUEDataModule
 from datamodules.superglue_download import fetch_superglue
-from experiments.config import save_config
 from experiments.interruption import interruption_callback, mlflow_status, training_stopped
 from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import launch, resume_checkpoint, throughput_monitor, write_summary
+from experiments.resume import resume_config
 from experiments.tables import avg_header
 from experiments.tracking import (
     RUN_ID_FILE,
@@ -236,9 +236,10 @@ def run(cfg: DictConfig) -> Path:
 def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokenizer, model_config: GLMConfig,
          weights: dict[str, torch.Tensor], run_dir: Path) -> Path:
     is_zero = rank_zero_only.rank == 0
-    if is_zero:
-        save_config(cfg, run_dir / "config.yaml")
+    tags = resume_config(cfg, run_dir, resuming=cfg.resume == "auto")
     parent = mlflow_logger(cfg, run_dir, resume=cfg.resume == "auto") if cfg.logging.enabled else None
+    for key, value in tags.items() if parent else ():
+        parent.experiment.set_tag(parent.run_id, key, value)
     try:
         results = {task: run_task(cfg, task, data_dir, tokenizer, model_config, weights, run_dir, parent)
                    for task in tasks}
