@@ -17,6 +17,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from test_superglue_job import overrides, pretrained, sentence, write_jsonl  # noqa: F401 (a fixture)
 
+from experiments.run import main
+
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 240  # seconds a step of these tests may take on a loaded 2-core machine
 
@@ -152,3 +154,45 @@ def test_sigterm_stops_lm_eval_killed(tmp_path, pretrained, make_text):  # noqa:
     assert process.returncode == 130, stderr[-3000:]
     assert stopped_line(stderr).startswith("stopped: terminated by SIGTERM")
     assert client(tmp_path).get_run(found.info.run_id).info.status == "KILLED"
+
+
+BERT_VOCAB = ROOT.parent / "shared" / "data" / "vocab" / "bert-base-uncased" / "vocab.txt"
+
+
+@pytest.mark.parametrize("case", ["empty", "latin-1", "text as tokenizer", "BERT vocab as tokenizer",
+                                  "one document", "vocabulary below the alphabet"])
+def test_bad_input_is_one_line_before_training(tmp_path, capsys, make_text, case):
+    """Each is refused with one line naming the file or key; bad files before a tokenizer is trained."""
+    corpus, text = tmp_path / "corpus.txt", make_text(60)
+    corpus.write_text(text, encoding="utf-8")
+    documents = tmp_path / "docs.jsonl"
+    documents.write_text("".join(f'{{"text": "{line}"}}\n' for line in text.splitlines() if line), "utf-8")
+    if case == "BERT vocab as tokenizer" and not BERT_VOCAB.is_file():
+        pytest.skip(f"{BERT_VOCAB} is absent")
+    bad = {"empty": b"", "latin-1": b"A caf\xe9 au lait.\n"}
+    if case in bad:
+        (tmp_path / "bad.txt").write_bytes(bad[case])
+    extra, expected = {
+        "empty": ([f"data.train_files=[{documents},{tmp_path / 'bad.txt'}]"],
+                  f"error: {tmp_path / 'bad.txt'}: file is empty"),
+        "latin-1": ([f"data.train_files=[{documents},{tmp_path / 'bad.txt'}]"],
+                    f"error: {tmp_path / 'bad.txt'}: not valid UTF-8 at byte offset 5"),
+        "text as tokenizer": ([f"tokenizer.path={corpus}"],
+                              f"error: tokenizer.path: {corpus} is not a sentencepiece model"),
+        "BERT vocab as tokenizer": ([f"tokenizer.path={BERT_VOCAB}"],
+                                    f"error: tokenizer.path: {BERT_VOCAB} is not a sentencepiece model"),
+        "one document": ([f"data.train_files=[{corpus}]"],
+                         "error: data.train_files: cannot split 1 document(s) into train and validation; "
+                         "set data.val_files to held-out text or data.val_fraction=0"),
+        "vocabulary below the alphabet": ([f"data.train_files=[{documents}]", "tokenizer.vocab_size=40"],
+                                          "error: training a tokenizer on data.train_files with "
+                                          "tokenizer.vocab_size=40 failed: Vocabulary size is smaller"),
+    }[case]
+    code = main(["exp=quickstart", f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
+                 "tokenizer.vocab_size=600", "logging.enabled=false", *extra])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # besides progress bars
+    assert code in (1, 2) and "Traceback" not in err
+    assert len(errors) == 1 and errors[0].startswith(expected), errors
+    if case != "one document":  # a readable corpus of one document does train its tokenizer
+        assert not list((tmp_path / "cache").glob("tokenizers/*.model"))

@@ -25,7 +25,7 @@ from datamodules.content_hash import content_hash
 from datamodules.corpus import resolve_inputs
 from datamodules.corpus_reader import iter_documents
 from datamodules.mixture import SourceShareLogger
-from datamodules.pretrain import PretrainDataModule
+from datamodules.pretrain import PretrainDataModule, TooFewDocuments
 from datamodules.shard_writer import default_num_proc
 from experiments.interruption import interruption_callback, mlflow_status, training_stopped
 from experiments.resume import resume_config
@@ -56,12 +56,17 @@ def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
     sentinels = int(cfg.data.mask_ratio * cfg.data.seq_length) + 1
     extra = {"num_sentinels": sentinels} if cfg.data.sentinel_tokens else {}
     kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
-    if kind == "wordpiece":
-        return GLMTokenizer.from_wordpiece(path, **extra)
-    if kind in ("gpt2", "roberta"):
-        return GLMTokenizer.from_bpe(path, cfg.tokenizer.merges, kind=kind, **extra)
-    if path:
-        return GLMTokenizer.from_sentencepiece(path, **extra)
+    try:
+        if kind == "wordpiece":
+            return GLMTokenizer.from_wordpiece(path, **extra)
+        if kind in ("gpt2", "roberta"):
+            return GLMTokenizer.from_bpe(path, cfg.tokenizer.merges, kind=kind, **extra)
+        if path:
+            return GLMTokenizer.from_sentencepiece(path, **extra)
+    except ValueError as error:  # a file of another kind of vocabulary, or no vocabulary at all
+        raise ConfigError(f"tokenizer.path: {error} (tokenizer.kind={kind}; a BERT vocab.txt needs "
+                          "tokenizer.kind=wordpiece, a GPT-2/RoBERTa vocab.json tokenizer.kind=gpt2 or "
+                          "roberta with tokenizer.merges, a sentencepiece .model the default)") from None
     # keyed by the files' content hashes (remembered by size and mtime), never by reading them whole
     digest = hashlib.sha256(f"{cfg.tokenizer.vocab_size};extracted documents".encode())
     for name in sorted(files):
@@ -72,10 +77,16 @@ def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
         tmp_prefix = model_path.with_name(f"{model_path.stem}-{os.getpid()}.tmp")
         # trained on the documents the corpus reader extracts (no jsonl syntax); sentencepiece keeps
         # a uniform sample of at most 2M sentences in memory however large the corpus is
-        trained = train_sentencepiece(sorted(files), cfg.tokenizer.vocab_size, str(tmp_prefix),
-                                      documents=iter_documents,
-                                      input_sentence_size=2_000_000, shuffle_input_sentence=True,
-                                      hard_vocab_limit=False)  # small corpora support fewer pieces
+        try:
+            trained = train_sentencepiece(sorted(files), cfg.tokenizer.vocab_size, str(tmp_prefix),
+                                          documents=iter_documents,
+                                          input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                                          hard_vocab_limit=False)  # small corpora support fewer pieces
+        except RuntimeError as error:  # sentencepiece's own check, e.g. a vocabulary below the alphabet
+            # its message after the source location, without its advice on its own command-line flags
+            reason = str(error).rpartition("]")[2].partition(" Increase")[0].strip() or str(error)
+            raise ConfigError(f"training a tokenizer on data.train_files with tokenizer.vocab_size="
+                              f"{cfg.tokenizer.vocab_size} failed: {reason}") from None
         Path(trained).replace(model_path)
         Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
     return GLMTokenizer.from_sentencepiece(str(model_path), **extra)
@@ -197,6 +208,13 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
         shutil.copyfile(tokenizer.backend.path, run_dir / "tokenizer.model")
     datamodule = build_datamodule(cfg, tokenizer, files)
     datamodule.prepare_data()  # tokenize (or find the cache) now: bad input fails before a run starts
+    try:
+        datamodule.setup("fit")
+    except TooFewDocuments as error:
+        raise ConfigError(f"data.train_files: {error.args[0].partition(';')[0]}; set data.val_files to "
+                          "held-out text or data.val_fraction=0, or give more documents (a text file is "
+                          "one document unless form feeds or WikiText headings split it; a .jsonl file "
+                          "holds one per line)") from None
     module = build_module(cfg, tokenizer)
     run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path, tags)
     if run.trainer.is_global_zero:
