@@ -335,13 +335,17 @@ class _TrainDataLoader(DataLoader):
 # DataModule
 
 
+class TooFewDocuments(ValueError):
+    """A corpus with fewer than two documents cannot give up some of them for validation."""
+
+
 def split_by_document(
     corpus: TokenizedCorpus, val_fraction: float, *, seed: int = SPLIT_SEED
 ) -> tuple[TokenizedCorpus, TokenizedCorpus]:
     """Deterministic (train, validation) split of whole documents; at least one in each part."""
     n = corpus.num_documents
     if n < 2:
-        raise ValueError(
+        raise TooFewDocuments(
             f"cannot split {n} document(s) into train and validation; pass val_files, or split the "
             "text into documents (form feeds or document_separator)"
         )

@@ -11,13 +11,14 @@ would be attended bidirectionally by every token).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.corpus import CorpusError
 from datamodules.jsonl import jsonl_records
@@ -134,9 +135,27 @@ class Seq2SeqCollator:
         return batch
 
 
+class EpochSampler(DistributedSampler):
+    """The training order: DistributedSampler's permutation of (seed, epoch) and its share of each
+    rank, which a resumed run continues inside an epoch by leaving out the ``resume`` batches of it
+    that were already trained (``len`` stays the whole epoch, as Lightning expects)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.resume: tuple[int, int] | None = None  # (epoch, batches of it already trained)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip = self.resume[1] * self.batch_size if self.resume and self.resume[0] == self.epoch else 0
+        self.resume = None
+        return iter(indices[skip:])
+
+
 class Seq2SeqDataModule(L.LightningDataModule):
     """train/val(/test).jsonl of ``data_dir`` as batches of ``Seq2SeqCollator``; the training
-    order is shuffled by a generator seeded with ``seed`` (the same order for any worker count)."""
+    order is drawn from (``seed``, epoch), the same for any worker count, and its position is saved
+    in checkpoints (``state_dict``) so that a resumed run sees the batches an uninterrupted one would."""
 
     def __init__(self, tokenizer: GLMTokenizer, data_dir: str | Path, *, src_length: int = 464,
                  tgt_length: int = 48, task_mask: bool = False, prompt: str = " Content:",
@@ -150,6 +169,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, Seq2SeqDataset] = {}
         self.collate = Seq2SeqCollator(tokenizer.pad_id)
+        self._resume: tuple[int, int] | None = None
 
     def split_path(self, split: str) -> Path:
         return self.data_dir / f"{split}.jsonl"
@@ -169,19 +189,36 @@ class Seq2SeqDataModule(L.LightningDataModule):
                 raise FileNotFoundError(f"{path} does not exist; data.dir needs train.jsonl and val.jsonl")
             self.datasets[split] = Seq2SeqDataset(read_jsonl(path), self.tokenizer, **self.layout)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          generator=generator, collate_fn=self.collate, num_workers=self.num_workers,
-                          drop_last=False)
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=False,
+                          collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        trainer = self.trainer
+        ranks = (trainer.distributed_sampler_kwargs or {}) if trainer is not None else {}
+        sampler = EpochSampler(self.datasets["train"], self.batch_size, seed=self.seed,
+                               num_replicas=ranks.get("num_replicas", 1), rank=ranks.get("rank", 0))
+        if trainer is not None:  # Lightning creates the iterator of a resumed run before set_epoch
+            sampler.set_epoch(trainer.current_epoch)
+        sampler.resume, self._resume = self._resume, None
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.datasets:
             raise FileNotFoundError(f"{self.split_path('test')} does not exist")
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
+
+    def state_dict(self) -> dict[str, int]:
+        """(epoch, batches of it taken by the fit loop) while fitting: where the training order stands."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        taken = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return {"epoch": trainer.current_epoch, "batches": taken}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = (int(state_dict["epoch"]), int(state_dict["batches"])) if state_dict else None

@@ -1,5 +1,7 @@
 """Outcomes of a job that the command line reports in one line instead of a traceback."""
 
 
-class RunInterrupted(RuntimeError):
-    """Training was stopped by Ctrl-C or SIGTERM after saving a resumable checkpoint."""
+class RunInterrupted(BaseException):
+    """The job was stopped by Ctrl-C or SIGTERM (after saving a resumable checkpoint when it was
+    training). A BaseException, like KeyboardInterrupt, so that library code catching Exception
+    (MLflow's store wraps whatever it catches) neither swallows nor rewraps the stop."""

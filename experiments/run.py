@@ -75,8 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(config_summary(cfg, SECTIONS.get(cfg.job, ())), end="", flush=True)
     quiet_libraries()
+    from experiments.interruption import INTERRUPTIONS, interruptible  # imports Lightning
+
     try:
-        get_job(cfg.job)(cfg)
+        with interruptible():
+            get_job(cfg.job)(cfg)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
@@ -89,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error.strerror} while writing {error.filename}; the files written before are intact "
               "(free space, then continue with resume=auto)", file=sys.stderr)
         return 1
-    except RunInterrupted as error:
-        print(f"stopped: {error}", file=sys.stderr)
+    except INTERRUPTIONS as error:  # SIGTERM or Ctrl-C: the MLflow run ended KILLED
+        print(f"stopped: {error if isinstance(error, RunInterrupted) else 'interrupted'}", file=sys.stderr)
         return INTERRUPTED
     return 0
 

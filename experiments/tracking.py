@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+from argparse import Namespace
 from pathlib import Path
 
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from mlflow.exceptions import MlflowException
@@ -96,13 +98,23 @@ class RunLogger(MLFlowLogger):
         self.tracking_uri = kwargs.get("tracking_uri")
         self._killed = False
         self._logged_through: dict[str, int] = {}  # metric -> last step the run already holds
+        self._kept_params: set[str] = set()  # params of a resumed run, which are not logged again
 
     def skip_logged_steps(self) -> None:
         """A run resumed from an older checkpoint trains some steps again; MLflow keeps every value
-        it is sent, so the steps a metric already has are not logged again (one value per step)."""
+        it is sent, so the steps a metric already has are not logged again (one value per step).
+        Its params keep the values the run started with (MLflow cannot change them; an accepted
+        change is a ``resume_override`` tag)."""
         client, run_id = self.experiment, self.run_id
-        for key in client.get_run(run_id).data.metrics:
+        run = client.get_run(run_id)
+        for key in run.data.metrics:
             self._logged_through[key] = max(m.step for m in client.get_metric_history(run_id, key))
+        self._kept_params = set(run.data.params)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict | Namespace) -> None:
+        flat = _flatten_dict(_convert_params(params))
+        super().log_hyperparams({k: v for k, v in flat.items() if k not in self._kept_params})
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:

@@ -61,6 +61,10 @@ TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")
 SHARD_PATTERN = re.compile(r"mp_rank_(\d+)_model_states\.pt")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HEAD_DIM = 64  # every released GLM uses 64-dimensional heads (official `config/*.sh`)
+# Our GLMConfig beside the weights of an official checkpoint we write, so that its head count is not
+# guessed on load. The official loaders read only "module" of a "release" checkpoint (official
+# `utils.py` load_checkpoint), so the extra key leaves them unaffected.
+OFFICIAL_CONFIG_KEY = "model_config"
 
 # glm-10b-chinese was trained with [gMASK] and [eop] sharing id 50007; the Hugging Face release
 # gives [gMASK] its own id 50009 and copies the embedding row there (the Hugging Face glm-10b-chinese files).
@@ -164,6 +168,7 @@ def read_checkpoint(path: str | Path) -> StoredCheckpoint:
         config = dict(hparams.get("model_config") or {})
         layout = "ours (Lightning checkpoint)"
     elif isinstance(stored, dict) and isinstance(stored.get("module"), dict):
+        config = dict(stored.get(OFFICIAL_CONFIG_KEY) or {})
         layout = "official (single file)"
     else:
         config = _hf_config(path.parent)
@@ -189,7 +194,10 @@ def _read_folder(folder: Path) -> StoredCheckpoint:
         loaded = [_load_file(shards[rank]) for rank in range(len(shards))]
         weights = [_backbone(stored, shards[rank]) for rank, (stored, _) in enumerate(loaded)]
         layout = "official" if len(weights) == 1 else f"official ({len(weights)}-way model parallel)"
-        return StoredCheckpoint(weights, layout, mapped=all(mapped for _, mapped in loaded))
+        first = loaded[0][0]
+        config = first.get(OFFICIAL_CONFIG_KEY) if isinstance(first, dict) else None
+        mapped = all(mapped for _, mapped in loaded)
+        return StoredCheckpoint(weights, layout, dict(config or {}), mapped)
     for name in HF_WEIGHT_FILES:
         index = folder / f"{name}.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else (
@@ -496,7 +504,7 @@ def _select(model: nn.Module, weights: dict[str, Tensor], source: str | Path) ->
 
 def export_official(model: GLMModel, out_dir: str | Path, *, model_parallel: int = 1) -> Path:
     """Write ``model`` as an official GLM checkpoint: ``out_dir/release/mp_rank_XX_model_states.pt``
-    (``{"module": state_dict}``, one file per model-parallel rank) and
+    (``{"module": state_dict, "model_config": {...}}``, one file per model-parallel rank) and
     ``out_dir/latest_checkpointed_iteration.txt`` naming the ``release`` tag, as the official
     loaders expect. Returns the folder of the shards."""
     return _write_official(_plain(model), model.config, Path(out_dir), model_parallel)
@@ -513,7 +521,8 @@ def _write_official(weights: dict[str, Tensor], config: GLMConfig, out_dir: Path
     tag_dir = out_dir / "release"
     tag_dir.mkdir(parents=True, exist_ok=True)
     for rank, shard in enumerate(shards):
-        torch.save({"module": shard}, tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
+        torch.save({"module": shard, OFFICIAL_CONFIG_KEY: dataclasses.asdict(config)},
+                   tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
     (out_dir / TRACKER_FILES[0]).write_text("release")
     return tag_dir
 
@@ -622,7 +631,8 @@ def describe(src: str | Path, num_attention_heads: int | None = None) -> str:
     elif "num_attention_heads" in stored.config:
         heads_from = "stored config"
     else:
-        heads_from = f"hidden_size // {HEAD_DIM}"
+        heads_from = (f"a guess: hidden_size // {HEAD_DIM}, the head size of every released GLM; give "
+                      "--num-heads (model.num_attention_heads in a run) if this model's differs")
     lines = [f"layout: {stored.layout}", f"parameters: {count:,}", f"dtype: {', '.join(dtypes)}",
              f"heads: {config.num_attention_heads} ({heads_from})", "config:"]
     lines += [f"  {k}: {v}" for k, v in dataclasses.asdict(config).items()]

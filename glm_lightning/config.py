@@ -313,6 +313,8 @@ class ExperimentConfig:
     run_name: str | None = None  # None = derived when the run starts
     print_config: bool = False  # print the resolved config and exit
     resume: str | None = None  # "auto" (latest checkpoint of run_name) or a checkpoint path
+    # keys a resumed run may change although that changes its results (recorded as MLflow tags)
+    resume_overrides: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -88,7 +88,10 @@ class SentencePieceBackend:
         return cls(file.read_bytes(), path=str(path))
 
     def _load(self) -> None:
-        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        except RuntimeError:  # sentencepiece cannot parse it: a text vocabulary, or another file
+            raise ValueError(f"{self.path or 'the given bytes'} is not a sentencepiece model") from None
         space_bytes = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_SYMBOL.encode()]
         has_bytes = all(self._sp.is_byte(i) for i in space_bytes)
         self._space_symbol_ids = space_bytes if has_bytes else None

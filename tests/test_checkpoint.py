@@ -204,7 +204,9 @@ def test_export_then_import_is_the_identity(tmp_path):
     export_official(model, tmp_path / "official")
     assert (tmp_path / "official/latest_checkpointed_iteration.txt").read_text() == "release"
     stored = torch.load(tmp_path / "official/release/mp_rank_00_model_states.pt", weights_only=True)
-    assert set(stored) == {"module"}
+    assert set(stored) == {"module", "model_config"}  # the official loaders read "module" only
+    assert stored["model_config"]["num_attention_heads"] == HEADS != CONFIG.hidden_size // 64
+    assert load_glm(tmp_path / "official").config == CONFIG  # the head count is not guessed
     assert_same_weights(tmp_path / "official", model)
 
     export_official(model, tmp_path / "mp2", model_parallel=2)
@@ -337,11 +339,16 @@ def test_the_command_line_converts_and_inspects(tmp_path):
     assert done.returncode == 0, done.stderr
     torch.testing.assert_close(logits(load_glm(tmp_path / "ours.ckpt")), logits(source), atol=1e-5, rtol=0)
 
-    done = run_cli("inspect", tmp_path / "mp2", "--num-heads", HEADS)
+    done = run_cli("inspect", tmp_path / "mp2")
     assert done.returncode == 0, done.stderr
     assert "official (2-way model parallel)" in done.stdout
     assert f"parameters: {source.num_parameters():,}" in done.stdout
     assert "num_attention_heads: 4" in done.stdout and "max_sequence_length: 256" in done.stdout
+    assert "heads: 4 (stored config)" in done.stdout  # written by our convert --to official
+    done = run_cli("inspect", official)  # a released layout stores no head count
+    assert done.returncode == 0, done.stderr
+    assert "heads: 1 (a guess: hidden_size // 64, the head size of every released GLM; give --num-heads" \
+        in done.stdout
     done = run_cli("inspect", tmp_path / "missing")
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr
 

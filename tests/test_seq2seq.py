@@ -6,6 +6,7 @@ import json
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +21,7 @@ from datamodules.seq2seq import (
     read_jsonl,
 )
 from experiments.run import main
+from glm_lightning.callbacks import LastCheckpoint
 from glm_lightning.model import GLMConfig, GLMModel
 from glm_lightning.modules.seq2seq import GLMSeq2SeqModule, label_smoothed_loss
 from glm_lightning.tokenizer import GLMTokenizer
@@ -265,3 +267,44 @@ def test_missing_data_dir_is_a_config_error(capsys: pytest.CaptureFixture) -> No
     assert main(["exp=seq2seq"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: 'data.dir' is not set; it must name a folder with train.jsonl and val.jsonl"]
+
+
+class BatchRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
+                             *args) -> None:
+        self.batches.append(batch["references"])
+
+
+def test_resumed_finetuning_sees_the_batches_of_an_uninterrupted_run(tokenizer: GLMTokenizer,
+                                                                        tmp_path: Path) -> None:
+    """10 examples in batches of 4 (3 per epoch); stopped after step 4, inside the second epoch."""
+    data = write_copy_task(tmp_path / "data", train=10, val=2)
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> tuple[list[list[str]], dict]:
+        L.seed_everything(0)
+        module = GLMSeq2SeqModule(tiny_config(tokenizer), tokenizer, lr=1e-3, lr_decay_iters=7,
+                                  generation=dict(strategy="greedy", max_new_tokens=2),
+                                  predictions_dir=str(tmp_path / "predictions"))
+        recorder = BatchRecorder()
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            default_root_dir=tmp_path,
+                            callbacks=[recorder, LastCheckpoint(tmp_path / "last.ckpt")])
+        datamodule = Seq2SeqDataModule(tokenizer, data, src_length=32, tgt_length=8, batch_size=4, seed=3)
+        with warnings.catch_warnings():
+            # as the jobs do: the datamodule restores the position the dataloader cannot
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        return recorder.batches, module.state_dict()
+
+    straight, weights = fit(7)
+    first, _ = fit(4)
+    rest, resumed = fit(7, tmp_path / "last.ckpt")
+    assert [len(b) for b in straight] == [4, 4, 2, 4, 4, 2, 4]
+    assert straight[:3] != straight[3:6]  # each epoch has its own order
+    assert first + rest == straight
+    for key, value in weights.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)

@@ -25,14 +25,14 @@ JOBS: dict[str, str] = {
 # What each job reads from the config: whole sections or dotted keys. The command line prints these
 # before a run (experiments.config.config_summary); print_config=true prints everything.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("resume", "model", "tokenizer", "data", "optim", "trainer", "logging"),
+    "pretrain": ("resume", "resume_overrides", "model", "tokenizer", "data", "optim", "trainer", "logging"),
     "generate": ("model.init_from", "tokenizer", "generation", "prompts", "trainer.accelerator"),
     "lm_eval": ("model.init_from", "tokenizer", "lm_eval", "data.batch_size", "data.task_masks", "logging"),
-    "seq2seq": ("resume", "model", "tokenizer", "data.dir", "data.batch_size", "data.num_workers", "seq2seq",
-                "generation", "optim", "trainer", "logging"),
-    "superglue": ("resume", "task", "model.init_from", "model.activation_checkpointing",
-                  "model.embedding_dropout_prob", "model.attention_dropout_prob", "model.output_dropout_prob",
-                  "tokenizer",
+    "seq2seq": ("resume", "resume_overrides", "model", "tokenizer", "data.dir", "data.batch_size",
+                "data.num_workers", "seq2seq", "generation", "optim", "trainer", "logging"),
+    "superglue": ("resume", "resume_overrides", "task", "model.init_from", "model.activation_checkpointing",
+                  "model.attention", "model.compile", "model.embedding_dropout_prob",
+                  "model.attention_dropout_prob", "model.output_dropout_prob", "tokenizer",
                   "data.superglue_dir", "data.fewglue_dir", "data.wsc_negatives", "data.num_workers",
                   "superglue", "optim", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
                   "trainer.strategy", "trainer.precision", "trainer.log_every_n_steps", "logging"),

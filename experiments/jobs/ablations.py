@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.builtin_corpus import builtin_documents
 from experiments.config import format_config, load_config, load_saved_config, save_config
-from experiments.errors import RunInterrupted
+from experiments.interruption import mlflow_status
 from experiments.jobs import get_job
 from experiments.tracking import experiment_id, git_tags, tracking_uri
 from glm_lightning.config import ConfigError
@@ -180,13 +179,10 @@ class SweepTracker:
         """FINISHED when the body completes, KILLED when it was interrupted, FAILED otherwise."""
         try:
             yield
-        except (RunInterrupted, KeyboardInterrupt):
-            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        except BaseException as error:
+            self.client.set_terminated(run_id, mlflow_status(error))
             raise
-        except BaseException:
-            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-            raise
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        self.client.set_terminated(run_id, mlflow_status(None))
 
 
 def run(cfg: DictConfig) -> Path:

@@ -25,10 +25,10 @@ from datamodules.content_hash import content_hash
 from datamodules.corpus import resolve_inputs
 from datamodules.corpus_reader import iter_documents
 from datamodules.mixture import SourceShareLogger
-from datamodules.pretrain import PretrainDataModule
+from datamodules.pretrain import PretrainDataModule, TooFewDocuments
 from datamodules.shard_writer import default_num_proc
-from experiments.config import save_config
-from experiments.errors import RunInterrupted
+from experiments.interruption import interruption_callback, mlflow_status, training_stopped
+from experiments.resume import resume_config
 from experiments.tracking import RunLogger, mlflow_logger
 from glm_lightning.atomic import atomic_copy, atomic_write_text, publish
 from glm_lightning.callbacks import LastCheckpoint, StartStep
@@ -58,12 +58,17 @@ def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
     sentinels = int(cfg.data.mask_ratio * cfg.data.seq_length) + 1
     extra = {"num_sentinels": sentinels} if cfg.data.sentinel_tokens else {}
     kind, path = cfg.tokenizer.kind, cfg.tokenizer.path
-    if kind == "wordpiece":
-        return GLMTokenizer.from_wordpiece(path, **extra)
-    if kind in ("gpt2", "roberta"):
-        return GLMTokenizer.from_bpe(path, cfg.tokenizer.merges, kind=kind, **extra)
-    if path:
-        return GLMTokenizer.from_sentencepiece(path, **extra)
+    try:
+        if kind == "wordpiece":
+            return GLMTokenizer.from_wordpiece(path, **extra)
+        if kind in ("gpt2", "roberta"):
+            return GLMTokenizer.from_bpe(path, cfg.tokenizer.merges, kind=kind, **extra)
+        if path:
+            return GLMTokenizer.from_sentencepiece(path, **extra)
+    except ValueError as error:  # a file of another kind of vocabulary, or no vocabulary at all
+        raise ConfigError(f"tokenizer.path: {error} (tokenizer.kind={kind}; a BERT vocab.txt needs "
+                          "tokenizer.kind=wordpiece, a GPT-2/RoBERTa vocab.json tokenizer.kind=gpt2 or "
+                          "roberta with tokenizer.merges, a sentencepiece .model the default)") from None
     # keyed by the files' content hashes (remembered by size and mtime), never by reading them whole
     digest = hashlib.sha256(f"{cfg.tokenizer.vocab_size};extracted documents".encode())
     if cfg.tokenizer.model_type != "unigram":  # (unigram models keep the keys they were cached under)
@@ -83,6 +88,11 @@ def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
                                           model_type=cfg.tokenizer.model_type,
                                           hard_vocab_limit=False)  # small corpora support fewer pieces
             publish(trained, model_path)
+        except RuntimeError as error:  # sentencepiece's own check, e.g. a vocabulary below the alphabet
+            # its message after the source location, without its advice on its own command-line flags
+            reason = str(error).rpartition("]")[2].partition(" Increase")[0].strip() or str(error)
+            raise ConfigError(f"training a tokenizer on data.train_files with tokenizer.vocab_size="
+                              f"{cfg.tokenizer.vocab_size} failed: {reason}") from None
         finally:
             for suffix in (".model", ".vocab"):
                 Path(f"{tmp_prefix}{suffix}").unlink(missing_ok=True)
@@ -205,8 +215,7 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
 
 def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
-    if rank_zero_only.rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
+    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None)
     files = training_files(cfg)
     tokenizer = build_tokenizer(cfg, files)
     if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":
@@ -214,8 +223,15 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
         atomic_copy(tokenizer.backend.path, run_dir / "tokenizer.model")
     datamodule = build_datamodule(cfg, tokenizer, files)
     datamodule.prepare_data()  # tokenize (or find the cache) now: bad input fails before a run starts
+    try:
+        datamodule.setup("fit")
+    except TooFewDocuments as error:
+        raise ConfigError(f"data.train_files: {error.args[0].partition(';')[0]}; set data.val_files to "
+                          "held-out text or data.val_fraction=0, or give more documents (a text file is "
+                          "one document unless form feeds or WikiText headings split it; a .jsonl file "
+                          "holds one per line)") from None
     module = build_module(cfg, tokenizer)
-    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path)
+    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path, tags)
     if run.trainer.is_global_zero:
         print(result_line(run.summary, run.logger))
         if not cfg.data.train_files:  # the built-in world: show what the model learned about it
@@ -263,8 +279,8 @@ class FittedRun:
 
 
 def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.LightningModule,
-        datamodule: L.LightningDataModule, ckpt_path: str | None) -> FittedRun:
-    """Train ``module`` with the run's checkpoints, MLflow run and interruption handling:
+        datamodule: L.LightningDataModule, ckpt_path: str | None, tags: dict[str, str]) -> FittedRun:
+    """Train ``module`` with the run's checkpoints, MLflow run (``tags`` added) and interruption handling:
     the MLflow run never stays RUNNING, Ctrl-C/SIGTERM become ``RunInterrupted`` after saving
     ``last.ckpt``, and ``summary.json`` is written however training ends."""
     t = cfg.trainer
@@ -282,13 +298,16 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
             log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
             plugins=[AtomicCheckpointIO()],
-            callbacks=[checkpoint, last, start, throughput_monitor(), *mixture_callbacks(datamodule)],
+            callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
+                       *mixture_callbacks(datamodule)],
         )
         if logger:
             logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
-    except BaseException:
+            for key, value in tags.items():
+                logger.experiment.set_tag(logger.run_id, key, value)
+    except BaseException as error:
         if logger:
-            logger.finalize("failed")  # never leave the MLflow run RUNNING
+            logger.finalize(mlflow_status(error))  # never leave the MLflow run RUNNING
         raise
     started = time.time()
     try:
@@ -298,8 +317,7 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             # our own checkpoints, which also hold RNG states and the data position
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     except SIGTERMException as stop:
-        raise RunInterrupted(f"interrupted at step {trainer.global_step}; checkpoint saved to "
-                             f"{last.path}; continue with resume=auto") from stop
+        raise training_stopped(trainer, last.path) from stop
     finally:
         if trainer.is_global_zero:
             summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,

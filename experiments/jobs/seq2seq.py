@@ -16,7 +16,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from datamodules.seq2seq import Seq2SeqDataModule, read_jsonl
-from experiments.config import save_config
 from experiments.jobs.pretrain import (
     build_tokenizer,
     check_init_from,
@@ -25,6 +24,7 @@ from experiments.jobs.pretrain import (
     result_line,
     resume_checkpoint,
 )
+from experiments.resume import resume_config
 from glm_lightning.atomic import atomic_copy, atomic_write_text
 from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
 from glm_lightning.model import GLMConfig
@@ -73,8 +73,7 @@ def run(cfg: DictConfig) -> Path:
 
 def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
-    if rank_zero_only.rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
+    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None)
     tokenizer = build_tokenizer(cfg, [] if cfg.tokenizer.path else tokenizer_text(cfg))
     if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":
         atomic_copy(tokenizer.backend.path, run_dir / "tokenizer.model")
@@ -84,7 +83,7 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
                                    num_workers=d.num_workers, seed=cfg.seed)
     datamodule.prepare_data()  # bad input fails before a run starts
     module = build_module(cfg, tokenizer, run_dir)
-    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path)
+    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path, tags)
     trainer, logger = run.trainer, run.logger
     if datamodule.split_path("test").exists():  # scored with the best checkpoint by val/loss
         best = "best" if run.checkpoint.best_model_path else None

@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
@@ -25,13 +26,21 @@ from torch.utils.data import DataLoader, DistributedSampler
 from datamodules.superglue import TASKS, read_split, split_path
 from datamodules.superglue_data import SuperGLUEDataModule
 from datamodules.superglue_download import fetch_superglue
-from experiments.config import save_config
+from experiments.interruption import interruption_callback, mlflow_status, training_stopped
 from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import launch, resume_checkpoint, throughput_monitor, write_summary
+from experiments.resume import resume_config
 from experiments.tables import avg_header
-from experiments.tracking import RunLogger, artifact_location, mlflow_logger, run_tags, tracking_uri
+from experiments.tracking import (
+    RUN_ID_FILE,
+    RunLogger,
+    artifact_location,
+    mlflow_logger,
+    run_tags,
+    tracking_uri,
+)
 from glm_lightning.atomic import atomic_write_text
-from glm_lightning.callbacks import StartStep
+from glm_lightning.callbacks import LastCheckpoint, StartStep
 from glm_lightning.checkpoint import checkpoint_config, read_checkpoint
 from glm_lightning.checkpoint_io import AtomicCheckpointIO
 from glm_lightning.config import ConfigError, activation_checkpointing, optimizer_settings, superglue_tasks
@@ -190,15 +199,24 @@ def markdown_row(results: dict[str, dict[str, float]], row: dict[str, float]) ->
                       "| " + " | ".join([*cells, f"{100 * row['avg']:.1f}"]) + " |"])
 
 
-def child_logger(cfg: DictConfig, parent: RunLogger, run_name: str, task: str) -> RunLogger:
-    """An MLflow run for one task, nested under the sweep's run."""
-    return RunLogger(
+def child_logger(cfg: DictConfig, parent: RunLogger, run_name: str, task: str, task_dir: Path,
+                 resume: bool) -> RunLogger:
+    """An MLflow run for one task, nested under the sweep's run; a resumed task continues its run."""
+    id_file = task_dir / RUN_ID_FILE
+    logger = RunLogger(
         experiment_name=cfg.logging.experiment_name or cfg.exp,
         run_name=f"{run_name}/{task}",
         tracking_uri=tracking_uri(cfg),
         artifact_location=artifact_location(cfg),
         tags={**run_tags(cfg), "task": task, "mlflow.parentRunId": parent.run_id},
+        run_id=id_file.read_text().strip() if resume and id_file.exists() else None,
     )
+    if rank_zero_only.rank == 0:
+        if resume and id_file.exists():
+            logger.skip_logged_steps()
+        task_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(logger.run_id)
+    return logger
 
 
 def run(cfg: DictConfig) -> Path:
@@ -223,9 +241,10 @@ def run(cfg: DictConfig) -> Path:
 def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokenizer, model_config: GLMConfig,
          run_dir: Path) -> Path:
     is_zero = rank_zero_only.rank == 0
-    if is_zero:
-        save_config(cfg, run_dir / "config.yaml")
+    tags = resume_config(cfg, run_dir, resuming=cfg.resume == "auto")
     parent = mlflow_logger(cfg, run_dir, resume=cfg.resume == "auto") if cfg.logging.enabled else None
+    for key, value in tags.items() if parent else ():
+        parent.experiment.set_tag(parent.run_id, key, value)
     try:
         results = {task: run_task(cfg, task, data_dir, tokenizer, model_config, run_dir, parent)
                    for task in tasks}
@@ -241,12 +260,12 @@ def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokeni
             for name in ("results.json", "table1.md", *(f"{t}.jsonl" for t in [*tasks, *DIAGNOSTICS])):
                 if (run_dir / name).exists():
                     parent.experiment.log_artifact(parent.run_id, str(run_dir / name))
-    except BaseException:
+    except BaseException as error:
         if parent:
-            parent.finalize("failed")
+            parent.finalize(mlflow_status(error))
         raise
     if parent:
-        parent.finalize("success")
+        parent.finalize(mlflow_status(None))
     if is_zero:
         print(table, flush=True)
         print(f"SuperGLUE average {100 * row['avg']:.1f} over {len(results)} task(s); outputs in {run_dir}"
@@ -299,8 +318,9 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     metric = main_metric(task)
     checkpoint = ModelCheckpoint(dirpath=task_dir / "checkpoints", filename="best", monitor=f"val/{metric}",
                                  mode="max", save_top_k=1, save_last=True, enable_version_counter=False)
-    start = StartStep()
-    logger = child_logger(cfg, parent, run_dir.name, task) if parent else None
+    start, last = StartStep(), LastCheckpoint(task_dir / "checkpoints" / "last.ckpt")
+    resumed = ckpt_path is not None
+    logger = child_logger(cfg, parent, run_dir.name, task, task_dir, resumed) if parent else None
     started = time.time()
     try:
         if logger:
@@ -317,20 +337,23 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             gradient_clip_val=o.clip_grad or None, check_val_every_n_epoch=1, num_sanity_val_steps=0,
             log_every_n_steps=min(t.log_every_n_steps, batches), default_root_dir=task_dir,
             logger=logger or False,
-            callbacks=[checkpoint, start, throughput_monitor()], enable_model_summary=False,
-            plugins=[AtomicCheckpointIO()],
+            callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback()],
+            enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)  # our checkpoints
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)  # ours
+        except SIGTERMException as stop:
+            raise training_stopped(trainer, last.path, f"{task} ") from stop
         if trainer.is_global_zero:
-            write_summary(task_dir / "summary.json", trainer, checkpoint,
-                          task_dir / "checkpoints" / "last.ckpt", time.time() - started, logger, start.step)
+            write_summary(task_dir / "summary.json", trainer, checkpoint, last.path, time.time() - started,
+                          logger, start.step)
         dev = evaluate_best(cfg, task, datamodule, module, checkpoint.best_model_path, run_dir, logger)
-    except BaseException:
+    except BaseException as error:
         if logger:
-            logger.finalize("failed")
+            logger.finalize(mlflow_status(error))
         raise
     if logger:
-        logger.finalize("success")
+        logger.finalize(mlflow_status(None))
     return dev
 
 

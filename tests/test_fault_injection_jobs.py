@@ -1,0 +1,198 @@
+"""Jobs stopped by real signals in real subprocesses, resumed, or fed bad input: every job ends the
+same way (exit 130, one line, MLflow KILLED, a resumable checkpoint where it trains)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from test_superglue_job import overrides, pretrained, sentence, write_jsonl  # noqa: F401 (a fixture)
+
+from experiments.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEADLINE = 240  # seconds a step of these tests may take on a loaded 2-core machine
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    """``python -m experiments.run ARGS`` in its own process group, one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    """Wait for ``process``; its stderr."""
+    try:
+        return process.communicate(timeout=DEADLINE)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"no exit within {DEADLINE} s:\n{process.communicate()[1][-3000:]}")
+
+
+def wait_for(condition: Callable[[], object], process: subprocess.Popen, what: str) -> object:
+    """Poll ``condition`` until it returns something true (the readiness signal of a test)."""
+    deadline = time.time() + DEADLINE
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the job ended before {what}:\n{process.communicate()[1][-3000:]}")
+        try:
+            found = condition()
+        except (OSError, MlflowException):  # the file or the store is still being written
+            found = None
+        if found:
+            return found
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def client(root: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
+
+
+def runs(root: Path, experiment: str) -> list:
+    store = client(root)
+    found = store.get_experiment_by_name(experiment)
+    return store.search_runs([found.experiment_id]) if found else []
+
+
+def stopped_line(stderr: str) -> str:
+    """The job's one line about the stop: the last line of stderr, and no traceback anywhere."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return stderr.strip().splitlines()[-1]
+
+
+def write_rte(root: Path, train: int) -> Path:
+    for split, n in (("train", train), ("val", 4)):
+        write_jsonl(root, "RTE", split, [
+            {"idx": i, "premise": sentence(i), "hypothesis": sentence(i + i % 2),
+             "label": "entailment" if i % 2 == 0 else "not_entailment"} for i in range(n)])
+    return root
+
+
+def rte(tmp_path: Path, checkpoint: Path, data: Path, *extra: str) -> list[str]:
+    task = [f"superglue.tasks.rte.{key}" for key in ("max_seq_length=64", "epochs=1", "batch_size=4")]
+    return ["exp=superglue", *overrides(tmp_path, checkpoint, f"data.superglue_dir={data}", "task=rte", *task,
+                                        "trainer.log_every_n_steps=1", "superglue.test_predictions=false",
+                                        *extra)]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_superglue_after_a_step_and_resume_continues(tmp_path, pretrained):  # noqa: F811
+    data = write_rte(tmp_path / "data", 1200)  # 300 steps
+    process = start(rte(tmp_path, pretrained, data))
+    store = client(tmp_path)
+
+    def child_training():
+        for child in runs(tmp_path, "superglue"):
+            if child.data.tags.get("task") == "RTE" and len(
+                    store.get_metric_history(child.info.run_id, "train/loss")) >= 3:
+                return child
+        return None
+
+    child = wait_for(child_training, process, "three logged training steps")
+    process.send_signal(signal.SIGTERM)
+    stderr = finish(process)
+    assert process.returncode == 130, stderr[-3000:]
+    task_dir = tmp_path / "outputs" / "superglue" / "sweep" / "RTE"
+    last = task_dir / "checkpoints" / "last.ckpt"
+    line = stopped_line(stderr)
+    assert line.startswith("stopped: RTE interrupted at step ") and line.endswith(
+        f"checkpoint saved to {last}; continue with resume=auto")
+    parent_id = child.data.tags["mlflow.parentRunId"]
+    assert store.get_run(child.info.run_id).info.status == "KILLED"
+    assert store.get_run(parent_id).info.status == "KILLED"
+    stopped_at = torch.load(last, weights_only=False)["global_step"]
+    assert 3 <= stopped_at < 300 and f"at step {stopped_at};" in line
+
+    resumed = start([*rte(tmp_path, pretrained, data), "resume=auto"])
+    stderr = finish(resumed)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert torch.load(last, weights_only=False)["global_step"] == 300
+    (again,) = [r for r in runs(tmp_path, "superglue") if r.data.tags.get("task") == "RTE"]
+    assert again.info.run_id == child.info.run_id and again.info.status == "FINISHED"
+    assert store.get_run(parent_id).info.status == "FINISHED"
+    steps = [m.step for m in store.get_metric_history(child.info.run_id, "train/loss")]
+    assert len(steps) == len(set(steps)) and max(steps) >= 299  # each step logged once, to the end
+    assert (task_dir / "result.json").is_file()
+
+
+def test_sigterm_during_start_up_ends_the_mlflow_run_killed(tmp_path, pretrained):  # noqa: F811
+    """The parent MLflow run exists while the training examples are still being encoded."""
+    data = write_rte(tmp_path / "data", 60000)
+    process = start(rte(tmp_path, pretrained, data))
+    run_dir = tmp_path / "outputs" / "superglue" / "sweep"
+    run_id = wait_for(lambda: (run_dir / "mlflow_run_id").read_text().strip(), process, "the MLflow run")
+    process.send_signal(signal.SIGTERM)
+    stderr = finish(process)
+    assert process.returncode == 130, stderr[-3000:]
+    assert stopped_line(stderr) == "stopped: terminated by SIGTERM outside a training step " \
+                                   "(no checkpoint written now)"
+    assert client(tmp_path).get_run(run_id).info.status == "KILLED"
+    assert not (run_dir / "RTE" / "checkpoints").exists()  # training had not begun
+
+
+def test_sigterm_stops_lm_eval_killed(tmp_path, pretrained, make_text):  # noqa: F811
+    text = tmp_path / "text.txt"
+    text.write_text(make_text(400), encoding="utf-8")
+    process = start(["exp=lm_eval", f"model.init_from={pretrained}", f"lm_eval.file={text}",
+                     "lm_eval.stride=1", "lm_eval.max_length=32", f"output_dir={tmp_path / 'outputs'}",
+                     "trainer.accelerator=cpu"])
+    (found,) = wait_for(lambda: runs(tmp_path, "lm_eval"), process, "the MLflow run")
+    process.send_signal(signal.SIGTERM)
+    stderr = finish(process)
+    assert process.returncode == 130, stderr[-3000:]
+    assert stopped_line(stderr).startswith("stopped: terminated by SIGTERM")
+    assert client(tmp_path).get_run(found.info.run_id).info.status == "KILLED"
+
+
+BERT_VOCAB = ROOT.parent / "shared" / "data" / "vocab" / "bert-base-uncased" / "vocab.txt"
+
+
+@pytest.mark.parametrize("case", ["empty", "latin-1", "text as tokenizer", "BERT vocab as tokenizer",
+                                  "one document", "vocabulary below the alphabet"])
+def test_bad_input_is_one_line_before_training(tmp_path, capsys, make_text, case):
+    """Each is refused with one line naming the file or key; bad files before a tokenizer is trained."""
+    corpus, text = tmp_path / "corpus.txt", make_text(60)
+    corpus.write_text(text, encoding="utf-8")
+    documents = tmp_path / "docs.jsonl"
+    documents.write_text("".join(f'{{"text": "{line}"}}\n' for line in text.splitlines() if line), "utf-8")
+    if case == "BERT vocab as tokenizer" and not BERT_VOCAB.is_file():
+        pytest.skip(f"{BERT_VOCAB} is absent")
+    bad = {"empty": b"", "latin-1": b"A caf\xe9 au lait.\n"}
+    if case in bad:
+        (tmp_path / "bad.txt").write_bytes(bad[case])
+    extra, expected = {
+        "empty": ([f"data.train_files=[{documents},{tmp_path / 'bad.txt'}]"],
+                  f"error: {tmp_path / 'bad.txt'}: file is empty"),
+        "latin-1": ([f"data.train_files=[{documents},{tmp_path / 'bad.txt'}]"],
+                    f"error: {tmp_path / 'bad.txt'}: not valid UTF-8 at byte offset 5"),
+        "text as tokenizer": ([f"tokenizer.path={corpus}"],
+                              f"error: tokenizer.path: {corpus} is not a sentencepiece model"),
+        "BERT vocab as tokenizer": ([f"tokenizer.path={BERT_VOCAB}"],
+                                    f"error: tokenizer.path: {BERT_VOCAB} is not a sentencepiece model"),
+        "one document": ([f"data.train_files=[{corpus}]"],
+                         "error: data.train_files: cannot split 1 document(s) into train and validation; "
+                         "set data.val_files to held-out text or data.val_fraction=0"),
+        "vocabulary below the alphabet": ([f"data.train_files=[{documents}]", "tokenizer.vocab_size=40"],
+                                          "error: training a tokenizer on data.train_files with "
+                                          "tokenizer.vocab_size=40 failed: Vocabulary size is smaller"),
+    }[case]
+    code = main(["exp=quickstart", f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
+                 "tokenizer.vocab_size=600", "logging.enabled=false", *extra])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # besides progress bars
+    assert code in (1, 2) and "Traceback" not in err
+    assert len(errors) == 1 and errors[0].startswith(expected), errors
+    if case != "one document":  # a readable corpus of one document does train its tokenizer
+        assert not list((tmp_path / "cache").glob("tokenizers/*.model"))
