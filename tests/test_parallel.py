@@ -355,7 +355,7 @@ def test_fsdp1_on_cpu_points_to_fsdp() -> None:
     ({"name": "fsdp", "checkpoint_format": "zip"}, "valid choices: full, sharded"),
     ({"name": "ddp", "checkpoint_format": "sharded"}, "needs strategy fsdp or fsdp1"),
     ({"name": "fsdp", "precision": "16-mixed"}, "supports precision 32-true, bf16-mixed"),
-    ({"name": "fsdp", "activation_checkpointing": True}, "model.checkpoint_activations"),
+    ({"name": "fsdp", "activation_checkpointing": True}, "model.activation_checkpointing"),
 ])
 def test_bad_choices_are_one_line_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError) as error:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -378,9 +379,12 @@ def evaluate_best(cfg: DictConfig, task: str, datamodule: SuperGLUEDataModule, m
                         strategy=strategy(cfg), precision=t.precision, logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
     names = TABLE1_METRICS[task]
-    # The strategy reads the best epoch into the module, sharded or not; later calls keep it.
-    scores = trainer.validate(module, dataloaders=datamodule.val_dataloader(), ckpt_path=best, verbose=False,
-                              weights_only=False)[0]
+    # The strategy reads the best epoch into the module, sharded or not; later calls keep it. Only its
+    # weights are read, so the callbacks that wrote it are not needed (Lightning warns about them).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks")
+        scores = trainer.validate(module, dataloaders=datamodule.val_dataloader(), ckpt_path=best,
+                                  verbose=False, weights_only=False)[0]
     dev = {name: float(scores[f"val/{name}"]) for name in names}
     metrics = {f"dev/{name}": value for name, value in dev.items()}
     if task == "WSC":  # a constant prediction is WSC's failure mode: show how often True is predicted
