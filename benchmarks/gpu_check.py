@@ -405,6 +405,8 @@ def main() -> int:
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         parser.error("no CUDA device: run with --smoke for the CPU version")
+    if args.smoke:
+        torch.set_num_threads(1)  # the tiny model's matmuls gain nothing from threads that spin on a busy CPU
     quiet_libraries()
     for logger in ("lightning.pytorch", "lightning.fabric"):  # the Trainer's per-fit info lines
         logging.getLogger(logger).setLevel(logging.WARNING)

@@ -84,8 +84,9 @@ def test_smoke_trains_every_row_it_can_and_skips_only_the_gpu_only_models(smoke)
         else:
             assert row["flex_vs_sdpa"] is None and row["note"] == ""
     assert {r["model"] for r in report["rows"]} == {"tiny", "glm-2b"}
-    # Every smoke row starts from the same weights and trains on the same batches.
-    assert len({round(r["first_loss"], 2) for r in report["rows"] if r["status"] == "ok"}) == 1
+    # Every row starts from the same weights on the same batch: the first losses differ by rounding only.
+    first = [r["first_loss"] for r in report["rows"] if r["status"] == "ok"]
+    assert max(first) - min(first) < 0.05, first
 
 
 @pytest.mark.slow
@@ -121,7 +122,8 @@ def test_smoke_report_names_the_machine_the_peak_and_the_fp32_checks(smoke) -> N
 def test_smoke_imports_nothing_the_gpu_machines_lack(smoke) -> None:
     _, _, imports = smoke
     ours = {"glm_lightning", "datamodules", "experiments"}
-    assert set(imports["imported"]) - sys.stdlib_module_names - ours == GPU_MACHINE_PACKAGES
+    third_party = set(imports["imported"]) - sys.stdlib_module_names - ours
+    assert {"torch", "lightning", "numpy"} <= third_party <= GPU_MACHINE_PACKAGES, third_party
     # Lightning and torchmetrics import omegaconf and transformers themselves where they are installed
     # (as here); on the GPU machines they are not, and nothing of ours asks for them. MLflow: nobody.
     assert "mlflow" not in imports["modules"]
