@@ -2,7 +2,7 @@
 of precision x attention x compile x strategy, in one run of at most 8 minutes on an H100.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_check.py --out $OUT    # one GPU
-    PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check      # CPU, under a minute
+    PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check      # CPU, tiny model
 
 Every row trains the real pretraining path for 50 steps: a fresh ``GLMPretrainModule`` (seeded, so
 every row starts from the same weights) on a Lightning ``Trainer`` with the row's precision plugin
@@ -10,7 +10,8 @@ and strategy (``fsdp`` is FSDP2 through ``glm_lightning.parallel``), on the same
 The batches are built once by ``BlankInfillingCollator`` (span objective) from 32 packed samples
 of seq 512 (``[CLS] doc eos``) whose documents repeat short random token patterns: a span can be
 filled from its context, so the loss must fall, and nothing is tokenized or downloaded. Attention
-dropout is 0 in every row (FlexAttention has none); the other dropouts keep the presets' 0.1.
+dropout is 0 in every row (FlexAttention has none); the other dropouts keep the presets' 0.1. The
+optimiser is the module's (AdamW, lr 2e-4 as GLM-Large, 5 % warm-up, cosine decay over the 50 steps).
 
 Per row: tokens/s over the steps after ``--warmup-steps`` (compilation happens there; the clock
 starts and stops after a device synchronize; tokens are the collated B x L input tokens, as
@@ -39,7 +40,7 @@ Deadline: rows start only while ``--row-reserve-s`` remain before ``--budget-s``
 start); a row still training at the deadline stops after its current step ("stopped"), and rows not
 started are recorded as "skipped". Results are written after every row.
 
-``--smoke`` runs the same code on CPU with the tiny preset (seq 128, batch 8): bf16-mixed and
+``--smoke`` runs the same code on CPU with the tiny preset (seq 128, batch 8, lr 1e-3): bf16-mixed and
 bf16-true, compiled layers, FSDP2 on one CPU process (gloo). FlexAttention has no backward pass on
 CPU, so flex rows train with sdpa and compare the flex forward pass with sdpa; the glm-2b rows and
 the gradient check are skipped.
