@@ -2,8 +2,9 @@
 
 The sections mirror the parts of a run (model, tokenizer, data, optimizer, trainer, logging). Defaults
 follow the official GLM pretraining setup (GLM-Base/Large scripts) so a config only states what differs.
-This module imports nothing but the standard library and OmegaConf, so the library and the command line
-can both use it without pulling in Lightning.
+This module imports nothing but the standard library, OmegaConf and ``glm_lightning.errors``, so the
+library and the command line can both use it without pulling in Lightning. ``ConfigError`` lives in
+``glm_lightning.errors`` (and is importable from here) so that the model can raise it without OmegaConf.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration problem, described in one line that names the offending key."""
-
+from glm_lightning.errors import ConfigError
 
 # Presets understood by glm_lightning.model.GLMConfig.from_name.
 MODEL_NAMES = (

@@ -26,7 +26,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from glm_lightning.attention_mask import dense_block_mask, glm_attention_mask, glm_block_mask, real_lengths
-from glm_lightning.config import ConfigError
+from glm_lightning.errors import ConfigError
 
 VOCAB_MULTIPLE = 128
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
