@@ -89,6 +89,32 @@ HF_FIXED_FIELDS = {
 }
 
 
+# Top-level keys of our checkpoints naming the tokenizer the model was trained with (sharded saves
+# keep them in the folder's meta.pt); official and Hugging Face checkpoints carry none.
+TOKENIZER_FINGERPRINT = "tokenizer_fingerprint"  # GLMTokenizer.vocabulary_fingerprint()
+TOKENIZER_SOURCE = "tokenizer_source"  # how that run named its tokenizer, for messages
+
+
+@dataclass(frozen=True)
+class TokenizerRecord:
+    """The tokenizer a checkpoint of ours was trained with: a model reads token ids as that tokenizer
+    assigned them, so another one of the same padded size would load silently and mean nonsense."""
+
+    fingerprint: str  # GLMTokenizer.vocabulary_fingerprint()
+    source: str  # e.g. "wordpiece /vocab/bert-base-uncased.txt"
+
+    @classmethod
+    def of(cls, checkpoint: object) -> TokenizerRecord | None:
+        """The record in a loaded checkpoint dict; None where there is none (official, Hugging Face)."""
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(TOKENIZER_FINGERPRINT), str):
+            return cls(checkpoint[TOKENIZER_FINGERPRINT], str(checkpoint.get(TOKENIZER_SOURCE, "unnamed")))
+        return None
+
+    def store(self, checkpoint: dict) -> None:
+        checkpoint[TOKENIZER_FINGERPRINT] = self.fingerprint
+        checkpoint[TOKENIZER_SOURCE] = self.source
+
+
 @dataclass
 class StoredCheckpoint:
     """The backbone weights of a checkpoint, with what else the checkpoint says. The tensors are
@@ -98,6 +124,7 @@ class StoredCheckpoint:
     layout: str  # e.g. "official (2-way model parallel)", for messages and ``inspect``
     config: dict = field(default_factory=dict)  # GLMConfig fields stored beside the weights
     mapped: bool = False  # the tensors are views of torch.load(mmap=True) files (see ``stream``)
+    tokenizer: TokenizerRecord | None = None  # recorded in our checkpoints only
 
     @property
     def weights(self) -> dict[str, Tensor]:
@@ -173,7 +200,7 @@ def read_checkpoint(path: str | Path) -> StoredCheckpoint:
     else:
         config = _hf_config(path.parent)
         layout = "state dict"
-    return StoredCheckpoint([_backbone(stored, path)], layout, config, mapped)
+    return StoredCheckpoint([_backbone(stored, path)], layout, config, mapped, TokenizerRecord.of(stored))
 
 
 def _read_folder(folder: Path) -> StoredCheckpoint:
@@ -420,11 +447,18 @@ def load_glm(path: str | Path, *, num_attention_heads: int | None = None,
     """A GLMModel (in eval mode, ``dtype``) with the config inferred from the checkpoint at
     ``path`` (see ``checkpoint_config``) and its weights, built on the meta device and filled one
     weight at a time (``load_weights``): peak memory is the model plus one weight."""
-    stored = read_checkpoint(path)
+    return build_glm(read_checkpoint(path), path, num_attention_heads=num_attention_heads,
+                     fix_chinese_gmask_row=fix_chinese_gmask_row, dtype=dtype)
+
+
+def build_glm(stored: StoredCheckpoint, source: str | Path, *, num_attention_heads: int | None = None,
+              fix_chinese_gmask_row: bool = False, dtype: torch.dtype = torch.float32) -> GLMModel:
+    """``load_glm`` of a checkpoint already read (``read_checkpoint``), whose other records the
+    caller has looked at; consumes ``stored``."""
     config = checkpoint_config(stored, num_attention_heads)
     with torch.device("meta"):  # no random init of weights that are overwritten anyway
         model = GLMModel(config).to(dtype)
-    load_weights(model, stored, path, fix_chinese_gmask_row=fix_chinese_gmask_row)
+    load_weights(model, stored, source, fix_chinese_gmask_row=fix_chinese_gmask_row)
     return model.eval()
 
 
@@ -445,11 +479,14 @@ def new_glm(config: GLMConfig, init_from: str | Path | None = None) -> GLMModel:
         return GLMModel(config)
 
 
-def check_weights(config: GLMConfig, path: str | Path) -> None:
+def check_weights(config: GLMConfig, path: str | Path) -> StoredCheckpoint:
     """Raise ValueError unless the checkpoint at ``path`` holds every weight of a model with
-    ``config`` in its shape; reads no weights, so a job can check before it trains."""
+    ``config`` in its shape; reads no weights, so a job can check before it trains. Returns the
+    checkpoint read, for its other records (the tokenizer)."""
+    stored = read_checkpoint(path)
     with torch.device("meta"):
-        _select(GLMModel(config), read_checkpoint(path).shapes(), path)
+        _select(GLMModel(config), stored.shapes(), path)
+    return stored
 
 
 def load_weights(model: nn.Module, stored: StoredCheckpoint, source: str | Path, *,
@@ -571,11 +608,14 @@ def save_ours(model: GLMModel, path: str | Path) -> Path:
     return _write_ours(_plain(model), model.config, Path(path))
 
 
-def _write_ours(weights: dict[str, Tensor], config: GLMConfig, path: Path) -> Path:
+def _write_ours(weights: dict[str, Tensor], config: GLMConfig, path: Path,
+                tokenizer: TokenizerRecord | None = None) -> Path:
     checkpoint: dict = {
         "state_dict": {f"model.{k}": v for k, v in weights.items()},
         "hyper_parameters": {"model_config": dataclasses.asdict(config)},
     }
+    if tokenizer is not None:  # converting one of ours keeps the tokenizer it was trained with
+        tokenizer.store(checkpoint)
     try:
         checkpoint["pytorch-lightning_version"] = version("lightning")  # Lightning's loader needs it
     except PackageNotFoundError:
@@ -612,7 +652,7 @@ def convert(src: str | Path, dst: str | Path, to: str, *, model_parallel: int = 
     elif to == "hf":
         _write_hf(weights, config, Path(dst))
     elif to == "ours":
-        _write_ours(weights, config, Path(dst))
+        _write_ours(weights, config, Path(dst), stored.tokenizer)
     else:
         raise ValueError(f"unknown layout {to!r}; choose ours, official or hf")
     return config

@@ -5,11 +5,14 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.fabric.utilities.types import _PATH
 
 from glm_lightning.atomic import atomic_write
+from glm_lightning.checkpoint import TokenizerRecord
 
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint after every shard
 ZIP_MAGIC = b"PK\x03\x04"
@@ -28,6 +31,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+class RecordTokenizer(L.Callback):
+    """Writes the run's ``TokenizerRecord`` into every checkpoint it saves, as top-level keys (a
+    sharded save keeps them in its metadata file), so that loading with another tokenizer is refused."""
+
+    def __init__(self, record: TokenizerRecord) -> None:
+        self.record = record
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.record.store(checkpoint)
+
+
+def recorded_tokenizer(path: str | Path) -> TokenizerRecord | None:
+    """The tokenizer a training checkpoint (a file, or a sharded folder) records, None if it has no
+    record. Only the pickled metadata is read: the tensors of a file are memory-mapped, untouched."""
+    path = Path(path)
+    file = path / _METADATA_FILENAME if path.is_dir() else path
+    return TokenizerRecord.of(torch.load(file, map_location="cpu", weights_only=False, mmap=True))
 
 
 def checkpoint_problem(path: str | Path) -> str | None:

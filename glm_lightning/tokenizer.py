@@ -38,6 +38,9 @@ _COMMAND_STRING_RE = re.compile(
     r"|<\|(?:endoftext|startofpiece|endofpiece)\d*\|>"
 )
 
+# Code names of the sentinel command tokens [MASK{i}] and <|startofpiece{i}|> (sentinel ablation).
+_SENTINEL_NAME_RE = re.compile(r"(?:mask|sop)\d+")
+
 # sentencepiece shows a space as U+2581 inside pieces, so a literal U+2581 in the text would
 # decode as a space; it is encoded through its UTF-8 byte pieces instead.
 _SPACE_SYMBOL = "\u2581"
@@ -499,6 +502,15 @@ class GLMTokenizer:
         """Stable hash of the backend model and the command-token layout: equal fingerprints
         encode every text identically (caches of tokenized corpora are keyed by it)."""
         layout = ";".join(f"{t.name}={t.id}:{t.text}" for t in self.command_token_list)
+        return hashlib.sha256(f"{self.backend.fingerprint()}|{layout}".encode()).hexdigest()
+
+    def vocabulary_fingerprint(self) -> str:
+        """Stable hash of the backend model and the command-token layout without the sentinel tokens:
+        equal values mean a model trained with one tokenizer reads the other's ids as it learned
+        them (checkpoints record it). The sentinels are left out because the sentinel-token ablation
+        pretrains with them and finetunes without; they only add ids after every other token."""
+        layout = ";".join(f"{t.name}={t.id}:{t.text}" for t in self.command_token_list
+                          if not _SENTINEL_NAME_RE.fullmatch(t.name))
         return hashlib.sha256(f"{self.backend.fingerprint()}|{layout}".encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:

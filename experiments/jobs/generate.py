@@ -8,7 +8,8 @@ import torch
 from omegaconf import DictConfig
 
 from experiments.jobs.pretrain import build_tokenizer
-from glm_lightning.checkpoint import load_glm
+from experiments.tokenizer_identity import check_tokenizer
+from glm_lightning.checkpoint import build_glm, read_checkpoint
 from glm_lightning.config import ConfigError
 from glm_lightning.generation import fill_blanks
 from glm_lightning.model import GLMModel
@@ -46,9 +47,15 @@ def pick_device(cfg: DictConfig) -> torch.device:
 
 def load_model(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMModel:
     """The checkpoint at ``model.init_from`` (its own sizes), checked against the tokenizer."""
+    path = require_checkpoint(cfg)
     try:
-        model = load_glm(require_checkpoint(cfg), num_attention_heads=cfg.model.num_attention_heads)
+        stored = read_checkpoint(path)
     except ValueError as error:  # readable file, but not a GLM checkpoint we understand
+        raise ConfigError(f"model.init_from: {error}") from error
+    check_tokenizer(cfg, tokenizer, "model.init_from", path, stored.tokenizer)
+    try:
+        model = build_glm(stored, path, num_attention_heads=cfg.model.num_attention_heads)
+    except ValueError as error:  # weights a GLM of the inferred config cannot take
         raise ConfigError(f"model.init_from: {error}") from error
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the checkpoint's vocabulary only "

@@ -29,11 +29,18 @@ from datamodules.pretrain import PretrainDataModule, TooFewDocuments
 from datamodules.shard_writer import default_num_proc
 from experiments.interruption import interruption_callback, mlflow_status, training_stopped
 from experiments.resume import resume_config
+from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
 from experiments.tracking import RunLogger, mlflow_logger
 from glm_lightning.atomic import atomic_copy, atomic_write_text, publish
 from glm_lightning.callbacks import LastCheckpoint, StartStep
-from glm_lightning.checkpoint import check_weights, load_glm
-from glm_lightning.checkpoint_io import AtomicCheckpointIO, checkpoint_problem, newest_intact_checkpoint
+from glm_lightning.checkpoint import TokenizerRecord, check_weights, load_glm
+from glm_lightning.checkpoint_io import (
+    AtomicCheckpointIO,
+    RecordTokenizer,
+    checkpoint_problem,
+    newest_intact_checkpoint,
+    recorded_tokenizer,
+)
 from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
 from glm_lightning.infilling_eval import evaluate_infilling
 from glm_lightning.model import GLMConfig
@@ -122,18 +129,26 @@ def build_module(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMPretrainModule:
     if cfg.data.seq_length > model_config.max_sequence_length:
         raise ConfigError(f"data.seq_length ({cfg.data.seq_length}) exceeds the model's position table "
                           f"(model.max_sequence_length = {model_config.max_sequence_length})")
-    check_init_from(cfg, model_config)
+    check_init_from(cfg, model_config, tokenizer)
     return GLMPretrainModule(model_config, init_from=cfg.model.init_from, **optimizer_settings(cfg.optim))
 
 
-def check_init_from(cfg: DictConfig, model_config: GLMConfig) -> None:
-    """Fail now, in one line, when ``model.init_from`` does not fit the configured model; the
-    module loads it later, once sharded (reading shapes only, so this costs no memory)."""
+def check_init_from(cfg: DictConfig, model_config: GLMConfig, tokenizer: GLMTokenizer) -> None:
+    """Fail now, in one line, when ``model.init_from`` does not fit the configured model or was
+    trained with another tokenizer; the module loads it later, once sharded (reading shapes only,
+    so this costs no memory)."""
     if cfg.model.init_from:
         try:
-            check_weights(model_config, cfg.model.init_from)
+            stored = check_weights(model_config, cfg.model.init_from)
         except (ValueError, FileNotFoundError) as error:
             raise ConfigError(f"model.init_from: {error}") from error
+        check_tokenizer(cfg, tokenizer, "model.init_from", cfg.model.init_from, stored.tokenizer)
+
+
+def check_resume(cfg: DictConfig, tokenizer: GLMTokenizer, ckpt_path: str | None) -> None:
+    """Refuse, in one line, to resume from a checkpoint trained with another tokenizer."""
+    if ckpt_path is not None:
+        check_tokenizer(cfg, tokenizer, "resume", ckpt_path, recorded_tokenizer(ckpt_path))
 
 
 INFILL_ACCURACY = "infill/accuracy"  # MLflow / summary.json names of the built-in corpus's probes
@@ -218,6 +233,7 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None)
     files = training_files(cfg)
     tokenizer = build_tokenizer(cfg, files)
+    check_resume(cfg, tokenizer, ckpt_path)
     if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":
         # Beside the checkpoints, so that the run is usable on its own (generation, finetuning).
         atomic_copy(tokenizer.backend.path, run_dir / "tokenizer.model")
@@ -231,7 +247,7 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
                           "one document unless form feeds or WikiText headings split it; a .jsonl file "
                           "holds one per line)") from None
     module = build_module(cfg, tokenizer)
-    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path, tags)
+    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path, tags, tokenizer_record(cfg, tokenizer))
     if run.trainer.is_global_zero:
         print(result_line(run.summary, run.logger))
         if not cfg.data.train_files:  # the built-in world: show what the model learned about it
@@ -279,8 +295,10 @@ class FittedRun:
 
 
 def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.LightningModule,
-        datamodule: L.LightningDataModule, ckpt_path: str | None, tags: dict[str, str]) -> FittedRun:
-    """Train ``module`` with the run's checkpoints, MLflow run (``tags`` added) and interruption handling:
+        datamodule: L.LightningDataModule, ckpt_path: str | None, tags: dict[str, str],
+        tokenizer: TokenizerRecord) -> FittedRun:
+    """Train ``module`` with the run's checkpoints (``tokenizer`` recorded in each), MLflow run (``tags``
+    added) and interruption handling:
     the MLflow run never stays RUNNING, Ctrl-C/SIGTERM become ``RunInterrupted`` after saving
     ``last.ckpt``, and ``summary.json`` is written however training ends."""
     t = cfg.trainer
@@ -299,7 +317,7 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
             plugins=[AtomicCheckpointIO()],
             callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
-                       *mixture_callbacks(datamodule)],
+                       RecordTokenizer(tokenizer), *mixture_callbacks(datamodule)],
         )
         if logger:
             logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))

@@ -19,12 +19,14 @@ from datamodules.seq2seq import Seq2SeqDataModule, read_jsonl
 from experiments.jobs.pretrain import (
     build_tokenizer,
     check_init_from,
+    check_resume,
     fit,
     launch,
     result_line,
     resume_checkpoint,
 )
 from experiments.resume import resume_config
+from experiments.tokenizer_identity import tokenizer_record
 from glm_lightning.atomic import atomic_copy, atomic_write_text
 from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
 from glm_lightning.model import GLMConfig
@@ -53,7 +55,7 @@ def build_module(cfg: DictConfig, tokenizer: GLMTokenizer, run_dir: Path) -> GLM
         raise ConfigError(f"seq2seq.src_length / tgt_length / generation.max_new_tokens ({needed}) "
                           "exceed the model's position table "
                           f"(model.max_sequence_length = {model_config.max_sequence_length})")
-    check_init_from(cfg, model_config)
+    check_init_from(cfg, model_config, tokenizer)
     return GLMSeq2SeqModule(
         model_config, tokenizer, label_smoothing=s.label_smoothing, generation=dict(cfg.generation),
         predictions_dir=str(run_dir / "predictions"), init_from=cfg.model.init_from,
@@ -75,6 +77,7 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
     tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None)
     tokenizer = build_tokenizer(cfg, [] if cfg.tokenizer.path else tokenizer_text(cfg))
+    check_resume(cfg, tokenizer, ckpt_path)
     if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":
         atomic_copy(tokenizer.backend.path, run_dir / "tokenizer.model")
     s, d = cfg.seq2seq, cfg.data
@@ -83,7 +86,7 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
                                    num_workers=d.num_workers, seed=cfg.seed)
     datamodule.prepare_data()  # bad input fails before a run starts
     module = build_module(cfg, tokenizer, run_dir)
-    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path, tags)
+    run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path, tags, tokenizer_record(cfg, tokenizer))
     trainer, logger = run.trainer, run.logger
     if datamodule.split_path("test").exists():  # scored with the best checkpoint by val/loss
         best = "best" if run.checkpoint.best_model_path else None

@@ -29,9 +29,16 @@ from datamodules.superglue_data import SuperGLUEDataModule
 from datamodules.superglue_download import fetch_superglue
 from experiments.interruption import interruption_callback, mlflow_status, training_stopped
 from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
-from experiments.jobs.pretrain import launch, resume_checkpoint, throughput_monitor, write_summary
+from experiments.jobs.pretrain import (
+    check_resume,
+    launch,
+    resume_checkpoint,
+    throughput_monitor,
+    write_summary,
+)
 from experiments.resume import resume_config
 from experiments.tables import avg_header
+from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
 from experiments.tracking import (
     RUN_ID_FILE,
     RunLogger,
@@ -43,7 +50,7 @@ from experiments.tracking import (
 from glm_lightning.atomic import atomic_write_text
 from glm_lightning.callbacks import LastCheckpoint, StartStep
 from glm_lightning.checkpoint import checkpoint_config, read_checkpoint
-from glm_lightning.checkpoint_io import AtomicCheckpointIO
+from glm_lightning.checkpoint_io import AtomicCheckpointIO, RecordTokenizer
 from glm_lightning.config import ConfigError, activation_checkpointing, optimizer_settings, superglue_tasks
 from glm_lightning.metrics import TABLE1_METRICS, table_row
 from glm_lightning.model import GLMConfig
@@ -115,9 +122,11 @@ def load_backbone(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMConfig:
     sharded it."""
     path = require_checkpoint(cfg)
     try:
-        config = checkpoint_config(read_checkpoint(path), cfg.model.num_attention_heads)  # None = inferred
+        stored = read_checkpoint(path)
+        config = checkpoint_config(stored, cfg.model.num_attention_heads)  # None = inferred
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"model.init_from: {error}") from error
+    check_tokenizer(cfg, tokenizer, "model.init_from", path, stored.tokenizer)
     if len(tokenizer) > config.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the checkpoint at 'model.init_from' "
                           f"only {config.vocab_size}; set the tokenizer the model was trained with")
@@ -283,6 +292,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     if cfg.resume == "auto" and result_file.exists():  # finished before the sweep was interrupted
         return json.loads(result_file.read_text())["dev"]
     ckpt_path = resume_checkpoint(cfg, task_dir)
+    check_resume(cfg, tokenizer, ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     micro = cfg.superglue.micro_batch_size or tc.batch_size
     epochs = task_epochs(cfg, task)
@@ -338,7 +348,8 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             gradient_clip_val=o.clip_grad or None, check_val_every_n_epoch=1, num_sanity_val_steps=0,
             log_every_n_steps=min(t.log_every_n_steps, batches), default_root_dir=task_dir,
             logger=logger or False,
-            callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback()],
+            callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
+                       RecordTokenizer(tokenizer_record(cfg, tokenizer))],
             enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         )
         try:
