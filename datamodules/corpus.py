@@ -290,7 +290,7 @@ def tokenize_corpus(
             loaded[i] = shard
     reused = len(loaded)
     tokenized_bytes, seconds = _prepare_missing(
-        files, keys, loaded, cache, tokenizer, dtype, document_separator, progress, num_proc
+        files, keys, loaded, _Tokenization(cache, tokenizer, dtype, document_separator, progress, num_proc)
     )
 
     shards: list[_Shard] = []
@@ -323,16 +323,20 @@ def _local_rank() -> int:
         return 0
 
 
+@dataclass(frozen=True)
+class _Tokenization:
+    """How missing shards are made: where, with which tokenizer and dtype, in how many processes."""
+
+    cache: Path
+    tokenizer: Any
+    dtype: np.dtype
+    document_separator: str | None
+    progress: bool
+    num_proc: int
+
+
 def _prepare_missing(
-    files: list[Path],
-    keys: list[str],
-    loaded: dict[int, Any],
-    cache: Path,
-    tokenizer: Any,
-    dtype: np.dtype,
-    document_separator: str | None,
-    progress: bool,
-    num_proc: int,
+    files: list[Path], keys: list[str], loaded: dict[int, Any], how: _Tokenization
 ) -> tuple[int, float]:
     """Tokenize the shards nobody has prepared, under their locks; wait for those others hold.
 
@@ -349,12 +353,12 @@ def _prepare_missing(
         for i, key in enumerate(keys):
             if i in loaded or i in mine:
                 continue
-            lock = CacheLock(cache / f"{key}.lock")
+            lock = CacheLock(how.cache / f"{key}.lock")
             patient = defer and time.monotonic() - waiting_since < LOCAL_RANK_GRACE_SECONDS
             if patient and lock.holder() is None:
                 continue  # the node's rank 0 has not come to it yet
             if lock.try_acquire():
-                shard = _load_shard(cache, key)  # finished while we looked?
+                shard = _load_shard(how.cache, key)  # finished while we looked?
                 if shard is not None:
                     loaded[i] = shard
                     lock.release()
@@ -363,27 +367,26 @@ def _prepare_missing(
         if mine:
             started = time.perf_counter()
             try:
-                _write_shards({i: files[i] for i in mine}, {i: keys[i] for i in mine}, cache, tokenizer,
-                              dtype, document_separator, progress, num_proc)
+                _write_shards({i: files[i] for i in mine}, {i: keys[i] for i in mine}, how)
             finally:
                 for lock in mine.values():
                     lock.release()
             seconds += time.perf_counter() - started
             tokenized_bytes += sum(files[i].stat().st_size for i in mine)
             for i in mine:
-                shard = _load_shard(cache, keys[i], verify=False)  # checksummed as it was written
+                shard = _load_shard(how.cache, keys[i], verify=False)  # checksummed as it was written
                 assert shard is not None, f"shard {keys[i]} of {files[i]} was written but cannot be read back"
                 loaded[i] = shard
             continue
         for i, key in enumerate(keys):
             if i in loaded:
                 continue
-            shard = _load_shard(cache, key)
+            shard = _load_shard(how.cache, key)
             if shard is not None:
                 loaded[i] = shard
             elif i not in announced:
                 announced.add(i)
-                lock = CacheLock(cache / f"{key}.lock")
+                lock = CacheLock(how.cache / f"{key}.lock")
                 who = lock.describe() if lock.holder() is not None else "local rank 0"
                 message = f"waiting for {who} to tokenize {files[i]} (lock {lock.path})"
                 print(message, file=sys.stderr, flush=True)
@@ -468,17 +471,10 @@ def _checksum_problem(tokens_path: Path, expected: str | None) -> str | None:
     return None if actual == expected else "does not match its checksum (the file was changed or damaged)"
 
 
-def _write_shards(
-    files: dict[int, Path],
-    keys: dict[int, str],
-    cache: Path,
-    tokenizer: Any,
-    dtype: np.dtype,
-    document_separator: str | None,
-    progress: bool,
-    num_proc: int,
-) -> None:
+def _write_shards(files: dict[int, Path], keys: dict[int, str], how: _Tokenization) -> None:
     """Tokenize `files` (all units of all of them in one pool) and write their shards."""
+    cache, tokenizer, dtype = how.cache, how.tokenizer, how.dtype
+    document_separator, progress, num_proc = how.document_separator, how.progress, how.num_proc
     units = {}
     for i, path in files.items():
         units[i] = plan_units(path, document_separator, num_proc,
