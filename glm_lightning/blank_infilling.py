@@ -514,6 +514,11 @@ class BlankInfillingCollator:
     (needs a tokenizer with sentinels and `max_seq_length`); `masked_lm` is the BERT baseline;
     `task_masks` uses [sMASK] / [gMASK] for the sentence / document objectives.
 
+    `whole_word_spans` (not in the paper, off by default): token-level spans start and end at word
+    boundaries (`GLMTokenizer.word_starts`), their lengths and `mask_ratio` counting words, so a
+    blank is never the tail of a word. With a small subword vocabulary a span that starts mid-word
+    ("year|s", "to|gether") teaches the model to read a blank as the end of the previous word.
+
     Differences from the official code, all on inputs where it crashes or is undefined: the redraw
     of an emptied micro-batch (above); `masked_lm` applies to the token level only; without block
     positions the suffix case gets dim 2 = 0 on prefix and mask, 1 on the generated tokens (the
@@ -539,6 +544,7 @@ class BlankInfillingCollator:
         sentinel_tokens: bool = False,
         masked_lm: bool = False,
         task_masks: bool = False,
+        whole_word_spans: bool = False,
         seed: int = 0,
         gpt_infill_prob: float = 0.5,
         gpt_min_ratio: float = 0.5,
@@ -586,6 +592,9 @@ class BlankInfillingCollator:
         self._first_call = 0  # batch index restored by load_state_dict
         self._calls = 0  # calls made by this process since then
         self._sentence_end: np.ndarray | None = None
+        self.whole_word_spans = whole_word_spans
+        if whole_word_spans and not callable(getattr(tokenizer, "word_starts", None)):
+            raise ValueError("whole_word_spans=True needs a tokenizer with word_starts() (GLMTokenizer)")
 
     # -- state -----------------------------------------------------------------------------
 
@@ -696,11 +705,17 @@ class BlankInfillingCollator:
         lengths: list[int],
         rng: random.Random,
         task: str,
+        words: np.ndarray | None = None,
     ) -> dict[str, Any] | None:
-        """Place spans of the given lengths and lay them out; None if they do not all fit."""
+        """Place spans of the given lengths and lay them out; None if they do not all fit.
+
+        With `words` (the first token of each word, then len(tokens)), lengths count words: spans
+        are placed over the words' first tokens and widened to whole words.
+        """
         rng.shuffle(lengths)
+        units = tokens if words is None else tokens[words[:-1]]
         spans = sample_spans_in_documents(
-            tokens,
+            units,
             lengths,
             rng,
             eos_id=self.tokenizer.eos_id,
@@ -709,25 +724,35 @@ class BlankInfillingCollator:
         )
         if len(spans) < len(lengths):
             return None
+        if words is not None:
+            spans = [(int(words[start]), int(words[end])) for start, end in spans]
         if self.masked_lm and task == "bert":
             return build_masked_lm_sample(tokens, spans, tokenizer=self.tokenizer, loss_mask=loss_mask)
         sample = self._block_sample(tokens, spans, rng, task)
-        assert sample["sep"] == len(tokens) - sum(lengths) + len(lengths)
+        assert sample["sep"] == len(tokens) - sum(end - start for start, end in spans) + len(spans)
         return sample
+
+    def _word_starts(self, tokens: np.ndarray) -> np.ndarray | None:
+        """Index of each word's first token, then len(tokens); None unless `whole_word_spans`."""
+        if not self.whole_word_spans:
+            return None
+        return np.append(np.flatnonzero(self.tokenizer.word_starts(tokens)), len(tokens))
 
     def _span_batch(
         self, parsed: list[tuple[np.ndarray, np.ndarray]], rng: random.Random, single_span: bool
     ) -> list[dict[str, Any]]:
+        words = [self._word_starts(tokens) for tokens, _ in parsed]
         for _ in range(self.max_redraws + 1):
             built = []
-            for tokens, loss_mask in parsed:
+            for (tokens, loss_mask), sample_words in zip(parsed, words, strict=True):
                 if single_span:
                     lengths = [rng.choices(range(1, len(self.span_weights) + 1), self.span_weights)[0]]
                 else:
+                    num_units = len(tokens) if sample_words is None else len(sample_words) - 1
                     lengths = sample_span_lengths(
-                        rng, len(tokens), self.span_weights, mask_ratio=self.mask_ratio
+                        rng, num_units, self.span_weights, mask_ratio=self.mask_ratio
                     )
-                sample = self._blank_sample(tokens, loss_mask, lengths, rng, "bert")
+                sample = self._blank_sample(tokens, loss_mask, lengths, rng, "bert", sample_words)
                 if sample is not None:
                     built.append(sample)
             if built:

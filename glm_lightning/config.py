@@ -127,6 +127,7 @@ class DataConfig:
     sentinel_tokens: bool = False  # distinct T5-style sentinels instead of one [MASK] (ablation)
     masked_lm: bool = False  # BERT-style masked LM baseline: no Part B
     task_masks: bool = False  # [sMASK] / [gMASK] for the sentence / document objectives
+    whole_word_spans: bool = False  # spans cover whole words; lengths and mask_ratio count words
     gpt_infill_prob: float = 0.5  # document objective: probability that the span is the suffix
     gpt_min_ratio: float = 0.5  # document objective: minimum fraction of the text to generate
     dir: str | None = None  # seq2seq: a folder with train/val(/test).jsonl of {"source", "target"}

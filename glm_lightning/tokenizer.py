@@ -45,6 +45,11 @@ _SENTINEL_NAME_RE = re.compile(r"(?:mask|sop)\d+")
 # decode as a space; it is encoded through its UTF-8 byte pieces instead.
 _SPACE_SYMBOL = "\u2581"
 
+# Piece prefixes that mark a preceding space or newline: sentencepiece, byte-level BPE (GPT-2, RoBERTa).
+_WORD_MARKERS = (_SPACE_SYMBOL, "\u0120", "\u010a")
+# A piece of only these begins a word that goes on ("'s"), as a bare space piece does.
+_APOSTROPHES = frozenset("'\u2019")
+
 
 @dataclass(frozen=True)
 class CommandToken:
@@ -452,6 +457,7 @@ class GLMTokenizer:
         self._command_initials = sorted({t.text[0] for t in command_tokens})
         self._command_literals = sorted({t.text for t in command_tokens})
         self._sentence_end: np.ndarray | None = None
+        self._word_tables: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def from_sentencepiece(
@@ -608,6 +614,42 @@ class GLMTokenizer:
             table.flags.writeable = False
             self._sentence_end = table
         return self._sentence_end
+
+    def word_starts(self, ids: np.ndarray) -> np.ndarray:
+        """Bool mask over `ids`: True where a word begins (whole-word spans).
+
+        A word is a piece that follows whitespace (sentencepiece ``▁``, byte-level BPE ``Ġ``/``Ċ``,
+        any WordPiece piece but a ``##`` continuation) with the continuation pieces after it.
+        Punctuation pieces and command tokens are words of their own and the piece after one
+        begins a word, so "Vesk." and "(Vesk" are two words each and a document's first word
+        starts after [CLS]; a bare space piece or an apostrophe joins the piece after it ("'s").
+        """
+        if self._word_tables is None:
+            begins = np.ones(len(self), dtype=bool)
+            ends = np.ones(len(self), dtype=bool)
+            bare_space = np.zeros(len(self), dtype=bool)
+            wordpiece = isinstance(self.backend, WordPieceBackend)
+            for i in range(self.backend.num_pieces):
+                if i not in self._id_to_command:
+                    try:
+                        piece, text = self.backend.id_to_piece(i), self.backend.decode_ids([i]).strip()
+                    except IndexError:  # an id the vocabulary file leaves out stays a word of its own
+                        continue
+                    punctuation = not any(ch.isalnum() for ch in text)  # byte pieces: their text
+                    if wordpiece:
+                        begins[i] = punctuation or not piece.startswith("##")
+                    else:
+                        begins[i] = punctuation or piece.startswith(_WORD_MARKERS)
+                    ends[i] = punctuation and not set(text) <= _APOSTROPHES
+                    bare_space[i] = not text
+            self._word_tables = begins, ends, bare_space
+        begins, ends, bare_space = self._word_tables
+        ids = np.asarray(ids)
+        starts = begins[ids]
+        starts[1:] = (starts[1:] | ends[ids[:-1]]) & ~bare_space[ids[:-1]]
+        if len(starts):
+            starts[0] = True
+        return starts
 
 
 def _command_split_regex(command_tokens: Iterable[CommandToken]) -> re.Pattern[str]:

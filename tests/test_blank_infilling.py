@@ -921,6 +921,53 @@ def test_sentinel_collator_needs_sentinels_and_max_seq_length():
         collator([np.array([CLS, *range(10, 40), *range(10, 40), EOS])])
 
 
+class WordTokenizer(ToyTokenizer):
+    """ToyTokenizer with words: ids 10..24 begin a word, 25..39 continue the word before them;
+    '.', '?' and command tokens are words of their own and the token after one begins a word."""
+
+    def word_starts(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        alone = (ids < 10) | (ids >= 40)
+        starts = (ids < 25) | alone
+        starts[1:] |= alone[:-1]
+        starts[0] = True
+        return starts
+
+
+def test_whole_word_spans_cover_whole_words():
+    tok = WordTokenizer()
+    rng = random.Random(4)
+    collator = BlankInfillingCollator(tok, whole_word_spans=True, seed=2)
+    for _ in range(100):
+        samples = [realistic_sample(rng, with_punctuation=True) for _ in range(3)]
+        batch = collator(samples)
+        assert batch["objective"] == "span" and len(batch["sep"]) == 3
+        for b, original in enumerate(samples):
+            _, segments = check_block_row(batch, b, original)
+            starts = tok.word_starts(original)
+            spans = original_spans(segments)
+            assert all(starts[start] and (end == len(original) or starts[end]) for start, end in spans)
+            assert all(inside_documents(original)[start:end].all() for start, end in spans)
+            # lengths and the masking budget count words, not tokens
+            masked_words = sum(int(starts[start:end].sum()) for start, end in spans)
+            assert masked_words >= int(0.15 * starts.sum())
+            assert all(end < start for (_, end), (start, _) in itertools.pairwise(spans))
+
+
+def test_whole_word_spans_of_single_token_words_are_the_token_spans():
+    """With every token a word, the word view is the token view: the same draws, the same batch."""
+    samples = [np.array([CLS, *range(10, 25), EOS, CLS, *range(10, 20), DOT])]
+    for seed in range(20):
+        by_word = BlankInfillingCollator(WordTokenizer(), whole_word_spans=True, seed=seed)(samples)
+        by_token = BlankInfillingCollator(TOK, seed=seed)(samples)
+        assert all(torch.equal(by_word[key], by_token[key]) for key in ("input_ids", "position_ids", "sep"))
+
+
+def test_whole_word_spans_need_a_tokenizer_that_knows_words():
+    with pytest.raises(ValueError, match="word_starts"):
+        BlankInfillingCollator(TOK, whole_word_spans=True)
+
+
 def test_probabilities_must_sum_to_one():
     with pytest.raises(ValueError, match="must be 1"):
         BlankInfillingCollator(TOK, span_prob=0.5)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -221,6 +223,19 @@ def test_sentence_end_table(tokenizer: GLMTokenizer) -> None:
         assert table[t.token_to_id(piece)], piece
     ids = t.encode("No end here")
     assert not table[ids].any()
+
+
+def words_of(t: GLMTokenizer, ids: list[int]) -> list[str]:
+    """The decoded words `word_starts` cuts `ids` into."""
+    starts = np.append(np.flatnonzero(t.word_starts(np.array(ids))), len(ids))
+    return [t.decode(ids[a:b]).strip() for a, b in itertools.pairwise(starts)]
+
+
+def test_word_starts_cut_text_into_words_and_punctuation(tokenizer: GLMTokenizer) -> None:
+    text = "The bright riverbank crosses quickly. A strange (castle); the year's market! Naïve café"
+    ids = [tokenizer.cls_id, *tokenizer.encode(text), tokenizer.eos_id]
+    assert len(ids) > len(text.split()) + 6  # some words are several pieces
+    assert words_of(tokenizer, ids) == ["[CLS]", *re.findall(r"'?\w+|[^\w\s]", text), "<|endoftext|>"]
 
 
 def test_pickle_round_trip(sentencepiece_model: str, tmp_path: Path, make_text: Callable[..., str]) -> None:

@@ -6,12 +6,15 @@ real files in ../shared/data/vocab when they are present.
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from glm_lightning.tokenizer import GLMTokenizer
@@ -207,6 +210,14 @@ def test_round_trip_of_vocabulary_words(tok: GLMTokenizer, kind: str) -> None:
 def test_byte_level_bpe_round_trips_any_text(tok: GLMTokenizer, kind: str) -> None:
     for text in ("", "  Hello world\n\n\tthe end ", "café naïve 我们今天 🎉 e\u0301", "no\x00nul \x7f"):
         assert tok.decode(tok.encode(text)) == text
+
+
+def test_word_starts_cut_text_into_words_and_punctuation(tok: GLMTokenizer, kind: str) -> None:
+    text = "the model fills, the blank ends. hello world!" + (" unaffable story" if kind == "bert" else "")
+    ids = tok.encode(text)
+    starts = np.append(np.flatnonzero(tok.word_starts(np.array(ids))), len(ids))
+    words = [tok.decode(ids[a:b]).strip() for a, b in itertools.pairwise(starts)]
+    assert words == re.findall(r"\w+|[^\w\s]", text)
 
 
 def test_mask_tokens_swallow_whitespace_on_their_left(tok: GLMTokenizer, kind: str) -> None:
