@@ -128,6 +128,7 @@ class DataConfig:
     masked_lm: bool = False  # BERT-style masked LM baseline: no Part B
     task_masks: bool = False  # [sMASK] / [gMASK] for the sentence / document objectives
     whole_word_spans: bool = False  # spans cover whole words; lengths and mask_ratio count words
+    single_span_prob: float = 0.0  # micro-batches with one span per sample (official --single-span-prob)
     gpt_infill_prob: float = 0.5  # document objective: probability that the span is the suffix
     gpt_min_ratio: float = 0.5  # document objective: minimum fraction of the text to generate
     dir: str | None = None  # seq2seq: a folder with train/val(/test).jsonl of {"source", "target"}
@@ -340,6 +341,7 @@ UNIT_INTERVAL = (
     "data.document_prob",
     "data.mask_ratio",
     "data.gpt_infill_prob",
+    "data.single_span_prob",
     "data.gpt_min_ratio",
     "optim.warmup",
     "optim.lr_decay_ratio",

@@ -17,7 +17,6 @@ from experiments.config import load_config
 from experiments.jobs.pretrain import build_datamodule, build_module, build_tokenizer, result_line, run
 from glm_lightning.config import ConfigError
 from glm_lightning.infilling_eval import most_frequent_answer_baseline
-from glm_lightning.modules import pretrain as pretrain_module
 from glm_lightning.tokenizer import GLMTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,31 +101,6 @@ def test_quickstart_trains_tracks_and_resumes(tmp_path, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps_this_run"] == 0
     assert result_line(summary, None).startswith("already finished: 12 steps, nothing left to train")
-
-
-STEP_KEYS = ("train/loss", "train/loss_span", "train/loss_document", "train/tokens", "train/lr",
-             "train/tokens_seen")
-
-
-def test_step_values_logged_only_when_written_equal_logging_every_step(tmp_path, monkeypatch):
-    def histories(name: str) -> dict[str, list[tuple[int, float]]]:
-        run(quickstart(tmp_path, f"run_name={name}", "trainer.max_steps=7", "trainer.log_every_n_steps=3",
-                       "data.span_prob=0.5", "data.document_prob=0.5"))
-        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
-        run_id = (tmp_path / "outputs" / "quickstart" / name / "mlflow_run_id").read_text()
-        return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in STEP_KEYS}
-
-    when_written = histories("when-written")
-    monkeypatch.setattr(pretrain_module, "logs_this_step", lambda module: True)
-    every_step = histories("every-step")
-    assert len(when_written["train/loss"]) == 2  # steps 3 and 6 of 7
-    for key in ("train/loss", "train/tokens", "train/lr", "train/tokens_seen"):
-        assert when_written[key] == every_step[key]
-    # Each written step has the loss of the objective it trained, and only that one (logging every
-    # step also wrote the other objective's last earlier loss under steps that never trained it).
-    per_objective = when_written["train/loss_span"] + when_written["train/loss_document"]
-    assert sorted(per_objective) == when_written["train/loss"]
-    assert set(per_objective) <= set(every_step["train/loss_span"] + every_step["train/loss_document"])
 
 
 def test_missing_resume_checkpoint_is_a_config_error(tmp_path):
@@ -275,9 +249,11 @@ ABLATIONS = {
 
 
 @pytest.mark.parametrize(("exp", "whole_words"), [("quickstart", True), ("pretrain", False)])
-def test_whole_word_spans_reach_the_collator(tokenizer, exp, whole_words):
-    datamodule = build_datamodule(load_config(exp, []), tokenizer, ["corpus.txt"])
-    assert datamodule._collator().whole_word_spans is whole_words
+def test_span_settings_reach_the_collator(tokenizer, exp, whole_words):
+    collator = build_datamodule(load_config(exp, []), tokenizer, ["corpus.txt"])._collator()
+    assert collator.whole_word_spans is whole_words and collator.single_span_prob == 0.0
+    cfg = load_config(exp, ["data.single_span_prob=0.25"])
+    assert build_datamodule(cfg, tokenizer, ["corpus.txt"])._collator().single_span_prob == 0.25
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS)

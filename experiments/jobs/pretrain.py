@@ -119,7 +119,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: GLMTokenizer, files: list[str])
         mask_ratio=d.mask_ratio, poisson_lambda=d.poisson_lambda, max_span_length=d.max_span_length,
         shuffle_spans=d.shuffle_spans, block_positions=d.block_positions,
         sentinel_tokens=d.sentinel_tokens, masked_lm=d.masked_lm, task_masks=d.task_masks,
-        whole_word_spans=d.whole_word_spans,
+        whole_word_spans=d.whole_word_spans, single_span_prob=d.single_span_prob,
         gpt_infill_prob=d.gpt_infill_prob, gpt_min_ratio=d.gpt_min_ratio,
     )
 

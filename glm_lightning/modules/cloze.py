@@ -31,7 +31,6 @@ from glm_lightning.checkpoint import new_glm
 from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.metrics import ReCoRDMetric, superglue_metrics
 from glm_lightning.model import GLMConfig, GLMModel, check_trainable
-from glm_lightning.modules.step_logging import logs_this_step
 from glm_lightning.optim import adamw_with_annealing
 from glm_lightning.parallel import configure_glm_module
 
@@ -253,10 +252,9 @@ class GLMClozeModule(L.LightningModule):
         else:
             loss = self.loss(self(batch), batch["label"])
         self.flops_per_batch = training_flops_per_batch(self.model.config, *self._rows_run(batch))
-        if logs_this_step(self):
-            batch_size = len(batch["label"])
-            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        batch_size = len(batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
     def on_validation_epoch_start(self) -> None:

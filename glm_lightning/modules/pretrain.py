@@ -15,7 +15,6 @@ from torchmetrics import Metric
 from glm_lightning.checkpoint import new_glm
 from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.model import GLMConfig, check_trainable
-from glm_lightning.modules.step_logging import logs_this_step
 from glm_lightning.optim import adamw_with_annealing
 from glm_lightning.parallel import configure_glm_module
 
@@ -151,12 +150,11 @@ class GLMPretrainModule(L.LightningModule):
         batch_size, length = batch["input_ids"].shape
         self.flops_per_batch = training_flops_per_batch(self.model.config, batch_size, length)
         self.tokens_seen += batch_size * length * self.trainer.world_size
-        if logs_this_step(self):
-            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-            self.log("train/tokens_seen", float(self.tokens_seen), batch_size=batch_size)
-            self.log(f"train/loss_{batch['objective']}", loss, batch_size=batch_size)
-            self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=batch_size)
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/tokens_seen", float(self.tokens_seen), batch_size=batch_size)
+        self.log(f"train/loss_{batch['objective']}", loss, batch_size=batch_size)
+        self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -18,7 +18,6 @@ from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.generation import generate
 from glm_lightning.model import GLMConfig, check_trainable
 from glm_lightning.modules.pretrain import TokenWeightedLoss
-from glm_lightning.modules.step_logging import logs_this_step
 from glm_lightning.optim import adamw_with_annealing
 from glm_lightning.parallel import configure_glm_module, gathered
 from glm_lightning.tokenizer import GLMTokenizer
@@ -93,10 +92,9 @@ class GLMSeq2SeqModule(L.LightningModule):
                                      "optim.lr, then continue from the last checkpoint with resume=auto")
         batch_size, length = batch["input_ids"].shape
         self.flops_per_batch = training_flops_per_batch(self.model.config, batch_size, length)
-        if logs_this_step(self):
-            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-            self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=batch_size)
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
     @torch.no_grad()

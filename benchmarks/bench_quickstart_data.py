@@ -1,30 +1,24 @@
-"""The quickstart's training loop outside the model: sample generators, whole-word spans, step logging.
+"""The quickstart's data path per step: sample generators and whole-word spans.
 
 Side by side in one process, alternating the variants so that load on the machine hits both:
 
 * sample generator: `PackedSampleDataset.rng(idx)` builds a new RandomState for every sample (as
   the official code does); `__getitem__` reseeds one instead (the same stream), per 32 samples;
 * span collation at the quickstart's settings (32 samples of 32 tokens, 30 % masked, lambda 0.5):
-  token-level spans against `whole_word_spans=True`;
-* the quickstart's Trainer loop (`exp=quickstart`, MLflow off) for `--steps` steps with the step
-  values logged on every step against only on the steps Lightning writes (`logs_this_step`).
+  token-level spans against `whole_word_spans=True`.
 
-    python benchmarks/bench_quickstart_loop.py              # about 3 minutes on 2 cores
+    python benchmarks/bench_quickstart_data.py              # about 1 minute on 2 cores
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime
-import json
 import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -33,10 +27,7 @@ from machine import cpu_model
 from datamodules.builtin_corpus import write_builtin_corpus
 from datamodules.corpus import tokenize_corpus
 from datamodules.pretrain import PackedSampleDataset
-from experiments.config import load_config
-from experiments.jobs.pretrain import run
 from glm_lightning.blank_infilling import BlankInfillingCollator
-from glm_lightning.modules import pretrain as pretrain_module
 from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
 
 BATCH, SEQ = 32, 32
@@ -74,36 +65,13 @@ def data_rows(work: Path) -> list[tuple[str, float, float]]:
     return rows
 
 
-def loop_seconds(work: Path, steps: int, every_step: bool, index: int) -> float:
-    cfg = load_config("quickstart", [f"output_dir={work / 'outputs'}", f"data.cache_dir={work / 'cache'}",
-                                     f"run_name=r{index}", f"trainer.max_steps={steps}",
-                                     f"trainer.val_check_interval={steps}", "logging.enabled=false"])
-    always = mock.patch.object(pretrain_module, "logs_this_step", lambda module: True)
-    with always if every_step else contextlib.nullcontext():
-        run_dir = run(cfg)
-    return json.loads((run_dir / "summary.json").read_text())["seconds"]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        rows = data_rows(work)
-        every, written = [], []
-        for r in range(args.rounds):
-            every.append(loop_seconds(work, args.steps, True, 2 * r))
-            written.append(loop_seconds(work, args.steps, False, 2 * r + 1))
-    print(f"\n{datetime.date.today()}, {cpu_model()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
+        rows = data_rows(Path(tmp))
+    print(f"{datetime.date.today()}, {cpu_model()}, torch {torch.__version__}, numpy {np.__version__}, "
+          f"Python {platform.python_version()}")
     print("\n| what | before (ms) | after (ms) | after / before |\n|---|---:|---:|---:|")
     print("\n".join(f"| {name} | {old:.2f} | {new:.2f} | {new / old:.2f}x |" for name, old, new in rows))
-    print(f"\nquickstart loop, {args.steps} steps, {args.rounds} rounds (Trainer.fit seconds):")
-    print("| step values logged | seconds per round | median |\n|---|---|---:|")
-    for name, seconds in (("every step", every), ("written steps only", written)):
-        print(f"| {name} | {', '.join(f'{s:.1f}' for s in seconds)} | {statistics.median(seconds):.1f} |")
 
 
 if __name__ == "__main__":
