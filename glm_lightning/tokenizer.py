@@ -626,7 +626,7 @@ class GLMTokenizer:
         """
         if self._word_tables is None:
             begins = np.ones(len(self), dtype=bool)
-            ends = np.ones(len(self), dtype=bool)
+            breaks_after = np.ones(len(self), dtype=bool)
             bare_space = np.zeros(len(self), dtype=bool)
             wordpiece = isinstance(self.backend, WordPieceBackend)
             for i in range(self.backend.num_pieces):
@@ -640,13 +640,13 @@ class GLMTokenizer:
                         begins[i] = punctuation or not piece.startswith("##")
                     else:
                         begins[i] = punctuation or piece.startswith(_WORD_MARKERS)
-                    ends[i] = punctuation and not set(text) <= _APOSTROPHES
+                    breaks_after[i] = punctuation and not set(text) <= _APOSTROPHES
                     bare_space[i] = not text
-            self._word_tables = begins, ends, bare_space
-        begins, ends, bare_space = self._word_tables
+            self._word_tables = begins, breaks_after, bare_space
+        begins, breaks_after, bare_space = self._word_tables
         ids = np.asarray(ids)
         starts = begins[ids]
-        starts[1:] = (starts[1:] | ends[ids[:-1]]) & ~bare_space[ids[:-1]]
+        starts[1:] = (starts[1:] | breaks_after[ids[:-1]]) & ~bare_space[ids[:-1]]
         if len(starts):
             starts[0] = True
         return starts
