@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader
 
 from experiments.library_noise import quiet_libraries
 from glm_lightning.attention_mask import candidate_attention_mask
-from glm_lightning.blank_infilling import BlankInfillingCollator
+from glm_lightning.blank_infilling import BlankInfillingCollator, SyntheticCommandIds
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.pretrain import GLMPretrainModule
 from glm_lightning.parallel import build_strategy
@@ -119,21 +119,7 @@ class Settings:
     lr: float
 
 
-@dataclass(frozen=True)
-class CommandIds:
-    """The command tokens the span objective uses, at the low ids of the BERT vocabulary layout
-    (eos = pad = 0); document tokens start at ``FIRST_WORD``."""
-
-    eos_id: int = 0
-    cls_id: int = 1
-    mask_id: int = 2
-    smask_id: int = 3
-    gmask_id: int = 4
-    sop_id: int = 5
-    eop_id: int = 6
-
-
-FIRST_WORD = 10
+FIRST_WORD = 10  # the first word id after SyntheticCommandIds
 DOCUMENTS = 32
 
 
@@ -146,7 +132,7 @@ def documents(vocab_size: int, seq_length: int, seed: int = 0) -> list[np.ndarra
     """``DOCUMENTS`` packed samples of ``seq_length`` tokens, ``[CLS] doc eos``, each document a random
     pattern of 5-40 word ids repeated: learnable from context, different from sample to sample."""
     rng = np.random.default_rng(seed)
-    ids = CommandIds()
+    ids = SyntheticCommandIds()
     samples = []
     for _ in range(DOCUMENTS):
         pattern = rng.integers(FIRST_WORD, vocab_size, rng.integers(5, 41))
@@ -157,7 +143,7 @@ def documents(vocab_size: int, seq_length: int, seed: int = 0) -> list[np.ndarra
 def micro_batches(settings: Settings, vocab_size: int) -> list[dict]:
     """The ``settings.steps`` micro-batches every row trains on, collated once."""
     samples = documents(vocab_size, settings.seq_length)
-    collator = BlankInfillingCollator(CommandIds(), seed=0)
+    collator = BlankInfillingCollator(SyntheticCommandIds(), seed=0)
     B = settings.batch_size
     return [collator([samples[(step * B + i) % len(samples)] for i in range(B)])
             for step in range(settings.steps)]

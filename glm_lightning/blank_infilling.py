@@ -22,6 +22,7 @@ import itertools
 import math
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -56,6 +57,20 @@ class BlankInfillingTokenizer(Protocol):
     def sentinel_sop_id(self, i: int) -> int: ...
 
     def sentence_end_table(self) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SyntheticCommandIds:
+    """Command-token ids for token streams made without a tokenizer (benchmarks, golden tests):
+    the token-level corruption needs only these; ids from 10 up are free for words."""
+
+    eos_id: int = 0
+    cls_id: int = 1
+    mask_id: int = 2
+    smask_id: int = 3
+    gmask_id: int = 4
+    sop_id: int = 5
+    eop_id: int = 6
 
 
 class FoundEOSInTarget(ValueError, RuntimeError):

@@ -19,6 +19,7 @@ from glm_lightning import blank_infilling as bi
 from glm_lightning.blank_infilling import (
     BlankInfillingCollator,
     FoundEOSInTarget,
+    SyntheticCommandIds,
     build_block_sample,
     build_masked_lm_sample,
     build_suffix_generation_sample,
@@ -26,18 +27,12 @@ from glm_lightning.blank_infilling import (
 
 
 @dataclass(frozen=True)
-class ToyTokenizer:
-    """Hand-sized ids for golden layouts: eos = pad = 0 (as the BERT vocabulary), words 10..39,
-    '.' = 8 and '?' = 9 end sentences, sentinels [MASK{i}] = 38 + 2i, <|startofpiece{i}|> = 39 + 2i."""
+class ToyTokenizer(SyntheticCommandIds):
+    """Hand-sized ids for golden layouts: the synthetic command ids (eos = pad = 0, as the BERT
+    vocabulary), words 10..39, '.' = 8 and '?' = 9 end sentences, sentinels [MASK{i}] = 38 + 2i,
+    <|startofpiece{i}|> = 39 + 2i."""
 
-    eos_id: int = 0
     pad_id: int = 0
-    cls_id: int = 1
-    mask_id: int = 2
-    smask_id: int = 3
-    gmask_id: int = 4
-    sop_id: int = 5
-    eop_id: int = 6
     dblock_id: int = 7
     num_sentinels: int = 8
 
