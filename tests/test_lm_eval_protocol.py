@@ -234,7 +234,7 @@ def test_job_records_protocol_window_and_counts(checkpoint, tmp_path, capsys):
     assert metrics["perplexity/num_words"] == len((WIKI * 3).strip().split(" "))
     result = next(line for line in job_lines if line.startswith("perplexity (wikitext): "))
     assert (f"window 63, stride 8, {metrics['perplexity/num_tokens']:.0f} tokens, "
-            f"{metrics['perplexity/num_words']:.0f} words, 1 documents, bidirectional") in result
+            f"{metrics['perplexity/num_words']:.0f} words, 1 document, bidirectional") in result
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     (run,) = mlflow.search_runs(experiment_names=["lm_eval"], output_format="list")

@@ -120,7 +120,8 @@ def result_line(run: Settings, metrics: dict[str, float]) -> str:
     m = {name.removeprefix("perplexity/"): value for name, value in metrics.items()}
     return (f"perplexity ({run.protocol.name}): ppl {m['ppl']:.6g}, adjusted ppl {m['adjusted_ppl']:.6g}, "
             f"window {run.window}, stride {run.stride}, {m['num_tokens']:.0f} tokens, "
-            f"{m['num_words']:.0f} words, {m['num_documents']:.0f} documents, {run.direction}")
+            f"{m['num_words']:.0f} words, {m['num_documents']:.0f} document"
+            f"{'' if m['num_documents'] == 1 else 's'}, {run.direction}")
 
 
 @contextmanager
