@@ -41,7 +41,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("32-true", "bf16-mixed", "16-mixed", "bf16-true"),
     "model.attention": ("auto", "sdpa", "flex"),
     "generation.strategy": ("greedy", "sample", "beam"),
-    "lm_eval.task": ("lambada", "perplexity"),
+    "lm_eval.protocol": ("wikitext", "language_model", "lambada"),
+    "lm_eval.documents": ("auto", "stream", "lines"),
 }
 
 # SuperGLUE tasks in Table-1 order, by their official folder names; config keys use lower case.
@@ -167,10 +168,14 @@ class Seq2SeqConfig:
 class LMEvalConfig:
     """Zero-shot language modelling (paper §3.3; official `tasks/language_model/`) on ``file``."""
 
-    task: str = "perplexity"  # lambada: last-word accuracy (jsonl {"text"}); perplexity: a text file
-    file: str | None = None
+    # The released script whose conventions are followed (glm_lightning.lm_eval.PROTOCOLS):
+    # wikitext (perplexity, zero_wikitext.sh), language_model (perplexity, zero_lm.sh),
+    # lambada (last-word accuracy of jsonl {"text"}, zero_lambada.sh).
+    protocol: str = "wikitext"
+    file: str | None = None  # text, or jsonl whose "text" fields are read
+    documents: str = "auto"  # stream: the file is one document; lines: each line is one; auto: the protocol's
     unidirectional: bool = False  # only the first token in Part A (else bidirectional context)
-    max_length: int | None = None  # tokens per window; None = the model's max_sequence_length - 1
+    max_length: int | None = None  # text tokens per window; None = the released 511, or the model's limit
     stride: int = 256  # tokens predicted per window after the first (official --overlapping-eval)
 
 

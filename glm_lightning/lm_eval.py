@@ -12,7 +12,11 @@ blank is generated, and score Part B under teacher forcing.
 * Perplexity: windows of ``max_length`` tokens start every ``stride`` tokens. Window 0 keeps its
   first token in Part A and predicts the rest; each later window keeps its first
   ``max_length - stride`` tokens as bidirectional context and predicts the tokens after them, so
-  every token but the first of the text is predicted exactly once.
+  every token but the first of each document is predicted exactly once.
+
+A ``Protocol`` names the conventions of one released script: how the file splits into documents,
+the detokenizer, and how words are counted for the word-adjusted perplexity. Every released
+script runs with ``--seq-length 512``: windows of 511 text tokens, 256 new ones per window.
 
 A sample is a dict of numpy arrays ``input_ids [L]``, ``position_ids [2, L]``, ``target_ids [L]``,
 ``loss_mask [L]`` and the int ``sep`` (the length of Part A), like
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +36,44 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from glm_lightning.detokenize import wikitext_detokenize
 from glm_lightning.model import GLMModel
 from glm_lightning.tokenizer import GLMTokenizer
 
 Sample = dict[str, "np.ndarray | int"]
+
+RELEASED_WINDOW = 511  # --seq-length 512 minus one (`LMDataset.max_seq_len`)
+RELEASED_STRIDE = 256  # --overlapping-eval 256
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The conventions of one released zero-shot evaluation script."""
+
+    name: str
+    task: str  # "perplexity" or "lambada": what is measured, and the prefix of the metric names
+    script: str  # the released `config_tasks/` script it follows
+    documents: str  # "stream": the whole file is one document; "lines": every non-blank line is one
+    detokenize: Callable[[str], str] | None = None  # applied to each document before tokenizing
+
+
+PROTOCOLS = {
+    # `build_wikitext103_dataset`: the file detokenized and tokenized as one stream.
+    "wikitext": Protocol("wikitext", "perplexity", "config_tasks/zero_wikitext.sh", "stream",
+                         wikitext_detokenize),
+    # `build_lm_dataset`: each line of a plain-text file is its own document, as it is.
+    "language_model": Protocol("language_model", "perplexity", "config_tasks/zero_lm.sh", "lines"),
+    # `LambadaDataset`: the "text" of every jsonl line is one passage.
+    "lambada": Protocol("lambada", "lambada", "config_tasks/zero_lambada.sh", "lines"),
+}
+DOCUMENT_SPLITS = ("stream", "lines")
+
+
+def count_words(document: str) -> int:
+    """The words of a document as the released code counts them for the word-adjusted perplexity
+    (`tasks/language_model/dataset.py`): ``len(text.strip().split(" "))``, so a newline stays
+    inside its word and a double space counts an empty word."""
+    return len(document.strip().split(" "))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,17 +246,45 @@ def score_samples(model: GLMModel, samples: Sequence[Sample], *, batch_size: int
 # Tasks
 # ----------------------------------------------------------------------------------------------
 
-def read_lambada(path: str | Path) -> list[str]:
-    """The ``text`` field of every line of a LAMBADA jsonl file."""
+def read_jsonl_texts(path: str | Path) -> list[str]:
+    """The ``text`` field of every non-blank line of a jsonl file (LAMBADA's format); a line that
+    is not a JSON object with a string ``text`` is a ValueError naming the file and line."""
     texts = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                if "text" not in record:
-                    raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' field")
-                texts.append(record["text"])
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number}: expected a JSON object with a string 'text' field")
+            texts.append(record["text"])
     return texts
+
+
+def read_documents(path: str | Path, documents: str) -> list[str]:
+    """The documents of a text file or, for ``*.jsonl``, of the ``text`` fields of its lines.
+
+    ``stream``: the whole file, read without newline translation as the released
+    `build_wikitext103_dataset` reads it (jsonl texts joined by newlines). ``lines``: every
+    non-blank line, stripped, as `build_lm_dataset` reads it (jsonl: every non-blank text).
+    Blank lines are skipped; the released code fails on them.
+    """
+    if documents not in DOCUMENT_SPLITS:
+        raise ValueError(f"documents must be one of {', '.join(DOCUMENT_SPLITS)}, got {documents!r}")
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        texts = read_jsonl_texts(path)
+        if documents == "stream":
+            return ["\n".join(texts)]
+    elif documents == "stream":
+        return [path.read_bytes().decode("utf-8")]
+    else:
+        with open(path, encoding="utf-8") as f:
+            texts = list(f)
+    return [text.strip() for text in texts if text.strip()]
 
 
 def evaluate_lambada(model: GLMModel, tokenizer: GLMTokenizer, texts: Iterable[str], *,
@@ -227,9 +293,10 @@ def evaluate_lambada(model: GLMModel, tokenizer: GLMTokenizer, texts: Iterable[s
                      progress: str | None = None) -> dict[str, float]:
     """Last-word accuracy: the fraction of passages whose every answer token is the argmax.
 
-    ``max_length`` bounds each sample (default: the model's ``max_sequence_length``).
+    ``max_length`` bounds each sample (default: the released 512, or the model's
+    ``max_sequence_length`` when smaller).
     """
-    max_length = max_length or model.config.max_sequence_length
+    max_length = max_length or default_window(model) + 1
     samples = [lambada_sample(*lambada_tokens(tokenizer, text), tokenizer, mask_id=mask_id,
                               unidirectional=unidirectional, max_length=max_length)
                for text in texts]
@@ -243,34 +310,60 @@ def evaluate_lambada(model: GLMModel, tokenizer: GLMTokenizer, texts: Iterable[s
             "answer_loss": loss / tokens}
 
 
-def perplexities(total_loss: float, num_tokens: int, num_words: int) -> tuple[float, float]:
-    """(token-level, word-adjusted) perplexity of a text of ``num_tokens`` tokens and
-    ``num_words`` whitespace words whose first token is not predicted:
-    ``exp(total_loss / (num_tokens - 1))`` and ``exp(total_loss / (num_words - 1))``."""
-    return math.exp(total_loss / (num_tokens - 1)), math.exp(total_loss / (num_words - 1))
+def perplexities(total_loss: float, num_tokens: int, num_words: int,
+                 num_documents: int = 1) -> tuple[float, float]:
+    """(token-level, word-adjusted) perplexity of ``num_documents`` documents of ``num_tokens``
+    tokens and ``num_words`` words in all, whose first tokens are not predicted:
+    ``exp(total_loss / (num_tokens - num_documents))`` and
+    ``exp(total_loss / (num_words - num_documents))``.
+
+    With one document these are the released formulas (`tasks/language_model/finetune.py`). With
+    several, the released code still divides by ``num_tokens - 1`` and ``num_words - 1``, counting
+    tokens no window predicts; here each document's first token and word are left out.
+    """
+    return (math.exp(total_loss / (num_tokens - num_documents)),
+            math.exp(total_loss / (num_words - num_documents)))
 
 
-def evaluate_perplexity(model: GLMModel, tokenizer: GLMTokenizer, text: str, *,
-                        max_length: int | None = None, stride: int = 256, mask_id: int | None = None,
+def default_window(model: GLMModel) -> int:
+    """Text tokens per window when none is set: the released 511, or fewer on a model with
+    fewer positions."""
+    return min(RELEASED_WINDOW, model.config.max_sequence_length - 1)
+
+
+def evaluate_perplexity(model: GLMModel, tokenizer: GLMTokenizer, text: str | Sequence[str], *,
+                        detokenize: Callable[[str], str] | None = None, max_length: int | None = None,
+                        stride: int = RELEASED_STRIDE, mask_id: int | None = None,
                         unidirectional: bool = False, batch_size: int = 8,
                         progress: str | None = None) -> dict[str, float]:
-    """Sliding-window perplexity of ``text`` (one document).
+    """Sliding-window perplexity of ``text``: one document, or a sequence of documents whose
+    windows never cross from one into the next.
 
-    ``max_length`` is the number of text tokens per window (default: the model's
-    ``max_sequence_length - 1``); ``stride`` (at most ``max_length``) tokens are predicted per
-    window after the first.
+    Words are counted on each raw document (``count_words``); ``detokenize`` then rewrites it
+    before tokenizing. Blank documents are skipped. ``max_length`` is the number of text tokens
+    per window (default: ``default_window``); ``stride`` (at most ``max_length``) tokens are
+    predicted per window after the first.
     """
-    max_length = max_length or model.config.max_sequence_length - 1
-    tokens = tokenizer.encode(text)
-    num_words = len(text.split())
-    if len(tokens) < 2 or num_words < 2:
-        raise ValueError("perplexity needs a text of at least two words")
-    samples = perplexity_windows(tokens, tokenizer, max_length=max_length, stride=min(stride, max_length),
-                                 mask_id=mask_id, unidirectional=unidirectional)
+    documents = [text] if isinstance(text, str) else list(text)
+    documents = [document for document in documents if document.strip()]
+    max_length = max_length or default_window(model)
+    stride = min(stride, max_length)
+    counted = [(count_words(document), tokenizer.encode(detokenize(document) if detokenize else document))
+               for document in documents]
+    counted = [(words, tokens) for words, tokens in counted if tokens]
+    encoded = [tokens for _, tokens in counted]
+    num_words = sum(words for words, _ in counted)
+    num_tokens = sum(len(tokens) for tokens in encoded)
+    if num_tokens - len(encoded) < 1 or num_words - len(encoded) < 1:
+        raise ValueError("perplexity needs a document of at least two words")
+    samples = [sample for tokens in encoded
+               for sample in perplexity_windows(tokens, tokenizer, max_length=max_length, stride=stride,
+                                                mask_id=mask_id, unidirectional=unidirectional)]
     scores = score_samples(model, samples, batch_size=batch_size, progress=progress)
     total_loss = sum(s.loss for s in scores)
     predicted = sum(s.num_tokens for s in scores)
-    ppl, adjusted = perplexities(total_loss, len(tokens), num_words)
-    return {"loss": total_loss / predicted, "ppl": ppl, "adjusted_ppl": adjusted,
-            "num_tokens": len(tokens), "num_words": num_words, "num_predicted": predicted,
-            "num_windows": len(samples)}
+    ppl, adjusted = perplexities(total_loss, num_tokens, num_words, len(encoded))
+    return {"loss": total_loss / predicted, "ppl": ppl, "adjusted_ppl": adjusted, "nll": total_loss,
+            "num_tokens": num_tokens, "num_words": num_words, "num_documents": len(encoded),
+            "num_predicted": predicted, "num_windows": len(samples), "window": max_length,
+            "stride": stride}
