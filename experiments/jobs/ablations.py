@@ -250,7 +250,7 @@ def run_variant(cfg: DictConfig, variant: Variant, sweep_dir: Path, tracker: Swe
         checkpoint = override("model.init_from", str(pretrain_dir / "checkpoints" / "last.ckpt"))
         lm_cfg = stage("lm_eval", variant.pretraining, (checkpoint,))
         if lm_cfg.lm_eval.file is None:
-            lm_cfg = stage("lm_eval", variant.pretraining, (checkpoint, held_out_text(sweep_dir)))
+            lm_cfg = stage("lm_eval", variant.pretraining, (checkpoint, *held_out_text(sweep_dir)))
         lm_dir = run_stage(lm_cfg, done=lambda run_dir: (run_dir / "metrics.json").is_file())
         finetune_dir = run_stage(stage("finetune", variant.run_name, (checkpoint, "resume=auto")))
         if tracker is None:
@@ -287,14 +287,16 @@ def pretraining_finished(run_dir: Path) -> bool:
     return summary.is_file() and json.loads(summary.read_text())["status"] == "finished"
 
 
-def held_out_text(sweep_dir: Path) -> str:
+def held_out_text(sweep_dir: Path) -> tuple[str, str, str]:
     """The LM evaluation's text for sweeps on the built-in corpus: held-out documents of the same
-    generator (another seed), written into the sweep directory; returned as an override."""
+    generator (another seed), written into the sweep directory. Returned as overrides that score
+    it as one stream without the WikiText detokenizer (the text is not WikiText)."""
     path = sweep_dir / LM_EVAL_TEXT
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n\n".join(builtin_documents(40, seed=1)), encoding="utf-8")
-    return override("lm_eval.file", str(path))
+    return (override("lm_eval.file", str(path)), override("lm_eval.protocol", "language_model"),
+            override("lm_eval.documents", "stream"))
 
 
 def variant_metrics(pretrain_dir: Path, lm_dir: Path, finetune_dir: Path) -> dict[str, float]:
