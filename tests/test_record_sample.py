@@ -27,7 +27,7 @@ from datamodules.superglue import punctuation_standardization, read_split
 from datamodules.superglue_data import SuperGLUEDataModule
 from glm_lightning.cloze import answer_candidates, augment_training_examples
 
-FEWGLUE_DIR = Path("/work/shared/data/fewglue")
+FEWGLUE_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve() / "fewglue"
 
 
 def reference_examples(path: Path, train: bool) -> list[tuple[tuple[int, int], list[str], list[str]]]:
