@@ -3,6 +3,8 @@
 `read_split(task, data_dir, split)` turns one file into a list of plain dicts, one per example the
 model scores: MultiRC is flattened to one example per answer option and ReCoRD to one example per
 query, as the official processors do (`tasks/superglue/dataset.py`). No tokenization happens here.
+A ReCoRD example carries the passage's distinct entities sorted (the official candidates of dev and
+test) and its distinct gold answers in the order they first occur.
 
 Every example has an `idx` (a tuple for the flattened tasks, so answers can be grouped back by
 question) and a `label` (None where the file has none, e.g. the test split). Errors name the file,
@@ -235,10 +237,10 @@ def _record(line: _Line, spec: TaskSpec) -> list[dict]:
     p_idx = line.get("idx", int)
     passage = line.get("passage", dict)
     raw = line.get("text", str, passage, "passage.")
-    entities: dict[str, None] = {}  # ordered set
+    entities: set[str] = set()
     for ei, span in enumerate(line.get("entities", list, passage, "passage.")):
         entity = _span_text(line, raw, span, f"passage.entities[{ei}].")
-        entities[punctuation_standardization(entity) if spec.standardize else entity] = None
+        entities.add(punctuation_standardization(entity) if spec.standardize else entity)
     text = raw.replace("@highlight\n", "- ")
     if spec.standardize:
         text = punctuation_standardization(text)
@@ -251,12 +253,12 @@ def _record(line: _Line, spec: TaskSpec) -> list[dict]:
                 line.text("text", spec.standardize, answer, f"{prefix}answers[{ai}].")
                 for ai, answer in enumerate(line.get("answers", list, qa, prefix))
             ]
-            answers = list(dict.fromkeys(golds))
+            answers = list(dict.fromkeys(golds))  # distinct, first occurrence first (official: set order)
         examples.append({
             "idx": (p_idx, line.get("idx", int, qa, prefix)),
             "passage": text,
             "query": line.text("query", spec.standardize, qa, prefix),
-            "entities": list(entities),
+            "entities": sorted(entities),  # de-duplicated and sorted, as the official reader
             "label": answers,
         })
     return examples

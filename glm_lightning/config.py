@@ -197,9 +197,23 @@ class WSCTaskConfig(SuperGLUETaskConfig):
     """WSC also chooses its formulation: ``candidates`` scores span1_text against negative
     candidates (needs files that carry them, the official ``--wsc-negative``); ``generative``
     trains the LM on span1_text and predicts True iff greedy decoding reproduces it (the official
-    path without negatives); ``auto`` picks candidates iff the training file has any."""
+    path without negatives); ``auto`` picks candidates iff the training file has any. A null
+    ``pattern_id`` is the released pattern of the mode (``WSC_PATTERNS``)."""
 
+    pattern_id: int | None = None
     mode: str = "auto"
+
+
+# Released WSC patterns by mode: config_tasks/task_wsc.sh passes --pattern-id 2;
+# config_tasks/task_wsc_generative.sh passes none, so the argparse default 0 applies.
+WSC_PATTERNS = {"candidates": 2, "generative": 0}
+
+
+def task_pattern_id(task_config: SuperGLUETaskConfig | DictConfig, wsc_mode: str = "candidates") -> int:
+    """The cloze pattern of a task: ``pattern_id``, or for WSC left null the released one of ``wsc_mode``."""
+    if task_config.pattern_id is None:
+        return WSC_PATTERNS[wsc_mode]
+    return task_config.pattern_id
 
 
 @dataclass

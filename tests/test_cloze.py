@@ -364,5 +364,5 @@ def test_examples_from_read_split(tok, tmp_path: Path):
     assert out["input_ids"].shape[0] == 1 and out["label"] == 0
     (ex,) = read_split("ReCoRD", str(tmp_path), "val")
     out = encode_example("ReCoRD", ex, tok, pattern_id=0, max_seq_length=L)
-    assert answer_candidates("ReCoRD", ex) == ["museum", "city"] and out["label"] == 1
+    assert answer_candidates("ReCoRD", ex) == ["city", "museum"] and out["label"] == 0  # sorted
     assert out["input_ids"].dtype == np.int64 and out["input_ids"].shape == (2, L)

@@ -130,7 +130,7 @@ def test_record_flattened_per_query(tmp_path):
         ]}
     write_jsonl(tmp_path, "ReCoRD", "train", [row])
     passage = "Ann met Bob's dog.\n- Ann and Bob\n- Ann"
-    entities = ["Ann", "Bob's", "Bob"]
+    entities = ["Ann", "Bob", "Bob's"]  # de-duplicated and sorted
     assert read_split("ReCoRD", str(tmp_path), "train") == [
         {"idx": (3, 40), "passage": passage, "query": '@placeholder met "them"', "entities": entities,
          "label": ["Ann"]},

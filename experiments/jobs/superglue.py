@@ -51,7 +51,13 @@ from glm_lightning.atomic import atomic_write_text
 from glm_lightning.callbacks import LastCheckpoint, StartStep
 from glm_lightning.checkpoint import checkpoint_config, read_checkpoint
 from glm_lightning.checkpoint_io import AtomicCheckpointIO, RecordTokenizer
-from glm_lightning.config import ConfigError, activation_checkpointing, optimizer_settings, superglue_tasks
+from glm_lightning.config import (
+    ConfigError,
+    activation_checkpointing,
+    optimizer_settings,
+    superglue_tasks,
+    task_pattern_id,
+)
 from glm_lightning.metrics import TABLE1_METRICS, table_row
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.cloze import GLMClozeModule
@@ -300,11 +306,11 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     wsc_mode = resolve_wsc_mode(cfg, train_dir) if task == "WSC" and cfg.superglue.head == "cloze" \
         else "candidates"
     if task == "WSC" and rank_zero_only.rank == 0 and cfg.superglue.head == "cloze":
-        print(f"WSC: {wsc_mode} mode" + (" (no negative candidates in the data: the referent is generated, "
-                                         "True iff greedy decoding reproduces it)" if wsc_mode == "generative"
-                                         else ""), flush=True)
+        print(f"WSC: {wsc_mode} mode, pattern {task_pattern_id(tc, wsc_mode)}"
+              + (" (no negative candidates in the data: the referent is generated, True iff greedy "
+                 "decoding reproduces it)" if wsc_mode == "generative" else ""), flush=True)
     datamodule = SuperGLUEDataModule(
-        task, eval_dir, tokenizer, pattern_id=tc.pattern_id, max_seq_length=tc.max_seq_length,
+        task, eval_dir, tokenizer, pattern_id=task_pattern_id(tc, wsc_mode), max_seq_length=tc.max_seq_length,
         batch_size=micro, eval_batch_size=cfg.superglue.eval_batch_size, head=cfg.superglue.head,
         train_dir=train_dir, seed=cfg.seed, num_workers=cfg.data.num_workers, wsc_mode=wsc_mode,
         shared_context=cfg.superglue.shared_context,
@@ -337,6 +343,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
         if logger:
             logger.log_hyperparams({"task": task, "head": cfg.superglue.head, "main_metric": metric,
                                     **{f"superglue.{k}": v for k, v in OmegaConf.to_container(tc).items()},
+                                    "superglue.pattern_id": datamodule.pattern_id,
                                     "wsc_mode": wsc_mode, "shared_context": datamodule.shared_context,
                                     "epochs_run": epochs,
                                     "train_examples": len(datamodule.encoded["train"]),

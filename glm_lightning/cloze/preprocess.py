@@ -133,13 +133,12 @@ def candidate_label(task: str, example: dict, candidates: list[str]) -> int:
 
 
 def augment_training_examples(task: str, examples: list[dict], *, seed: int = 42) -> list[dict]:
-    """The training set as the official finetuning sees it.
+    """The training set as the official finetuning sees it (`tasks/superglue/dataset.py`).
 
     COPA: the examples, then a mirrored copy of each (choices swapped, label flipped). WSC: only
     positive examples; more than 9 negatives are split into chunks of 9 (the last filled by
-    wrapping around), one example per chunk. ReCoRD: one example per gold answer, with
-    `candidates` = the gold answer + up to 9 other entities (shuffled with `seed` when more).
-    Other tasks: unchanged.
+    wrapping around), one example per chunk. ReCoRD: see `record_training_examples`. Other
+    tasks: unchanged.
     """
     if task == "COPA":
         mirrored = [
@@ -151,17 +150,33 @@ def augment_training_examples(task: str, examples: list[dict], *, seed: int = 42
     if task == "WSC":
         return [chunk for ex in examples if ex["label"] is True for chunk in _wsc_chunks(ex)]
     if task == "ReCoRD":
-        rng = random.Random(seed)
-        out = []
-        for ex in examples:
-            golds = ex["label"] or []
+        return record_training_examples(examples, seed=seed)
+    return list(examples)
+
+
+def record_training_examples(examples: list[dict], *, seed: int = 42) -> list[dict]:
+    """ReCoRD's training examples, the sample of the official `RecordProcessor._create_examples`.
+
+    One example per distinct gold answer of each query, with `candidates` = the answer, then the
+    entities that are no gold answer (the reader sorts them), shuffled and cut to 9 when there
+    are more than 9. Each answer gets its own shuffle of a fresh list, drawn from one
+    `random.Random(seed)` shared by the whole file in file order, so `examples` must be the
+    whole file as `read_split` returns it. The official reader takes a query's answers in the
+    iteration order of a Python `set`, which changes with PYTHONHASHSEED; here they come in
+    first-occurrence order (`read_split`), so for a query with several answers the official run
+    draws the same shuffles but may hand them to its answers in another order.
+    """
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        golds = ex["label"] or []
+        for gold in golds:
             others = [e for e in ex["entities"] if e not in golds]
             if len(others) > RECORD_MAX_NEGATIVES:
                 rng.shuffle(others)
                 others = others[:RECORD_MAX_NEGATIVES]
-            out.extend({**ex, "candidates": [gold, *others], "label": [gold]} for gold in golds)
-        return out
-    return list(examples)
+            out.append({**ex, "candidates": [gold, *others], "label": [gold]})
+    return out
 
 
 def _wsc_chunks(example: dict) -> list[dict]:
