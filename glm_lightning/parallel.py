@@ -8,8 +8,10 @@
            The ``configure_model`` of every training module (pretraining, SuperGLUE, seq2seq) is
            ``configure_glm_module``: it shards each ``GLMLayer`` and then the root, so the tied
            word embedding / output projection is one parameter in the root group.
-           Runs on CPU (gloo) and GPU. Precision: ``32-true`` or ``bf16-mixed`` (bf16
-           parameters in compute, fp32 gradient reduction; the master weights stay fp32).
+           Runs on CPU (gloo) and GPU. Precision: ``32-true`` or ``bf16-mixed``, which is
+           FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` over fp32
+           shards: the all-gathers carry bf16, the gradients are reduce-scattered in fp32 and the
+           optimizer steps the fp32 shards (the master weights).
 ``fsdp1``  Lightning's ``FSDPStrategy`` (FlatParameter FSDP): one wrapped unit per ``GLMLayer``,
            optional activation checkpointing through Lightning's wrapper, fp32 gradient
            reduction under mixed precision. GPU only (Lightning refuses it on CPU).
@@ -54,14 +56,17 @@ is enough: Lightning launches the other N - 1 processes itself (also on CPU with
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -70,6 +75,13 @@ from glm_lightning.checkpoint import load_weights, read_checkpoint
 from glm_lightning.model import GLMLayer, GLMModel
 
 STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1")
+# bf16 compute over fp32 master weights, on one device (autocast) and under every strategy.
+RECOMMENDED_PRECISION = "bf16-mixed"
+BF16_TRUE_NOTICE = (
+    "note: trainer.precision=bf16-true keeps the weights and the AdamW state in bf16 (8 bits of "
+    "mantissa): an update smaller than about 1/256 of its weight is lost, so a LayerNorm gain of 1.0 "
+    f"does not move under steps below 0.004 (lr 1e-5, say); {RECOMMENDED_PRECISION} computes in bf16 "
+    "and keeps fp32 master weights")
 CHECKPOINT_FORMATS = ("full", "sharded")
 # Precisions whose FSDP dtypes we know; ModelParallelStrategy (FSDP2) has no fp16 grad scaler.
 FSDP_PRECISIONS = {"fsdp": ("32-true", "bf16-mixed"), "fsdp1": ("32-true", "bf16-mixed", "16-mixed")}
@@ -203,8 +215,11 @@ def configure_glm_module(module: L.LightningModule) -> None:
     (the classifier head) becomes an FSDP group of its own, so that its gradients are reduced
     across ranks too. A model still on the meta device (built so for ``init_from``) is then
     filled from that checkpoint, each rank copying only its shards. Under every other strategy the
-    model trains as built. Calling it again changes nothing.
+    model trains as built. Calling it again changes nothing. Under ``bf16-true`` it says once per
+    process, on global rank 0, which updates that precision drops (``BF16_TRUE_NOTICE``).
     """
+    if module._trainer is not None and module.trainer.precision == "bf16-true":
+        say_once(BF16_TRUE_NOTICE)
     mesh = module.device_mesh
     if mesh is not None:
         data_parallel = mesh["data_parallel"]
@@ -216,6 +231,13 @@ def configure_glm_module(module: L.LightningModule) -> None:
     if module.init_from and any(p.is_meta for p in module.model.parameters()):
         device = module.trainer.strategy.root_device if module._trainer is not None else "cpu"
         load_weights(module.model, read_checkpoint(module.init_from), module.init_from, device=device)
+
+
+@cache
+@rank_zero_only
+def say_once(line: str) -> None:
+    """Print ``line`` to stderr the first time it comes, on global rank 0 only."""
+    print(line, file=sys.stderr, flush=True)
 
 
 @contextmanager
