@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 from test_parallel import (  # noqa: F401 (fixtures)
     EPOCHS,
@@ -58,11 +59,12 @@ LAUNCHERS = {"torchrun": torchrun, "slurm": slurm}
 
 
 def start_nodes(launcher: str, program: list[str]) -> list[subprocess.Popen]:
-    """Start both nodes of a job (each in its own process group, as on its own machine)."""
+    """Start both nodes of a job (each in its own process group, as on its own machine); ``{node}`` in
+    an argument becomes the node's number (a node-local path)."""
     port = free_port()
     processes = []
     for node in range(NODES):
-        command, env = LAUNCHERS[launcher](node, port, program)
+        command, env = LAUNCHERS[launcher](node, port, [arg.format(node=node) for arg in program])
         processes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True, start_new_session=True))
     return processes
@@ -106,3 +108,53 @@ def test_two_nodes_train_the_weights_of_one_process(
     assert (result["cluster_environment"], result["world_size"]) == (expected_environment, NODES)
     assert result["strategy"] == {"ddp": "DDPStrategy", "fsdp": "FSDP2Strategy"}[strategy]
     assert_same_weights(load_weights(tmp_path), single_process_weights)
+
+
+def pretraining(root: Path, corpus: Path, tokenizer: str, cache: str, *extra: str) -> list[str]:
+    """The pretraining job on two nodes of one device each, into the shared ``root``/outputs."""
+    return ["-m", "experiments.run", "exp=quickstart", f"output_dir={root / 'outputs'}", "run_name=cluster",
+            f"data.cache_dir={cache}", f"data.train_files=[{corpus}]", f"tokenizer.path={tokenizer}",
+            "model.num_layers=2", "model.hidden_size=64", "data.seq_length=64", "data.batch_size=4",
+            "data.val_fraction=0.1", "trainer.max_steps=6", "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
+            "trainer.devices=1", f"trainer.num_nodes={NODES}", *extra]
+
+
+def tokenized(log: str, corpus: Path) -> int:
+    """How often a node's log shows the corpus being tokenized (the progress bar's title)."""
+    return log.count(f"tokenizing {corpus.name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("launcher", "strategy", "caches"), [
+    ("torchrun", "ddp", "node-local"), ("slurm", "fsdp", "shared"),
+])
+def test_pretraining_on_two_nodes_prepares_tracks_and_checkpoints_once_per_job(
+    tmp_path: Path, make_text, sentencepiece_model: str, launcher: str, strategy: str, caches: str
+) -> None:
+    """Node-local caches are prepared once per node, a shared one once in all; one MLflow run,
+    written by global rank 0; each checkpoint written once, by rank 0, into the shared output folder."""
+    corpus_file = tmp_path / "corpus.txt"
+    corpus_file.write_text("\f".join(make_text(4, seed=k) for k in range(30)), encoding="utf-8")
+    cache = str(tmp_path / ("node{node}-cache" if caches == "node-local" else "shared-cache"))
+    logs = run_nodes(launcher, pretraining(tmp_path, corpus_file, sentencepiece_model, cache,
+                                           f"trainer.strategy={strategy}"))
+    counts = [tokenized(log, corpus_file) for log in logs]
+    assert sorted(counts) == ([1, 1] if caches == "node-local" else [0, 1]), counts
+    caches_made = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith("cache"))
+    assert caches_made == (["node0-cache", "node1-cache"] if caches == "node-local" else ["shared-cache"])
+    for name in caches_made:
+        assert len(list((tmp_path / name).glob("*.json"))) == 1  # one shard of the one file
+
+    run_dir = tmp_path / "outputs" / "quickstart" / "cluster"
+    store = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (run,) = store.search_runs([store.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id == (run_dir / "mlflow_run_id").read_text().strip()
+    steps = [m.step for m in store.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and len(steps) == 6  # each step logged once
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 6
+    best = Path(summary["best_checkpoint"]).name
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.ckpt", best}  # no partial files
+    assert sum("finished 6 steps" in log for log in logs) == 1  # global rank 0 reports
