@@ -60,6 +60,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import cache
 from pathlib import Path
 
@@ -68,6 +69,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -120,12 +122,15 @@ def build_strategy(
     precision: str = "32-true",
     checkpoint_format: str = "full",
     activation_checkpointing: bool = False,
+    collective_timeout_s: float | None = None,
 ) -> Strategy | str:
     """The ``Trainer(strategy=...)`` value for a strategy name (see the module docstring).
 
     ``accelerator`` and ``precision`` are the Trainer's; they decide what the FSDP variants can
     do. ``activation_checkpointing`` is for ``fsdp1`` only (Lightning's checkpoint wrapper per
     layer); the other strategies take recomputation from ``GLMConfig.checkpoint_activations``.
+    ``collective_timeout_s`` (None = torch's default) bounds how long a collective of ``ddp``/``fsdp``
+    waits for a rank that stopped answering before it fails.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; valid choices: {', '.join(STRATEGIES)}")
@@ -145,11 +150,12 @@ def build_strategy(
 
     if name == "auto":
         return "auto"
+    timeout = default_pg_timeout if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
     if name == "ddp":
         # Every parameter gets a gradient in every step, so DDP need not search for unused ones.
-        return DDPStrategy(find_unused_parameters=False)
+        return DDPStrategy(find_unused_parameters=False, timeout=timeout)
     if name == "fsdp":
-        return FSDP2Strategy(save_distributed_checkpoint=sharded)
+        return FSDP2Strategy(save_distributed_checkpoint=sharded, timeout=timeout)
 
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
         raise ValueError("strategy 'fsdp1' (Lightning FSDPStrategy) needs CUDA GPUs; "
@@ -167,6 +173,7 @@ def build_strategy(
         activation_checkpointing_policy={GLMLayer} if activation_checkpointing else None,
         state_dict_type="sharded" if sharded else "full",
         mixed_precision=mixed_precision,
+        timeout=timeout,
     )
 
 

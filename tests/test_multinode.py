@@ -11,10 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from test_parallel import (  # noqa: F401 (fixtures)
     EPOCHS,
     assert_same_weights,
@@ -158,3 +161,83 @@ def test_pretraining_on_two_nodes_prepares_tracks_and_checkpoints_once_per_job(
     best = Path(summary["best_checkpoint"]).name
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.ckpt", best}  # no partial files
     assert sum("finished 6 steps" in log for log in logs) == 1  # global rank 0 reports
+
+
+@pytest.mark.slow
+def test_a_lost_node_stops_the_other_naming_it_and_resume_auto_continues(
+    tmp_path: Path, make_text, sentencepiece_model: str
+) -> None:
+    """SLURM job of two nodes; node 1 is SIGKILLed mid-run. Node 0 stops well within the collective
+    timeout, with one line naming rank 1; the checkpoints stay whole, and relaunching both nodes with
+    resume=auto continues from the last one in the same MLflow run."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\f".join(make_text(4, seed=k) for k in range(30)), encoding="utf-8")
+    timeout_s = 60
+    program = pretraining(tmp_path, corpus, sentencepiece_model, str(tmp_path / "node{node}-cache"),
+                          "trainer.strategy=ddp", f"trainer.collective_timeout_s={timeout_s}",
+                          "trainer.max_steps=100000")
+    run_dir = tmp_path / "outputs" / "quickstart" / "cluster"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    nodes = start_nodes("slurm", program)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not last.exists() and time.monotonic() < deadline and all(p.poll() is None for p in nodes):
+        time.sleep(0.5)
+    assert last.exists(), finish_nodes(nodes, timeout=1)
+    time.sleep(2)  # a few more steps, some of them mid-collective
+    os.killpg(nodes[1].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    log = finish_nodes(nodes[:1], timeout=timeout_s + 60)[0]
+    waited = time.monotonic() - killed
+    print(f"node 0 stopped {waited:.1f} s after node 1 was killed")
+    nodes[1].communicate()
+    assert nodes[0].returncode == 1 and waited < timeout_s, (waited, log[-3000:])
+    assert "Traceback" not in log, log[-5000:]
+    # (the progress bar on stdout may share the terminal line)
+    (line,) = [line[line.index("error: "):] for line in log.splitlines() if "lost rank" in line]
+    assert line.startswith("error: lost rank 1 (node 1, host ") and line.endswith(
+        f"the last checkpoint is {last}; relaunch every node with resume=auto to continue")
+    assert sorted(p.name for p in last.parent.iterdir() if not p.name.endswith(".ckpt")) == []  # no partials
+    stopped_at = torch.load(last, weights_only=False)["global_step"]
+
+    logs = run_nodes("slurm", [*program[:-1], f"trainer.max_steps={stopped_at + 3}", "resume=auto"])
+    assert sum(f"finished {stopped_at + 3} steps (3 in this run, resumed at {stopped_at})" in log
+               for log in logs) == 1, logs[0][-3000:]
+    store = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (run,) = store.search_runs([store.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in store.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(steps) == len(set(steps)) and max(steps) >= stopped_at + 2
+
+
+def test_lost_ranks_are_those_whose_heartbeat_stands_still(tmp_path: Path) -> None:
+    """Rank 1 beats, rank 2 stopped, rank 3 never wrote: 2 and 3 are lost, not 1 (nor oneself, 0)."""
+    from experiments.lost_rank import HEARTBEAT_S, lost_ranks
+
+    for rank in (0, 1, 2):
+        record = {"rank": rank, "node": rank, "host": "h", "pid": 7}
+        (tmp_path / f"{rank}.json").write_text(json.dumps(record))
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(HEARTBEAT_S / 2):
+            os.utime(tmp_path / "1.json")
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        lost = lost_ranks(tmp_path, world_size=4, own_rank=0, window=2.0)
+    finally:
+        beating.set()
+        thread.join()
+    assert lost == [{"rank": 2, "node": 2, "host": "h", "pid": 7},
+                    {"rank": 3, "node": "?", "host": "?", "pid": "?"}]
+
+
+def test_the_collective_timeout_reaches_the_process_group() -> None:
+    from datetime import timedelta
+
+    from glm_lightning.parallel import build_strategy
+
+    for name in ("ddp", "fsdp"):
+        strategy = build_strategy(name, accelerator="cpu", collective_timeout_s=42)
+        assert strategy._timeout == timedelta(seconds=42), name

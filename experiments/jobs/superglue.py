@@ -377,7 +377,8 @@ def strategy(cfg: DictConfig):
     t = cfg.trainer
     try:
         return build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
-                              checkpoint_format=t.checkpoint_format)
+                              checkpoint_format=t.checkpoint_format,
+                              collective_timeout_s=t.collective_timeout_s)
     except ValueError as error:
         raise ConfigError(f"trainer settings: {error}") from error
 
