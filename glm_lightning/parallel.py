@@ -49,6 +49,10 @@ environment, so the same command works under torchrun and SLURM. Two nodes of 8 
     srun python -m experiments.run exp=pretrain trainer.num_nodes=2 trainer.devices=8 \\
         trainer.strategy=fsdp trainer.checkpoint_format=sharded
 
+Every collective of ``ddp`` and ``fsdp`` gives up after ``collective_timeout_s``
+(``trainer.collective_timeout_s``): a lost node stops the others instead of hanging them. The batch
+script and the cluster settings are in ``docs/slurm.md``.
+
 On one machine, ``python -m experiments.run exp=pretrain trainer.devices=N trainer.strategy=fsdp``
 is enough: Lightning launches the other N - 1 processes itself (also on CPU with
 ``trainer.accelerator=cpu``).
