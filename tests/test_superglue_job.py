@@ -410,6 +410,7 @@ class StopAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_a_task_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, pretrained,
                                                                                monkeypatch):
     """RTE, 10 training examples in batches of 4 (3 steps per epoch, the last one short), 3 epochs,
