@@ -11,16 +11,16 @@ would be attended bidirectionally by every token).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.corpus import CorpusError
+from datamodules.epoch_order import ResumableOrder
 from datamodules.jsonl import jsonl_records
 from glm_lightning.tokenizer import GLMTokenizer
 
@@ -135,24 +135,7 @@ class Seq2SeqCollator:
         return batch
 
 
-class EpochSampler(DistributedSampler):
-    """The training order: DistributedSampler's permutation of (seed, epoch) and its share of each
-    rank, which a resumed run continues inside an epoch by leaving out the ``resume`` batches of it
-    that were already trained (``len`` stays the whole epoch, as Lightning expects)."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_replicas: int = 1, rank: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.batch_size = batch_size
-        self.resume: tuple[int, int] | None = None  # (epoch, batches of it already trained)
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        skip = self.resume[1] * self.batch_size if self.resume and self.resume[0] == self.epoch else 0
-        self.resume = None
-        return iter(indices[skip:])
-
-
-class Seq2SeqDataModule(L.LightningDataModule):
+class Seq2SeqDataModule(ResumableOrder, L.LightningDataModule):
     """train/val(/test).jsonl of ``data_dir`` as batches of ``Seq2SeqCollator``; the training
     order is drawn from (``seed``, epoch), the same for any worker count, and its position is saved
     in checkpoints (``state_dict``) so that a resumed run sees the batches an uninterrupted one would."""
@@ -169,7 +152,6 @@ class Seq2SeqDataModule(L.LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, Seq2SeqDataset] = {}
         self.collate = Seq2SeqCollator(tokenizer.pad_id)
-        self._resume: tuple[int, int] | None = None
 
     def split_path(self, split: str) -> Path:
         return self.data_dir / f"{split}.jsonl"
@@ -194,13 +176,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
                           collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        ranks = (trainer.distributed_sampler_kwargs or {}) if trainer is not None else {}
-        sampler = EpochSampler(self.datasets["train"], self.batch_size, seed=self.seed,
-                               num_replicas=ranks.get("num_replicas", 1), rank=ranks.get("rank", 0))
-        if trainer is not None:  # Lightning creates the iterator of a resumed run before set_epoch
-            sampler.set_epoch(trainer.current_epoch)
-        sampler.resume, self._resume = self._resume, None
+        sampler = self.epoch_sampler(self.datasets["train"], self.batch_size, self.seed)
         return DataLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler,
                           collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
 
@@ -211,14 +187,3 @@ class Seq2SeqDataModule(L.LightningDataModule):
         if "test" not in self.datasets:
             raise FileNotFoundError(f"{self.split_path('test')} does not exist")
         return self._loader("test")
-
-    def state_dict(self) -> dict[str, int]:
-        """(epoch, batches of it taken by the fit loop) while fitting: where the training order stands."""
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return {}
-        taken = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return {"epoch": trainer.current_epoch, "batches": taken}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = (int(state_dict["epoch"]), int(state_dict["batches"])) if state_dict else None

@@ -1,9 +1,10 @@
 """SuperGLUE finetuning data for one task: read -> augment (train) -> encode -> collate.
 
 Examples are encoded once in ``setup`` (they are small) and batched by ``cloze_collate``. Training
-order comes from a generator seeded by ``seed``, so a run is reproducible. Evaluation examples
-carry what the metrics need beyond the model inputs: WSC's truth value as the label, ReCoRD's
-candidate strings and gold answers; test examples (no labels) get label -1. With
+order is drawn from (``seed``, epoch) and its position saved in checkpoints
+(``datamodules.epoch_order``), so a run is reproducible and a resumed one continues mid-epoch.
+Evaluation examples carry what the metrics need beyond the model inputs: WSC's truth value as the
+label, ReCoRD's candidate strings and gold answers; test examples (no labels) get label -1. With
 ``shared_context`` the multi-token tasks are batched in the packed layout of
 ``datamodules.cloze_collate.pack_candidates`` (each Part A once per example).
 """
@@ -14,10 +15,10 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from datamodules.cloze_collate import cloze_collate
+from datamodules.epoch_order import ResumableOrder
 from datamodules.superglue import read_split, split_path
 from glm_lightning.cloze import (
     MULTI_TOKEN_TASKS,
@@ -46,7 +47,7 @@ def encode_for_eval(task: str, example: dict, tokenizer: GLMTokenizer, *, patter
     return encoded
 
 
-class SuperGLUEDataModule(L.LightningDataModule):
+class SuperGLUEDataModule(ResumableOrder, L.LightningDataModule):
     """Train / dev / test loaders of one SuperGLUE task.
 
     ``data_dir`` holds the official ``<Task>/{train,val,test}.jsonl``; ``train_dir`` (FewGLUE)
@@ -104,18 +105,18 @@ class SuperGLUEDataModule(L.LightningDataModule):
             self.encoded[split] = [encode_for_eval(self.task, ex, self.tokenizer, head=self.head, **options)
                                    for ex in self.examples[split]]
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        batch_size = self.batch_size if shuffle else self.eval_batch_size
-        return DataLoader(self.encoded[split], batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=self.collate, num_workers=self.num_workers)
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.encoded[split], batch_size=self.eval_batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers)
 
     @property
     def collate(self) -> partial:
         return partial(cloze_collate, shared_context=self.shared_context)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        sampler = self.epoch_sampler(self.encoded["train"], self.batch_size, self.seed)
+        return DataLoader(self.encoded["train"], batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

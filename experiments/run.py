@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from datamodules.corpus import CorpusError
 from experiments.config import ConfigError, config_summary, format_config, list_experiments, load_config
-from experiments.errors import RunInterrupted
+from experiments.errors import LostRank, RunInterrupted
 from experiments.jobs import SECTIONS, get_job
 from experiments.library_noise import quiet_libraries
 from glm_lightning.atomic import is_disk_full
@@ -83,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except LostRank as error:  # another node died: this one stops, naming it
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, CorpusError) as error:  # bad input data: say which file, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1

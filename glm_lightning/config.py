@@ -270,6 +270,8 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto, ddp, fsdp (FSDP2, CPU or GPU), fsdp1 (FSDPStrategy, GPU only)
     checkpoint_format: str = "full"  # full: one file gathered on rank 0; sharded: a folder of per-rank shards
+    # ddp/fsdp: a collective that waits this long for a rank fails (a lost node; see docs/slurm.md)
+    collective_timeout_s: int = 600
     # Lightning precision: 32-true, bf16-mixed or 16-mixed (fp32 weights, autocast), bf16-true (bf16
     # weights and optimizer state); losses and log-softmax are computed in fp32 under all of them
     precision: str = "32-true"

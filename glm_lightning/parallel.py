@@ -8,8 +8,10 @@
            The ``configure_model`` of every training module (pretraining, SuperGLUE, seq2seq) is
            ``configure_glm_module``: it shards each ``GLMLayer`` and then the root, so the tied
            word embedding / output projection is one parameter in the root group.
-           Runs on CPU (gloo) and GPU. Precision: ``32-true`` or ``bf16-mixed`` (bf16
-           parameters in compute, fp32 gradient reduction; the master weights stay fp32).
+           Runs on CPU (gloo) and GPU. Precision: ``32-true`` or ``bf16-mixed``, which is
+           FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` over fp32
+           shards: the all-gathers carry bf16, the gradients are reduce-scattered in fp32 and the
+           optimizer steps the fp32 shards (the master weights).
 ``fsdp1``  Lightning's ``FSDPStrategy`` (FlatParameter FSDP): one wrapped unit per ``GLMLayer``,
            optional activation checkpointing through Lightning's wrapper, fp32 gradient
            reduction under mixed precision. GPU only (Lightning refuses it on CPU).
@@ -47,6 +49,10 @@ environment, so the same command works under torchrun and SLURM. Two nodes of 8 
     srun python -m experiments.run exp=pretrain trainer.num_nodes=2 trainer.devices=8 \\
         trainer.strategy=fsdp trainer.checkpoint_format=sharded
 
+Every collective of ``ddp`` and ``fsdp`` gives up after ``collective_timeout_s``
+(``trainer.collective_timeout_s``): a lost node stops the others instead of hanging them. The batch
+script and the cluster settings are in ``docs/slurm.md``.
+
 On one machine, ``python -m experiments.run exp=pretrain trainer.devices=N trainer.strategy=fsdp``
 is enough: Lightning launches the other N - 1 processes itself (also on CPU with
 ``trainer.accelerator=cpu``).
@@ -54,15 +60,20 @@ is enough: Lightning launches the other N - 1 processes itself (also on CPU with
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
+from functools import cache
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -70,6 +81,13 @@ from glm_lightning.checkpoint import load_weights, read_checkpoint
 from glm_lightning.model import GLMLayer, GLMModel
 
 STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1")
+# bf16 compute over fp32 master weights, on one device (autocast) and under every strategy.
+RECOMMENDED_PRECISION = "bf16-mixed"
+BF16_TRUE_NOTICE = (
+    "note: trainer.precision=bf16-true keeps the weights and the AdamW state in bf16 (8 bits of "
+    "mantissa): an update smaller than about 1/256 of its weight is lost, so a LayerNorm gain of 1.0 "
+    f"does not move under steps below 0.004 (lr 1e-5, say); {RECOMMENDED_PRECISION} computes in bf16 "
+    "and keeps fp32 master weights")
 CHECKPOINT_FORMATS = ("full", "sharded")
 # Precisions whose FSDP dtypes we know; ModelParallelStrategy (FSDP2) has no fp16 grad scaler.
 FSDP_PRECISIONS = {"fsdp": ("32-true", "bf16-mixed"), "fsdp1": ("32-true", "bf16-mixed", "16-mixed")}
@@ -108,12 +126,15 @@ def build_strategy(
     precision: str = "32-true",
     checkpoint_format: str = "full",
     activation_checkpointing: bool = False,
+    collective_timeout_s: float | None = None,
 ) -> Strategy | str:
     """The ``Trainer(strategy=...)`` value for a strategy name (see the module docstring).
 
     ``accelerator`` and ``precision`` are the Trainer's; they decide what the FSDP variants can
     do. ``activation_checkpointing`` is for ``fsdp1`` only (Lightning's checkpoint wrapper per
     layer); the other strategies take recomputation from ``GLMConfig.checkpoint_activations``.
+    ``collective_timeout_s`` (None = torch's default) bounds how long a collective of ``ddp``/``fsdp``
+    waits for a rank that stopped answering before it fails.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; valid choices: {', '.join(STRATEGIES)}")
@@ -133,11 +154,12 @@ def build_strategy(
 
     if name == "auto":
         return "auto"
+    timeout = default_pg_timeout if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
     if name == "ddp":
         # Every parameter gets a gradient in every step, so DDP need not search for unused ones.
-        return DDPStrategy(find_unused_parameters=False)
+        return DDPStrategy(find_unused_parameters=False, timeout=timeout)
     if name == "fsdp":
-        return FSDP2Strategy(save_distributed_checkpoint=sharded)
+        return FSDP2Strategy(save_distributed_checkpoint=sharded, timeout=timeout)
 
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
         raise ValueError("strategy 'fsdp1' (Lightning FSDPStrategy) needs CUDA GPUs; "
@@ -155,6 +177,7 @@ def build_strategy(
         activation_checkpointing_policy={GLMLayer} if activation_checkpointing else None,
         state_dict_type="sharded" if sharded else "full",
         mixed_precision=mixed_precision,
+        timeout=timeout,
     )
 
 
@@ -203,8 +226,11 @@ def configure_glm_module(module: L.LightningModule) -> None:
     (the classifier head) becomes an FSDP group of its own, so that its gradients are reduced
     across ranks too. A model still on the meta device (built so for ``init_from``) is then
     filled from that checkpoint, each rank copying only its shards. Under every other strategy the
-    model trains as built. Calling it again changes nothing.
+    model trains as built. Calling it again changes nothing. Under ``bf16-true`` it says once per
+    process, on global rank 0, which updates that precision drops (``BF16_TRUE_NOTICE``).
     """
+    if module._trainer is not None and module.trainer.precision == "bf16-true":
+        say_once(BF16_TRUE_NOTICE)
     mesh = module.device_mesh
     if mesh is not None:
         data_parallel = mesh["data_parallel"]
@@ -216,6 +242,13 @@ def configure_glm_module(module: L.LightningModule) -> None:
     if module.init_from and any(p.is_meta for p in module.model.parameters()):
         device = module.trainer.strategy.root_device if module._trainer is not None else "cpu"
         load_weights(module.model, read_checkpoint(module.init_from), module.init_from, device=device)
+
+
+@cache
+@rank_zero_only
+def say_once(line: str) -> None:
+    """Print ``line`` to stderr the first time it comes, on global rank 0 only."""
+    print(line, file=sys.stderr, flush=True)
 
 
 @contextmanager

@@ -103,7 +103,7 @@ def train(args: argparse.Namespace) -> None:
     single = args.strategy == "single"
     recorder = Recorder()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1 if single else WORLD_SIZE,
+        accelerator="cpu", devices=1 if single else WORLD_SIZE // args.nodes, num_nodes=args.nodes,
         strategy="auto" if single else build_strategy(args.strategy, accelerator="cpu",
                                                        precision=args.precision,
                                                        checkpoint_format=args.checkpoint_format),
@@ -134,6 +134,8 @@ def train(args: argparse.Namespace) -> None:
             "losses": recorder.losses,
             "val_loss": float(trainer.callback_metrics["val/loss"]),
             "strategy": type(trainer.strategy).__name__,
+            "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
+            "world_size": trainer.world_size,
             "dtensor_layers": all(isinstance(p, DTensor) for p in layers.parameters()),
             "local_numel": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
             "numel": sum(p.numel() for p in params),
@@ -148,6 +150,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batches", required=True, help="file with vocab_size and the micro-batches")
     parser.add_argument("--out", required=True, help="folder for result.json and weights.pt")
     parser.add_argument("--epochs", type=int, required=True, help="train until this many epochs are done")
+    parser.add_argument("--nodes", type=int, default=1, help="num_nodes; a launcher starts the ranks")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--checkpoint-format", default="full")
     parser.add_argument("--checkpoint-activations", action="store_true")

@@ -1,8 +1,12 @@
 """Precisions: bf16-true and 16-mixed are accepted, losses and log-softmax stay fp32 in every
-module, and checkpoints written under one precision load under any other (resumed training and
-``model.init_from``)."""
+module, checkpoints written under one precision load under any other (resumed training and
+``model.init_from``), and the recommended bf16 setting keeps the small updates that bf16-true loses."""
 
 from __future__ import annotations
+
+import runpy
+import socket
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -13,6 +17,7 @@ from torch.utils.data import DataLoader
 from datamodules.cloze_collate import cloze_collate
 from datamodules.seq2seq import Seq2SeqCollator, build_seq2seq_sample
 from experiments.config import load_config
+from glm_lightning import parallel
 from glm_lightning.blank_infilling import BlankInfillingCollator
 from glm_lightning.checkpoint import init_weights, load_glm
 from glm_lightning.lm_eval import infilling_sample, score_samples
@@ -20,6 +25,12 @@ from glm_lightning.model import GLMConfig, GLMModel
 from glm_lightning.modules.cloze import GLMClozeModule
 from glm_lightning.modules.pretrain import GLMPretrainModule
 from glm_lightning.modules.seq2seq import GLMSeq2SeqModule
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny(tokenizer) -> GLMConfig:
@@ -150,3 +161,102 @@ def test_init_from_a_bf16_true_checkpoint(tokenizer, tmp_path):
         assert torch.equal(module.model.state_dict()[key], value.float()), key
         assert torch.equal(loaded.state_dict()[key], value.float()), key
     fit(module, "32-true", 1, tokenizer)  # and trains on in fp32
+
+
+class GatheredDtypes(L.Callback):
+    """The dtypes of the first layer's weights while it runs (what FSDP2 all-gathered) and at rest."""
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        layer = module.model.transformer.layers[0]
+        self.in_forward: set[torch.dtype] = set()
+        # after FSDP2's own pre-forward hook, which all-gathers the layer
+        layer.register_forward_pre_hook(lambda m, _: self.in_forward.update(p.dtype for p in m.parameters()))
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.at_rest = {p.dtype for p in module.model.transformer.layers[0].parameters()}
+
+
+def layernorm_gains(module: GLMPretrainModule) -> torch.Tensor:
+    """Every LayerNorm gain of the model, fp32, gathered from FSDP2 shards if need be."""
+    gains = [p.full_tensor() if hasattr(p, "full_tensor") else p
+             for name, p in module.model.named_parameters() if "layernorm.weight" in name]
+    return torch.cat([g.detach().float().flatten() for g in gains])
+
+
+def micro_batches(vocab_size: int, n: int = 4) -> list[dict]:
+    """Tiny blank-infilling batches (Part A then Part B of 8 tokens each) of random tokens."""
+    g = torch.Generator().manual_seed(0)
+    positions = torch.stack([torch.arange(16).expand(2, 16), torch.zeros(2, 16, dtype=torch.long)], dim=1)
+    loss_mask = torch.cat([torch.zeros(2, 8), torch.ones(2, 8)], dim=1)
+    return [{"input_ids": (ids := torch.randint(0, vocab_size, (2, 16), generator=g)),
+             "position_ids": positions, "sep": torch.tensor([8, 8]), "target_ids": ids.roll(-1, dims=1),
+             "loss_mask": loss_mask, "objective": "span"} for _ in range(n)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("precision", "strategy"), [
+    ("bf16-true", "auto"), ("bf16-mixed", "auto"), ("bf16-mixed", "fsdp"),
+])
+def test_small_updates_are_lost_under_bf16_true_and_kept_with_fp32_master_weights(
+    monkeypatch, capfd, precision, strategy
+):
+    """A LayerNorm gain of 1.0 trained at lr 1e-5 for 100 steps: AdamW moves it by about 1e-5 a step,
+    below half a bf16 ulp of 1.0 (2**-8), so bf16-true rounds every step away and the gain stays
+    bit-identical. The recommended setting steps fp32 master weights and the gain moves by ~1e-3;
+    under fsdp that is FSDP2 with bf16 all-gathers over fp32 shards."""
+    torch.manual_seed(0)
+    config = GLMConfig.from_name("tiny", vocab_size=128, num_layers=1, hidden_size=32, num_attention_heads=2,
+                                 embedding_dropout_prob=0.0, attention_dropout_prob=0.0,
+                                 output_dropout_prob=0.0)
+    module = GLMPretrainModule(config, lr=1e-5, warmup=0.0, lr_decay_style="constant")
+    before = layernorm_gains(module)
+    assert torch.equal(before, torch.ones_like(before))
+    if strategy == "fsdp":  # one gloo process: FSDP2's hooks and dtypes as on a cluster
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    gathered = GatheredDtypes()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=100, logger=False,
+                        strategy=parallel.build_strategy(strategy, accelerator="cpu", precision=precision),
+                        limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[gathered])
+    try:
+        trainer.fit(module, DataLoader(micro_batches(config.vocab_size) * 25, batch_size=None))
+        after = layernorm_gains(module)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert trainer.global_step == 100
+    notices = capfd.readouterr().err.count(parallel.BF16_TRUE_NOTICE)
+    if precision == "bf16-true":
+        assert torch.equal(after, before)  # 100 updates, not one kept
+        assert gathered.in_forward == gathered.at_rest == {torch.bfloat16}
+        assert notices == 1
+    else:
+        moved = (after - before).abs()
+        assert (moved > 0).all() and 5e-4 < moved.max() < 2e-3  # every gain, by about lr x steps
+        assert gathered.at_rest == {torch.float32}  # the master weights (FSDP2: the local shards)
+        assert gathered.in_forward == ({torch.bfloat16} if strategy == "fsdp" else {torch.float32})
+        assert notices == 0
+
+
+def test_bf16_true_says_what_it_drops_once_per_process(tokenizer, capfd):
+    parallel.say_once.cache_clear()
+    for _ in range(2):
+        fit(GLMPretrainModule(tiny(tokenizer), lr=1e-3), "bf16-true", 1, tokenizer)
+    lines = [line for line in capfd.readouterr().err.splitlines() if "bf16-true" in line]
+    assert lines == [parallel.BF16_TRUE_NOTICE]
+
+
+def test_the_gpu_recipes_keep_fp32_master_weights():
+    """The README's recommended GPU flags and the expected-best row of the GPU check use bf16 compute
+    over fp32 master weights, never bf16-true."""
+    root = Path(__file__).resolve().parents[1]
+    readme = root.joinpath("README.md").read_text()
+    section = readme[readme.index("### GPU machines"):]
+    table = [line for line in section[:section.index("\n\n", section.index("| run |"))].splitlines()
+             if line.startswith("| glm-")]
+    assert table and all(f"trainer.precision={parallel.RECOMMENDED_PRECISION}" in line for line in table)
+    gpu_check = runpy.run_path(str(root / "benchmarks" / "gpu_check.py"))
+    expected_best = [row for row in gpu_check["MATRIX"] if row.attention == "flex" and row.compile
+                     and row.strategy == "single"]
+    assert expected_best and {row.precision for row in expected_best} == {parallel.RECOMMENDED_PRECISION}

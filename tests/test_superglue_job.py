@@ -16,12 +16,14 @@ import threading
 import zipfile
 from pathlib import Path
 
+import lightning as L
 import mlflow
 import pytest
 import torch
 
 from datamodules.superglue_download import fetch_superglue
 from experiments.config import load_config
+from experiments.jobs import superglue as superglue_job
 from experiments.jobs.superglue import leaderboard_rows, main_metric, run
 from experiments.run import main
 from glm_lightning.checkpoint import save_ours
@@ -397,3 +399,51 @@ def test_two_processes_score_and_predict_like_one(tmp_path, pretrained):
             lines = (outputs[strategy] / name).read_text().splitlines()
             assert lines == (outputs["single"] / name).read_text().splitlines(), (strategy, name)
         assert [json.loads(line)["idx"] for line in lines] == list(range(len(lines)))  # in order, once
+
+
+class StopAtStep(L.Callback):
+    """A scheduler's SIGTERM to this process right after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_a_task_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, pretrained,
+                                                                               monkeypatch):
+    """RTE, 10 training examples in batches of 4 (3 steps per epoch, the last one short), 3 epochs,
+    dropout on: stopped after step 5, inside the second epoch, and resumed, the task ends with
+    bit-identical weights (same batches in the same order, same dropout masks)."""
+    data = tmp_path / "superglue"
+    for split, n in (("train", 10), ("val", 4)):
+        write_jsonl(data, "RTE", split, [
+            {"idx": i, "premise": sentence(i), "hypothesis": sentence(i + i % 3),
+             "label": "entailment" if i % 3 == 0 else "not_entailment"} for i in range(n)])
+    settings = [f"data.superglue_dir={data}", "task=rte", "logging.enabled=false",
+                "superglue.test_predictions=false",
+                *(f"superglue.tasks.rte.{k}={v}" for k, v in (("epochs", 3), ("batch_size", 4),
+                                                               ("max_seq_length", 64)))]
+
+    def last_weights(root: Path) -> dict[str, torch.Tensor]:
+        last = root / "outputs" / "superglue" / "sweep" / "RTE" / "checkpoints" / "last.ckpt"
+        return torch.load(last, weights_only=False)
+
+    assert main(["exp=superglue", *overrides(tmp_path / "straight", pretrained, *settings)]) == 0
+    straight = last_weights(tmp_path / "straight")
+    assert straight["global_step"] == 9
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patch:  # the stop in place of the throughput monitor (it only logs)
+        patch.setattr(superglue_job, "throughput_monitor", lambda: StopAtStep(5))
+        assert main(["exp=superglue", *overrides(stopped, pretrained, *settings)]) == 130
+    assert last_weights(stopped)["global_step"] == 5
+    assert main(["exp=superglue", *overrides(stopped, pretrained, *settings, "resume=auto")]) == 0
+    resumed = last_weights(stopped)
+    assert resumed["global_step"] == 9
+    assert resumed["state_dict"].keys() == straight["state_dict"].keys()
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key

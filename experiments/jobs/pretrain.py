@@ -28,6 +28,7 @@ from datamodules.mixture import SourceShareLogger
 from datamodules.pretrain import PretrainDataModule, TooFewDocuments
 from datamodules.shard_writer import default_num_proc
 from experiments.interruption import interruption_callback, mlflow_status, training_stopped
+from experiments.lost_rank import RankWatch
 from experiments.resume import resume_config
 from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
 from experiments.tracking import RunLogger, mlflow_logger
@@ -215,7 +216,8 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
     t = cfg.trainer
     try:
         strategy = build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
-                                  checkpoint_format=t.checkpoint_format)
+                                  checkpoint_format=t.checkpoint_format,
+                                  collective_timeout_s=t.collective_timeout_s)
     except ValueError as error:  # an unsupported combination of trainer settings
         raise ConfigError(f"trainer settings: {error}") from error
     # A named run is found by its name; only a timestamped one needs the inherited directory.
@@ -308,6 +310,7 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
                                  monitor="val/loss", mode="min", save_last=True,
                                  enable_version_counter=False)  # last.ckpt is shared with LastCheckpoint
     last, start = LastCheckpoint(checkpoints / "last.ckpt"), StartStep()
+    watch = RankWatch(run_dir / ".ranks")  # names a rank lost mid-run
     logger = mlflow_logger(cfg, run_dir, resume=ckpt_path is not None) if cfg.logging.enabled else None
     try:
         trainer = L.Trainer(
@@ -318,7 +321,7 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
             plugins=[AtomicCheckpointIO()],
             callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
-                       RecordTokenizer(tokenizer), *mixture_callbacks(datamodule)],
+                       RecordTokenizer(tokenizer), watch, *mixture_callbacks(datamodule)],
         )
         if logger:
             logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
@@ -337,6 +340,10 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     except SIGTERMException as stop:
         raise training_stopped(trainer, last.path) from stop
+    except Exception as error:
+        if watch.lost:
+            raise watch.error(trainer.global_step, last.path) from error
+        raise
     finally:
         if trainer.is_global_zero:
             summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,

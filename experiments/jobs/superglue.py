@@ -1,10 +1,11 @@
 """SuperGLUE finetuning job: the official protocol (paper §2.3, §3.2; `finetune_glm.py`), task by task.
 
-Per task: finetune from ``model.init_from`` for the configured epochs, validate on the dev set after
-every epoch, keep the best epoch on the task's main metric, reload it for the final dev score and
-the test predictions (leaderboard ``<Task>.jsonl`` files in the run directory). Each task is an
-MLflow child run of one parent run, which gets the Table-1 row (two-metric tasks averaged, then
-the mean over tasks).
+Per task: finetune from ``model.init_from`` for the configured epochs (in the resumable order of
+``datamodules.epoch_order``: a task resumed mid-epoch trains on the batches of an uninterrupted
+run, with its dropout masks), validate on the dev set after every epoch, keep the best epoch on the
+task's main metric, reload it for the final dev score and the test predictions (leaderboard
+``<Task>.jsonl`` files in the run directory). Each task is an MLflow child run of one parent run,
+which gets the Table-1 row (two-metric tasks averaged, then the mean over tasks).
 """
 
 from __future__ import annotations
@@ -360,7 +361,9 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         )
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)  # ours
+            with warnings.catch_warnings():  # the datamodule restores the position the dataloader cannot
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)  # ours
         except SIGTERMException as stop:
             raise training_stopped(trainer, last.path, f"{task} ") from stop
         if trainer.is_global_zero:
@@ -381,7 +384,8 @@ def strategy(cfg: DictConfig):
     t = cfg.trainer
     try:
         return build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
-                              checkpoint_format=t.checkpoint_format)
+                              checkpoint_format=t.checkpoint_format,
+                              collective_timeout_s=t.collective_timeout_s)
     except ValueError as error:
         raise ConfigError(f"trainer settings: {error}") from error
 
