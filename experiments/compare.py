@@ -67,9 +67,11 @@ LARGE = 1e6  # cells from here on are written in scientific notation
 # Reading runs
 
 
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` or the default store of ``experiments.run`` (``outputs/mlflow.db``)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('outputs').resolve() / 'mlflow.db'}"
+def default_tracking_uri(root: str | Path = ".") -> str:
+    """``MLFLOW_TRACKING_URI`` or the default store of ``experiments.run`` started in ``root``
+    (``<root>/outputs/mlflow.db``; the working directory unless told)."""
+    store = (Path(root) / "outputs").resolve() / "mlflow.db"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}"
 
 
 def open_store(tracking_uri: str) -> MlflowClient:
