@@ -2,7 +2,8 @@
 
 Loads the experiment config, prints the settings its job reads (``print_config=true``: the whole
 resolved config, and nothing runs), then hands it to the registered job. Configuration mistakes
-end the program with one line on stderr and exit code 2, before anything heavy is imported.
+end the program with one line on stderr and exit code 2, before anything heavy is imported; so do
+missing input files and folders, all of them at once (``experiments.inputs``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from datamodules.corpus import CorpusError
 from experiments.config import ConfigError, config_summary, format_config, list_experiments, load_config
 from experiments.errors import RunInterrupted
+from experiments.inputs import missing_inputs
 from experiments.jobs import SECTIONS, get_job
 from experiments.library_noise import quiet_libraries
 from glm_lightning.atomic import is_disk_full
@@ -66,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(exp, overrides)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    missing = [] if cfg.print_config else missing_inputs(cfg)
+    if missing:  # every missing input at once, before any start-up
+        print("".join(f"error: {line}\n" for line in missing), end="", file=sys.stderr)
         return USAGE_ERROR
     # A YAML comment, so that the printed config stays valid YAML (print_config=true).
     default = "" if any(a.startswith("exp=") for a in args) else " (the default; see --help for the others)"
