@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import re
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ RUN_TOKENIZER_JOBS = ("generate", "lm_eval", "superglue")
 RUN_TOKENIZER = "tokenizer.model"
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # glm_lightning.checkpoint.HUB_REPO_ID
 GLOB_CHARS = "*?["
+MODEL_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length")
 
 
 def missing_inputs(cfg: DictConfig) -> list[str]:
@@ -105,3 +107,36 @@ def _superglue_splits(cfg: DictConfig) -> Iterator[tuple[str, str]]:
 def split_file(folder: str | Path, task: str, split: str) -> Path:
     """``<folder>/<Task>/<split>.jsonl``: the layout of the official SuperGLUE archive."""
     return Path(folder) / task / f"{split}.jsonl"
+
+
+def loads_tokenizer(cfg: DictConfig) -> bool:
+    """Whether the job reads a tokenizer rather than training one: then ``tokenizer.vocab_size`` and
+    ``tokenizer.model_type`` (settings of training) are not used and are left out of the settings."""
+    return (cfg.job in RUN_TOKENIZER_JOBS or bool(cfg.tokenizer.path)
+            or cfg.tokenizer.kind != "sentencepiece")
+
+
+def checkpoint_settings(cfg: DictConfig) -> list[str]:
+    """For the jobs that take their model (and tokenizer) from ``model.init_from``: its sizes, and the
+    tokenizer saved beside it, as printed with the settings; nothing when there is no checkpoint or it
+    cannot be read (the job then says why)."""
+    if cfg.job not in RUN_TOKENIZER_JOBS or not cfg.model.init_from:
+        return []
+    from glm_lightning.checkpoint import checkpoint_config, read_checkpoint  # imports torch
+
+    try:
+        stored = read_checkpoint(cfg.model.init_from)
+        model = checkpoint_config(stored, cfg.model.num_attention_heads)
+    except (OSError, ValueError, RuntimeError):
+        return []
+    sizes = " ".join(f"{key}={getattr(model, key)}" for key in MODEL_SIZES)
+    lines = [f"model (from model.init_from, {stored.layout}): {sizes}"]
+    checkpoint = Path(cfg.model.init_from)
+    beside = checkpoint.resolve().parent.parent / RUN_TOKENIZER
+    if not cfg.tokenizer.path and cfg.tokenizer.kind == "sentencepiece" and beside.is_file():
+        import sentencepiece
+
+        pieces = sentencepiece.SentencePieceProcessor(model_file=str(beside)).get_piece_size()
+        lines.append(f"tokenizer (the run's, beside the checkpoint): {beside} ({pieces} pieces)")
+    return [textwrap.fill(line, width=110, subsequent_indent="    ", break_long_words=False,
+                          break_on_hyphens=False) for line in lines]

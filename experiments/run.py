@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datamodules.corpus import CorpusError
 from experiments.config import ConfigError, config_summary, format_config, list_experiments, load_config
 from experiments.errors import RunInterrupted
-from experiments.inputs import missing_inputs
+from experiments.inputs import checkpoint_settings, loads_tokenizer, missing_inputs
 from experiments.jobs import SECTIONS, get_job
 from experiments.library_noise import quiet_libraries
 from glm_lightning.atomic import is_disk_full
@@ -79,7 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.print_config:
         print(format_config(cfg), end="", flush=True)
         return 0
-    print(config_summary(cfg, SECTIONS.get(cfg.job, ())), end="", flush=True)
+    omit = ("tokenizer.vocab_size", "tokenizer.model_type") if loads_tokenizer(cfg) else ()
+    print(config_summary(cfg, SECTIONS.get(cfg.job, ()), omit), end="", flush=True)
+    for line in checkpoint_settings(cfg):  # what is used, where the checkpoint decides
+        print(line, flush=True)
     quiet_libraries()
     from experiments.interruption import INTERRUPTIONS, interruptible  # imports Lightning
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -11,8 +12,10 @@ import pytest
 
 from datamodules.superglue import split_path
 from experiments.config import load_config
-from experiments.inputs import missing_inputs, split_file
+from experiments.inputs import checkpoint_settings, loads_tokenizer, missing_inputs, split_file
 from experiments.run import main
+from glm_lightning.checkpoint import save_ours
+from glm_lightning.model import GLMConfig, GLMModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,3 +82,24 @@ def test_superglue_splits_the_run_tokenizer_and_hub_ids(tmp_path):
 def test_split_files_are_where_the_reader_looks(task, tmp_path):
     for split in ("train", "val"):
         assert split_file(tmp_path, task, split) == split_path(task, tmp_path, split)
+
+
+def test_settings_show_the_checkpoints_model_and_tokenizer(tmp_path, capsys, tokenizer, sentencepiece_model):
+    # generate, lm_eval and superglue take both from the checkpoint: the tokenizer's training settings
+    # (tokenizer.vocab_size=8000 of base.yaml) are not what they use.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(sentencepiece_model, run / "tokenizer.model")
+    model = GLMModel(GLMConfig.from_name("tiny", vocab_size=len(tokenizer), max_sequence_length=64))
+    save_ours(model, run / "checkpoints" / "last.ckpt")
+    assert main(["exp=generate", f"model.init_from={run / 'checkpoints' / 'last.ckpt'}",
+                 'prompts=["a [MASK]"]', "generation.max_new_tokens=1", f"output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    settings = " ".join(out[:out.index("filled texts")].split())  # wrapped as the other settings
+    assert "tokenizer.vocab_size" not in settings and "tokenizer.model_type" not in settings
+    assert (f"model (from model.init_from, ours (Lightning checkpoint)): num_layers=2 hidden_size=64 "
+            f"num_attention_heads=4 vocab_size={model.config.vocab_size} max_sequence_length=64 ") in settings
+    beside = run / "tokenizer.model"
+    assert f"tokenizer (the run's, beside the checkpoint): {beside} (500 pieces)" in settings
+    cfg = load_config("pretrain", [f"model.init_from={run / 'checkpoints' / 'last.ckpt'}"])
+    assert not loads_tokenizer(cfg) and checkpoint_settings(cfg) == []  # pretraining trains its tokenizer
