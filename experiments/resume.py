@@ -17,13 +17,15 @@ CONFIG_FILE = "config.yaml"
 PLACEMENT = ("output_dir", "run_name", "resume", "resume_overrides", "print_config")
 # Keys a resumed run may change freely. Each leaves the steps already trained, their data order and
 # their random draws as they were: how far training goes (max_steps), how often and how much it is
-# validated, logged and checkpointed, how many processes load or tokenize the data (the sample order
-# is derived from the seed and the step, never from the worker count), and evaluation-only batching.
+# validated, logged and checkpointed, how many threads compute, how many processes load or tokenize
+# the data (the sample order is derived from the seed and the step, never from the worker count), and
+# evaluation-only batching.
 RESUME_SAFE = (
     "trainer.max_steps",
     "trainer.val_check_interval",
     "trainer.limit_val_batches",
     "trainer.log_every_n_steps",
+    "trainer.threads",
     "data.num_workers",
     "data.num_proc",
     "data.rehash",

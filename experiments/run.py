@@ -17,6 +17,7 @@ from experiments.errors import RunInterrupted
 from experiments.inputs import checkpoint_settings, loads_tokenizer, missing_inputs
 from experiments.jobs import SECTIONS, get_job
 from experiments.library_noise import quiet_libraries
+from experiments.threads import set_threads
 from glm_lightning.atomic import is_disk_full
 
 DEFAULT_EXPERIMENT = "quickstart"
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(config_summary(cfg, SECTIONS.get(cfg.job, ()), omit), end="", flush=True)
     for line in checkpoint_settings(cfg):  # what is used, where the checkpoint decides
         print(line, flush=True)
+    print(set_threads(cfg), flush=True)
     quiet_libraries()
     from experiments.interruption import INTERRUPTIONS, interruptible  # imports Lightning
 

@@ -48,7 +48,7 @@ from experiments.tracking import (
     tracking_uri,
 )
 from glm_lightning.atomic import atomic_write_text
-from glm_lightning.callbacks import LastCheckpoint, StartStep
+from glm_lightning.callbacks import LastCheckpoint, StartStep, progress_bar
 from glm_lightning.checkpoint import checkpoint_config, read_checkpoint
 from glm_lightning.checkpoint_io import AtomicCheckpointIO, RecordTokenizer
 from glm_lightning.config import ConfigError, activation_checkpointing, optimizer_settings, superglue_tasks
@@ -349,7 +349,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             log_every_n_steps=min(t.log_every_n_steps, batches), default_root_dir=task_dir,
             logger=logger or False,
             callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
-                       RecordTokenizer(tokenizer_record(cfg, tokenizer))],
+                       RecordTokenizer(tokenizer_record(cfg, tokenizer)), progress_bar()],
             enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         )
         try:
