@@ -70,6 +70,15 @@ def main_metric(task: str) -> str:
     return MAIN_METRIC.get(task, "accuracy")
 
 
+# Why a task trains on more or fewer examples than its train.jsonl holds (the official finetuning's
+# training set, glm_lightning.cloze.preprocess.augment_training_examples), said where the count is printed.
+TRAINING_SET = {
+    "COPA": "each example of train.jsonl twice, as written and mirrored (choices swapped)",
+    "WSC": "the positive examples of train.jsonl only",
+    "ReCoRD": "one example per query and gold answer",
+}
+
+
 def superglue_data_dir(cfg: DictConfig, tasks: list[str]) -> Path:
     """``data.superglue_dir``, or the official archive downloaded into the cache; every selected
     task must have its train (or FewGLUE train) and val files."""
@@ -319,8 +328,8 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     steps = math.ceil(batches / accumulate)  # optimizer steps per epoch
     if rank_zero_only.rank == 0:
         print(f"{task}: {len(datamodule.encoded['train'])} training examples, {steps} steps per epoch x "
-              f"{epochs} epochs = {steps * epochs} optimizer steps (global batch {tc.batch_size})",
-              flush=True)
+              f"{epochs} epochs = {steps * epochs} optimizer steps (global batch {tc.batch_size})"
+              + (f"; {TRAINING_SET[task]}" if task in TRAINING_SET else ""), flush=True)
     module = GLMClozeModule(
         dataclasses.asdict(model_config), task=task, head=cfg.superglue.head, loss_func=tc.loss_func,
         length_penalty=tc.length_penalty, wsc_mode=wsc_mode, init_from=str(require_checkpoint(cfg)),
