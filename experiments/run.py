@@ -11,13 +11,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from omegaconf import DictConfig
+
 from datamodules.corpus import CorpusError
 from experiments.config import ConfigError, config_summary, format_config, list_experiments, load_config
 from experiments.errors import RunInterrupted
 from experiments.inputs import checkpoint_settings, loads_tokenizer, missing_inputs
 from experiments.jobs import SECTIONS, get_job
 from experiments.library_noise import quiet_libraries
-from experiments.threads import set_threads
+from experiments.threads import torch_threads
 from glm_lightning.atomic import is_disk_full
 
 DEFAULT_EXPERIMENT = "quickstart"
@@ -84,7 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(config_summary(cfg, SECTIONS.get(cfg.job, ()), omit), end="", flush=True)
     for line in checkpoint_settings(cfg):  # what is used, where the checkpoint decides
         print(line, flush=True)
-    print(set_threads(cfg), flush=True)
+    with torch_threads(cfg) as threads:
+        print(threads, flush=True)
+        return run_job(cfg)
+
+
+def run_job(cfg: DictConfig) -> int:
+    """Run the job of ``cfg``, its errors and interruptions reported in one line; the exit code."""
     quiet_libraries()
     from experiments.interruption import INTERRUPTIONS, interruptible  # imports Lightning
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -67,10 +69,16 @@ def choose_threads(cfg: DictConfig) -> tuple[int, str]:
     return threads, f"free of {usable_cores()} cores; set trainer.threads=N to choose"
 
 
-def set_threads(cfg: DictConfig) -> str:
-    """Set torch's thread count for this run; returns the line that says so."""
+@contextmanager
+def torch_threads(cfg: DictConfig) -> Iterator[str]:
+    """Compute with this run's thread count inside the block (the count before is restored after, for
+    callers in a longer-lived process); yields the line that says so."""
     import torch
 
+    previous = torch.get_num_threads()
     threads, source = choose_threads(cfg)
     torch.set_num_threads(threads)
-    return f"torch threads: {threads} ({source})"
+    try:
+        yield f"torch threads: {threads} ({source})"
+    finally:
+        torch.set_num_threads(previous)
