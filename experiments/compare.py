@@ -20,9 +20,11 @@ paper's metric order; for sweeps only the tasks some variant was finetuned on), 
 all x100 with one decimal. ``--metric`` adds columns of other logged metrics, shown as logged with two
 decimals (sweeps default to ``pretrain/val_loss`` and ``perplexity/ppl``). ``--paper`` adds the
 published rows of ``experiments.paper_results``. ``--plot DIR`` writes ``tasks.png`` (per-task bars,
-SuperGLUE and sweeps) and ``curves.png`` (learning curves: a sweep's pretrainings, or the runs).
+SuperGLUE and sweeps) and ``curves.png`` (learning curves: a sweep's pretrainings, or the runs of any
+other experiment). Without ``--experiment`` the experiment of the store's most recent run is shown
+(as in ``notebooks/compare_runs.ipynb``), the others named on stderr.
 
-    python -m experiments.compare --experiment NAME [--tracking-uri URI] [--sweep NAME]
+    python -m experiments.compare [--experiment NAME] [--tracking-uri URI] [--sweep NAME]
         [--runs NAME ...] [--baseline NAME] [--metric KEY ...] [--paper]
         [--format md|csv|latex] [--output FILE] [--plot DIR]
 
@@ -59,14 +61,17 @@ RUN_METRIC_PREFIXES = ("val/", "perplexity/", "lambada/", "infill/", "dev/")  # 
 PAPER_TABLE1_TITLE = "paper (Table 1)"
 PAPER_TABLE6_TITLE = "paper (Tables 1 and 6)"
 PAPER_PREFIX = "paper: "
+LARGE = 1e6  # cells from here on are written in scientific notation
 
 # ---------------------------------------------------------------------------------------------
 # Reading runs
 
 
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` or the default store of ``experiments.run`` (``outputs/mlflow.db``)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('outputs').resolve() / 'mlflow.db'}"
+def default_tracking_uri(root: str | Path = ".") -> str:
+    """``MLFLOW_TRACKING_URI`` or the default store of ``experiments.run`` started in ``root``
+    (``<root>/outputs/mlflow.db``; the working directory unless told)."""
+    store = (Path(root) / "outputs").resolve() / "mlflow.db"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}"
 
 
 def open_store(tracking_uri: str) -> MlflowClient:
@@ -89,6 +94,15 @@ def latest_experiment(tracking_uri: str) -> str:
     if not runs:
         raise CompareError(f"no runs in {tracking_uri}")
     return next(e.name for e in experiments if e.experiment_id == runs[0].info.experiment_id)
+
+
+def experiment_names(tracking_uri: str) -> list[str]:
+    """The names of the store's experiments that hold runs, sorted."""
+    from mlflow.entities import ViewType
+
+    client = open_store(tracking_uri)
+    return sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+                  if client.search_runs([e.experiment_id], max_results=1))
 
 
 def fetch_runs(experiment: str, tracking_uri: str) -> list[Run]:
@@ -287,7 +301,7 @@ def plain_comparison(rows: Rows, baseline: str | None = None, metrics: Sequence[
                      paper: bool = False) -> Comparison:
     """A SuperGLUE comparison: all eight Table-1 columns, then the ``metrics`` columns."""
     check_metrics(rows, metrics)
-    return Comparison(rows, (*task_columns(), *metric_columns(metrics)), baseline,
+    return Comparison(rows, (*task_columns(rows, every_task=True), *metric_columns(metrics)), baseline,
                       table1_paper_rows() if paper else {}, PAPER_TABLE1_TITLE)
 
 
@@ -323,6 +337,14 @@ def sweep_comparison(sweep: Sweep, baseline: str | None = None, metrics: Sequenc
                       PAPER_TABLE6_TITLE, label="variant")
 
 
+def number(value: float, digits: int, sign: bool = False) -> str:
+    """``value`` with ``digits`` decimals, or in scientific notation from 1e6 on (the perplexity of a
+    barely trained model: 1.41e+18 rather than 19 digits)."""
+    plus = "+" if sign else ""
+    return f"{value:{plus}.{digits}e}" if math.isfinite(value) and abs(value) >= LARGE \
+        else f"{value:{plus}.{digits}f}"
+
+
 def stat_cell(seeds: Sequence[Mapping[str, float]], column: Column, pm: str) -> str:
     """"x/y" (scaled, ``column.digits`` decimals) with "±std" per metric when there are several seeds."""
     parts = []
@@ -333,7 +355,7 @@ def stat_cell(seeds: Sequence[Mapping[str, float]], column: Column, pm: str) -> 
             continue
         mean, std = mean_std(values, column.scale)
         d = column.digits
-        parts.append(f"{mean:.{d}f}" if std is None else f"{mean:.{d}f}{pm}{std:.{d}f}")
+        parts.append(number(mean, d) if std is None else f"{number(mean, d)}{pm}{number(std, d)}")
     return MISSING if all(p == MISSING for p in parts) else "/".join(parts)
 
 
@@ -351,9 +373,9 @@ def delta_cell(seeds: Sequence[Mapping[str, float]], base: Sequence[Mapping[str,
         mean, std = mean_std(values, column.scale)
         base_mean, base_std = mean_std(base_values, column.scale)
         d = column.digits
-        cell = f"{mean - base_mean:+.{d}f}"
+        cell = number(mean - base_mean, d, sign=True)
         if std is not None and base_std is not None:
-            cell += f"{pm}{math.sqrt(std**2 / len(values) + base_std**2 / len(base_values)):.{d}f}"
+            cell += f"{pm}{number(math.sqrt(std**2 / len(values) + base_std**2 / len(base_values)), d)}"
         parts.append(cell)
     return MISSING if all(p == MISSING for p in parts) else "/".join(parts)
 
@@ -464,7 +486,8 @@ def write_report(experiment: str, tracking_uri: str, sweep_run_id: str, out_dir:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.compare",
                                      description="MLflow runs in the layout of Table 1 / Table 6.")
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment name (default: that of the store's most recent run)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/outputs/mlflow.db)")
     parser.add_argument("--sweep", default=None, metavar="NAME",
@@ -479,13 +502,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--format", choices=("md", "csv", "latex"), default="md")
     parser.add_argument("--output", default=None, metavar="FILE", help="write here instead of stdout")
     parser.add_argument("--plot", default=None, metavar="DIR",
-                        help="write tasks.png (and curves.png for sweeps) into DIR")
+                        help="write into DIR tasks.png (per-task bars; SuperGLUE runs and sweeps) and "
+                             "curves.png (learning curves; sweeps and every other experiment)")
     return parser.parse_args(argv)
 
 
 def run_command(args: argparse.Namespace) -> str:
     """The table the arguments ask for (plots written on the way)."""
     tracking_uri = args.tracking_uri or default_tracking_uri()
+    if args.experiment is None:
+        args.experiment = latest_experiment(tracking_uri)
+        others = [name for name in experiment_names(tracking_uri) if name != args.experiment]
+        if others:
+            print(f"experiment {args.experiment} (the most recent run's; others: {', '.join(others)}; "
+                  "choose with --experiment NAME)", file=sys.stderr)
     found = fetch_runs(args.experiment, tracking_uri)
     kind = experiment_kind(found)
     if args.sweep is not None and kind != "sweep":

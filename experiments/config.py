@@ -108,10 +108,10 @@ def format_config(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def config_summary(cfg: DictConfig, keys: Sequence[str]) -> str:
+def config_summary(cfg: DictConfig, keys: Sequence[str], omit: Sequence[str] = ()) -> str:
     """The settings a job reads (``keys``: sections or dotted keys), as ``key=value`` lines, one
-    wrapped paragraph per section, unset (null) values left out and, for SuperGLUE, only the
-    selected tasks: short enough to read before a run starts."""
+    wrapped paragraph per section, unset (null) values and the ``omit`` keys left out and, for
+    SuperGLUE, only the selected tasks: short enough to read before a run starts."""
     from glm_lightning.config import superglue_tasks  # the selected tasks, for superglue.tasks.*
 
     selected = {task.lower() for task in superglue_tasks(cfg.task)} if "task" in keys else None
@@ -121,7 +121,7 @@ def config_summary(cfg: DictConfig, keys: Sequence[str]) -> str:
         value = OmegaConf.select(cfg, key)
         flat = flatten(OmegaConf.to_container(value, resolve=True), f"{key}.") if OmegaConf.is_dict(value) \
             else {key: OmegaConf.to_container(value) if OmegaConf.is_list(value) else value}
-        items = [f"{k}={_compact(v)}" for k, v in flat.items() if v is not None
+        items = [f"{k}={_compact(v)}" for k, v in flat.items() if v is not None and k not in omit
                  and not (selected is not None and k.startswith("superglue.tasks.")
                           and k.split(".")[2] not in selected)]
         if items:

@@ -17,9 +17,10 @@ CONFIG_FILE = "config.yaml"
 PLACEMENT = ("output_dir", "run_name", "resume", "resume_overrides", "print_config")
 # Keys a resumed run may change freely. Each leaves the steps already trained, their data order and
 # their random draws as they were: how far training goes (max_steps), how often and how much it is
-# validated, logged and checkpointed, how long a collective waits, where and by how many processes
-# the data is loaded or tokenized (shards are keyed by content, and the sample order is derived from
-# the seed and the step, never from the worker count; node-local caches differ by node), and
+# validated, logged and checkpointed, how long a collective waits, how many threads compute, where
+# and by how many processes the data is loaded or tokenized (shards are keyed by content, and the
+# sample order is derived from the seed and the step, never from the worker count; node-local caches
+# differ by node), and
 # evaluation-only batching.
 RESUME_SAFE = (
     "trainer.max_steps",
@@ -27,6 +28,7 @@ RESUME_SAFE = (
     "trainer.limit_val_batches",
     "trainer.log_every_n_steps",
     "trainer.collective_timeout_s",
+    "trainer.threads",
     "data.cache_dir",
     "data.num_workers",
     "data.num_proc",

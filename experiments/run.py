@@ -2,7 +2,8 @@
 
 Loads the experiment config, prints the settings its job reads (``print_config=true``: the whole
 resolved config, and nothing runs), then hands it to the registered job. Configuration mistakes
-end the program with one line on stderr and exit code 2, before anything heavy is imported.
+end the program with one line on stderr and exit code 2, before anything heavy is imported; so do
+missing input files and folders, all of them at once (``experiments.inputs``).
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from omegaconf import DictConfig
+
 from datamodules.corpus import CorpusError
 from experiments.config import ConfigError, config_summary, format_config, list_experiments, load_config
 from experiments.errors import LostRank, RunInterrupted
+from experiments.inputs import checkpoint_settings, loads_tokenizer, missing_inputs
 from experiments.jobs import SECTIONS, get_job
 from experiments.library_noise import quiet_libraries
+from experiments.threads import torch_threads
 from glm_lightning.atomic import is_disk_full
 
 DEFAULT_EXPERIMENT = "quickstart"
@@ -67,13 +72,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    missing = [] if cfg.print_config else missing_inputs(cfg)
+    if missing:  # every missing input at once, before any start-up
+        print("".join(f"error: {line}\n" for line in missing), end="", file=sys.stderr)
+        return USAGE_ERROR
     # A YAML comment, so that the printed config stays valid YAML (print_config=true).
     default = "" if any(a.startswith("exp=") for a in args) else " (the default; see --help for the others)"
     print(f"# running exp={exp}{default}", flush=True)
     if cfg.print_config:
         print(format_config(cfg), end="", flush=True)
         return 0
-    print(config_summary(cfg, SECTIONS.get(cfg.job, ())), end="", flush=True)
+    omit = ("tokenizer.vocab_size", "tokenizer.model_type") if loads_tokenizer(cfg) else ()
+    print(config_summary(cfg, SECTIONS.get(cfg.job, ()), omit), end="", flush=True)
+    for line in checkpoint_settings(cfg):  # what is used, where the checkpoint decides
+        print(line, flush=True)
+    with torch_threads(cfg) as threads:
+        print(threads, flush=True)
+        return run_job(cfg)
+
+
+def run_job(cfg: DictConfig) -> int:
+    """Run the job of ``cfg``, its errors and interruptions reported in one line; the exit code."""
     quiet_libraries()
     from experiments.interruption import INTERRUPTIONS, interruptible  # imports Lightning
 

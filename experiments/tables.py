@@ -52,18 +52,37 @@ def cell_keys(task: str) -> list[str]:
     return [f"{task}/{metric}" for metric in TABLE1_METRICS[task]]
 
 
-def task_columns(rows: Rows | None = None) -> list[Column]:
-    """The Table-1 task columns in the paper's order, then Avg; with ``rows`` only the tasks that
-    some row has."""
-    present = None if rows is None else {key for seeds in rows.values() for seed in seeds for key in seed}
+def task_columns(rows: Rows | None = None, every_task: bool = False) -> list[Column]:
+    """The Table-1 task columns in the paper's order, then Avg (headed for ``rows``); only the tasks
+    that some row has unless ``every_task`` (the Table-1 layout) or there are no ``rows``."""
+    present = None if rows is None or every_task else \
+        {key for seeds in rows.values() for seed in seeds for key in seed}
     tasks = [task for task in TABLE1_METRICS
              if present is None or any(key in present for key in cell_keys(task))]
-    return [*(Column(task, tuple(cell_keys(task))) for task in tasks), Column(avg_header(len(tasks)), (AVG,))]
+    return [*(Column(task, tuple(cell_keys(task))) for task in tasks), avg_column(rows)]
 
 
-def avg_header(tasks: int) -> str:
-    """"Avg", saying over how many tasks when not all eight (the paper's averages are over eight)."""
-    return "Avg" if tasks == len(TABLE1_METRICS) else f"Avg ({tasks} of {len(TABLE1_METRICS)} tasks)"
+def avg_column(rows: Rows | None = None) -> Column:
+    """The Avg column, its header saying over how many tasks the rows' averages are (``avg_header``)."""
+    return Column(avg_header(*averaged_tasks(rows)) if rows else avg_header(len(TABLE1_METRICS)), (AVG,))
+
+
+def averaged_tasks(rows: Rows) -> list[int]:
+    """How many Table-1 tasks each row has scores of (its average is over those), without repeats."""
+    counts = {sum(any(key in seed for seed in seeds for key in cell_keys(task)) for task in TABLE1_METRICS)
+              for seeds in rows.values()}
+    return sorted(counts) or [len(TABLE1_METRICS)]
+
+
+def avg_header(*tasks: int) -> str:
+    """"Avg", saying over how many tasks when not all eight (the paper's averages are over eight):
+    "Avg (2 of 8 tasks)", or "Avg (2 to 8 of 8 tasks)" when the rows differ. The one rule of the
+    superglue job's table1.md, compare's tables and the per-task figure."""
+    total = len(TABLE1_METRICS)
+    if set(tasks) == {total}:
+        return "Avg"
+    low, high = min(tasks), max(tasks)
+    return f"Avg ({low} of {total} tasks)" if low == high else f"Avg ({low} to {high} of {total} tasks)"
 
 
 def mean_std(values: Sequence[float], scale: float = 100.0) -> tuple[float, float | None]:

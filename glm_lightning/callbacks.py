@@ -1,14 +1,21 @@
-"""Trainer callbacks that keep a run from losing work when it is interrupted."""
+"""Trainer callbacks: keeping a run from losing work when it is interrupted, and its progress and
+model summary as a person reads them (on a terminal or in a log file)."""
 
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
+from typing import Any, TextIO
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
 
 class LastCheckpoint(L.Callback):
@@ -81,3 +88,79 @@ class StartStep(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.step = trainer.global_step
+
+
+class LineProgress(ProgressBar):
+    """Training progress for a log file or a pipe: one line every ``every`` of the run's optimizer
+    steps and one after each validation, instead of a bar redrawn many times a second (thousands of
+    carriage-return updates in a file). ``progress_bar`` picks Lightning's bar on a terminal."""
+
+    def __init__(self, every: float = 0.1) -> None:
+        super().__init__()
+        self.every = every
+        self._enabled = True
+        self._started = 0.0
+        self._start_step = 0
+        self._next_step = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _total(self, trainer: L.Trainer) -> int:
+        return trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+
+    def _advance(self, trainer: L.Trainer) -> None:
+        stride = max(1, round(self._total(trainer) * self.every))
+        self._next_step = (trainer.global_step // stride + 1) * stride
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started, self._start_step = time.monotonic(), trainer.global_step
+        self._advance(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step, total = trainer.global_step, self._total(trainer)
+        if step < self._next_step and step < total:
+            return
+        self._advance(trainer)
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        elapsed = time.monotonic() - self._started
+        done = step - self._start_step
+        left = f", about {elapsed / done * (total - step):.0f} s left" if 0 < done and step < total else ""
+        loss = self.get_metrics(trainer, pl_module).get("train/loss")
+        shown = f", train/loss {float(loss):.3f}" if loss is not None else ""
+        print(f"step {step}/{total} ({step / total:.0%}), {elapsed:.0f} s{left}{shown}", flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not (self._enabled and trainer.is_global_zero):
+            return
+        values = {key: float(value) for key, value in trainer.callback_metrics.items()
+                  if key.startswith(("val/", "dev/")) and getattr(value, "numel", lambda: 1)() == 1}
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in sorted(values.items()))
+        print(f"validation at step {trainer.global_step}: {shown or 'done'}", flush=True)
+
+
+def progress_bar(stream: TextIO | None = None) -> ProgressBar:
+    """Lightning's bar, redrawn in place, on a terminal; elsewhere (a file, a pipe, a cluster log)
+    ``LineProgress``."""
+    stream = sys.stdout if stream is None else stream
+    return TQDMProgressBar() if stream.isatty() else LineProgress()
+
+
+class SummaryWithoutFlops(ModelSummary):
+    """Lightning's model summary without its FLOPs column and ``Total Flops`` line: Lightning can only
+    count FLOPs with an example input, which our modules do not set, and prints 0. The real figure is
+    logged while training (``ThroughputMonitor`` with ``glm_lightning.flops``)."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size,
+                                      total_training_modes, total_flops, *columns)
+        lines = [line for line in table.splitlines() if not line.endswith("Total Flops")]
+        logging.getLogger("lightning.pytorch.callbacks.model_summary").info("\n" + "\n".join(lines))

@@ -279,6 +279,8 @@ class TrainerConfig:
     val_check_interval: int = 200  # validate every this many training batches
     limit_val_batches: int = 20  # validation batches per check
     log_every_n_steps: int = 10
+    # torch threads of each process; null = the cores free when the run starts (experiments.threads)
+    threads: int | None = None
 
 
 @dataclass
@@ -371,6 +373,7 @@ UNIT_INTERVAL = (
     "model.output_dropout_prob",
 )
 POSITIVE = (
+    "trainer.threads",
     "superglue.epochs_scale",
     "generation.max_new_tokens",
     "generation.num_beams",

@@ -20,15 +20,18 @@ from run_store import build_run_store
 from experiments import paper_results
 from experiments.compare import (
     CompareError,
+    delta_cell,
     experiment_kind,
     fetch_runs,
     load_rows,
     load_runs,
     load_sweep,
     main,
+    stat_cell,
     write_report,
 )
 from experiments.plots import curve_data, curve_groups, mean_curve, objective_keys, plot_curves, plot_tasks
+from experiments.tables import Column, avg_header, task_columns
 
 # Dev results as the superglue job logs them (the paper's Table 1 rows, as fractions).
 GLM = {"ReCoRD/f1": 0.817, "ReCoRD/em": 0.811, "COPA/accuracy": 0.76, "WSC/accuracy": 0.817,
@@ -461,3 +464,39 @@ def test_kind_of_experiment(run_store, tmp_path_factory):
     assert experiment_kind(fetch_runs(EXPERIMENT, shared_store(tmp_path_factory))) == "sweep"
     runs = load_runs("quickstart", run_store)
     assert list(runs.rows) == ["r1", "r2"] and len(runs.pretrain_runs["r1"]) == 2
+
+
+def test_without_experiment_the_most_recent_runs_experiment_is_shown(run_store, capsys):
+    code, out, err = run_main(capsys, "--tracking-uri", run_store)
+    assert code == 0, err
+    assert err == ("experiment superglue (the most recent run's; others: quickstart; "
+                   "choose with --experiment NAME)\n")
+    assert "| glm | - | - | - | 71.0±1.4 | - | - | 77.0±2.8/82.0±2.8 | - | 75.2±2.1 |" in out
+
+
+def test_every_table_heads_a_partial_average_alike(run_store, capsys, tmp_path):
+    # The superglue job's table1.md, compare's Table-1 layout and the per-task figure share one rule.
+    code, out, _ = run_main(capsys, "--experiment", "superglue", "--tracking-uri", run_store)
+    assert code == 0 and out.splitlines()[0].endswith("| MultiRC | Avg (2 of 8 tasks) |")
+    rows = load_rows("superglue", run_store)
+    assert task_columns(rows)[-1].header == "Avg (2 of 8 tasks)" == avg_header(2)
+    rows["glm"][0] = dict(GLM)  # one row with all eight tasks, one with two
+    assert task_columns(rows, every_task=True)[-1].header == "Avg (2 to 8 of 8 tasks)"
+    assert task_columns({"glm": [GLM]})[-1].header == "Avg" and task_columns()[-1].header == "Avg"
+
+
+def test_plot_help_says_what_is_written(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ("tasks.png (per-task bars; SuperGLUE runs and sweeps) and curves.png (learning curves; "
+            "sweeps and every other experiment)") in help_text
+
+
+def test_huge_values_are_written_in_scientific_notation():
+    column = Column("perplexity/adjusted_ppl", ("perplexity/adjusted_ppl",), scale=1.0, digits=2)
+    huge = [{"perplexity/adjusted_ppl": 1406897417772225280.0}]
+    assert stat_cell(huge, column, "±") == "1.41e+18"
+    assert stat_cell([*huge, {"perplexity/adjusted_ppl": 1.2e18}], column, "±") == "1.30e+18±1.46e+17"
+    assert delta_cell(huge, [{"perplexity/adjusted_ppl": 3.0}], column, "±") == "+1.41e+18"
+    assert stat_cell([{"perplexity/adjusted_ppl": 973.456}], column, "±") == "973.46"

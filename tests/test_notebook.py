@@ -4,6 +4,10 @@ experiment (an ablation sweep, SuperGLUE runs, pretraining runs); kept without o
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +19,14 @@ from run_store import build_run_store
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "compare_runs.ipynb"
+
+
+def readme_notebook_command() -> str:
+    """The one command of the README that executes the notebook."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"^(jupyter .*compare_runs\.ipynb)$", readme, flags=re.MULTILINE)
+    assert len(commands) == 1, commands
+    return commands[0]
 
 
 @pytest.fixture
@@ -88,3 +100,25 @@ def test_notebook_runs_against_superglue_and_pretraining_stores(tmp_path, monkey
     assert "experiment: quickstart (runs)" in text and "r1: 2 seed(s)" in text
     assert "| r1 | 3.00±0.14 | 20.19±2.85 |" in table and "| r2 | 2.50 | 12.18 |" in table
     assert len(images) == 1 and "'quickstart' has no SuperGLUE scores" in text  # learning curves only
+
+
+@pytest.mark.slow
+def test_the_readme_command_runs_the_notebook_from_the_repository_root(tmp_path, this_python_kernel):
+    # A checkout with the default store outputs/mlflow.db: the notebook is started in notebooks/, and
+    # still reads the repository's store and code.
+    checkout = tmp_path / "checkout"
+    (checkout / "notebooks").mkdir(parents=True)
+    (checkout / "notebooks" / NOTEBOOK.name).write_bytes(NOTEBOOK.read_bytes())
+    for package in ("experiments", "glm_lightning", "datamodules"):
+        (checkout / package).symlink_to(ROOT / package)
+    build_run_store(checkout / "outputs")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("GLM_TRACKING_URI", "MLFLOW_TRACKING_URI", "GLM_EXPERIMENT", "PYTHONPATH")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's jupyter
+    result = subprocess.run(shlex.split(readme_notebook_command()), cwd=checkout, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = (checkout / "outputs" / "compare_runs.html").read_text(encoding="utf-8")
+    assert f"store: sqlite:///{checkout.resolve() / 'outputs' / 'mlflow.db'}" in html
+    assert "experiment: superglue (superglue)" in html and "Avg (2 of 8 tasks)" in html
+    assert html.count('src="data:image/png;base64') == 1  # the per-task bars

@@ -139,8 +139,11 @@ def test_the_command_line_says_what_it_runs_and_prints_no_library_noise(tmp_path
     (run_dir,) = (tmp_path / "outputs" / "quickstart").iterdir()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
     output = result.stdout + result.stderr
-    for noise in ("Tip:", "litlogger", "LeafSpec", "weights_only", "Warning"):
+    for noise in ("Tip:", "litlogger", "LeafSpec", "weights_only", "Warning", "already configured", "Flops"):
         assert noise not in output
+    # Into a pipe: one progress line per tenth of the steps (and per validation), no bar redrawn.
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout
+    assert "step 3/3 (100%), " in result.stdout and "validation at step 2: val/loss " in result.stdout
 
 
 def step_losses(tracking_db: Path, run_name: str) -> dict[int, float]:

@@ -335,7 +335,8 @@ def test_wsc_mode_follows_the_data(tmp_path, pretrained, capsys):
     out = capsys.readouterr().out
     assert "WSC: candidates mode" in out
     # 3 positives, global batch 4: one step per epoch; 4 epochs x 0.5
-    assert "WSC: 3 training examples, 1 steps per epoch x 2 epochs = 2 optimizer steps" in out
+    assert ("WSC: 3 training examples, 1 steps per epoch x 2 epochs = 2 optimizer steps (global batch 4); "
+            "the positive examples of train.jsonl only\n") in out  # why 3 of the file's examples
     assert main(["exp=superglue", *overrides(tmp_path / "c", pretrained, f"data.superglue_dir={plain}",
                                              "superglue.tasks.wsc.mode=candidates", *settings)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

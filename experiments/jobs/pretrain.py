@@ -33,7 +33,7 @@ from experiments.resume import resume_config
 from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
 from experiments.tracking import RunLogger, mlflow_logger
 from glm_lightning.atomic import atomic_copy, atomic_write_text, publish
-from glm_lightning.callbacks import LastCheckpoint, StartStep
+from glm_lightning.callbacks import LastCheckpoint, StartStep, SummaryWithoutFlops, progress_bar
 from glm_lightning.checkpoint import TokenizerRecord, check_weights, load_glm
 from glm_lightning.checkpoint_io import (
     AtomicCheckpointIO,
@@ -321,7 +321,8 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
             plugins=[AtomicCheckpointIO()],
             callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
-                       RecordTokenizer(tokenizer), watch, *mixture_callbacks(datamodule)],
+                       RecordTokenizer(tokenizer), watch, *mixture_callbacks(datamodule), progress_bar(),
+                       SummaryWithoutFlops()],
         )
         if logger:
             logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))

@@ -49,7 +49,7 @@ from experiments.tracking import (
     tracking_uri,
 )
 from glm_lightning.atomic import atomic_write_text
-from glm_lightning.callbacks import LastCheckpoint, StartStep
+from glm_lightning.callbacks import LastCheckpoint, StartStep, progress_bar
 from glm_lightning.checkpoint import checkpoint_config, read_checkpoint
 from glm_lightning.checkpoint_io import AtomicCheckpointIO, RecordTokenizer
 from glm_lightning.config import (
@@ -75,6 +75,15 @@ DROPOUT_FIELDS = ("embedding_dropout_prob", "attention_dropout_prob", "output_dr
 def main_metric(task: str) -> str:
     """Name of the dev metric that selects the best epoch of ``task``."""
     return MAIN_METRIC.get(task, "accuracy")
+
+
+# Why a task trains on more or fewer examples than its train.jsonl holds (the official finetuning's
+# training set, glm_lightning.cloze.preprocess.augment_training_examples), said where the count is printed.
+TRAINING_SET = {
+    "COPA": "each example of train.jsonl twice, as written and mirrored (choices swapped)",
+    "WSC": "the positive examples of train.jsonl only",
+    "ReCoRD": "one example per query and gold answer",
+}
 
 
 def superglue_data_dir(cfg: DictConfig, tasks: list[str]) -> Path:
@@ -326,8 +335,8 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     steps = math.ceil(batches / accumulate)  # optimizer steps per epoch
     if rank_zero_only.rank == 0:
         print(f"{task}: {len(datamodule.encoded['train'])} training examples, {steps} steps per epoch x "
-              f"{epochs} epochs = {steps * epochs} optimizer steps (global batch {tc.batch_size})",
-              flush=True)
+              f"{epochs} epochs = {steps * epochs} optimizer steps (global batch {tc.batch_size})"
+              + (f"; {TRAINING_SET[task]}" if task in TRAINING_SET else ""), flush=True)
     module = GLMClozeModule(
         dataclasses.asdict(model_config), task=task, head=cfg.superglue.head, loss_func=tc.loss_func,
         length_penalty=tc.length_penalty, wsc_mode=wsc_mode, init_from=str(require_checkpoint(cfg)),
@@ -357,7 +366,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             log_every_n_steps=min(t.log_every_n_steps, batches), default_root_dir=task_dir,
             logger=logger or False,
             callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
-                       RecordTokenizer(tokenizer_record(cfg, tokenizer))],
+                       RecordTokenizer(tokenizer_record(cfg, tokenizer)), progress_bar()],
             enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         )
         try:
