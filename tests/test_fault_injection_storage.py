@@ -30,6 +30,7 @@ from datamodules.corpus import tokenize_corpus
 from datamodules.pretrain import PretrainDataModule
 from experiments.config import load_config
 from experiments.jobs.pretrain import resume_checkpoint
+from experiments.tracking import mlflow_logger
 from glm_lightning.atomic import atomic_write, atomic_write_text, remove_abandoned, temporary_path
 from glm_lightning.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
 from glm_lightning.config import ConfigError
@@ -261,6 +262,55 @@ def test_loggers_opening_a_fresh_mlflow_store_together_all_log(tmp_path):
     errors = [p.communicate(timeout=300)[1] for p in processes]
     assert [p.returncode for p in processes] == [0] * 4, "\n".join(e[-2000:] for e in errors)
     assert run_metrics(f"sqlite:///{out / 'mlflow.db'}") == {f"r{k}": COMPLETE for k in range(4)}
+
+
+STORE_MAKER = """
+import os, signal, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+import experiments.tracking as tracking
+database, point = sys.argv[1], sys.argv[2]
+statements = 0
+
+def killed(*_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+@event.listens_for(Engine, "before_cursor_execute")
+def statement(connection, *_):
+    global statements
+    statements += 1
+    if point == str(statements) or (point == "opened" and connection.engine.url.database == database):
+        killed()
+
+if point == "rename":
+    tracking.publish = killed
+tracking.ready_store(f"sqlite:///{database}")
+sys.exit(f"made the store without being killed ({statements} statements)")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["1", "800", "rename", "opened"])
+def test_a_kill_while_the_mlflow_store_is_made_leaves_a_store_the_next_run_uses(tmp_path, point):
+    """SIGKILL at the first SQL statement of making the store, amid its migrations, just before the
+    complete store is renamed into place, and once it is there (before MLflow's default experiment):
+    the next run logs, completely, and nothing the killed process wrote is left over."""
+    out = tmp_path / "outputs"
+    out.mkdir()
+    maker = subprocess.run([sys.executable, "-c", STORE_MAKER, str(out / "mlflow.db"), point], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert maker.returncode == -signal.SIGKILL, maker.stderr[-2000:]
+    assert (out / "mlflow.db").exists() == (point == "opened")  # before the rename: no store at all
+    cfg = load_config("quickstart", [f"output_dir={out}", "run_name=r1"])  # the next run
+    logger = mlflow_logger(cfg, out / "quickstart" / "r1")
+    for step in range(4):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    logger.log_metrics({"val/loss": 0.5}, 1)
+    logger.log_metrics({"val/loss": 0.25}, 3)
+    logger.finalize("success")
+    assert run_metrics(f"sqlite:///{out / 'mlflow.db'}") == {"r1": COMPLETE}
+    assert [p.name for p in out.iterdir() if p.name.startswith((".", "mlflow.db"))] == ["mlflow.db"]
+    assert not temporaries(out) and not (out / "mlflow.db.lock").exists()
 
 
 def free_port() -> int:

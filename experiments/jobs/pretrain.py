@@ -30,7 +30,7 @@ from datamodules.shard_writer import default_num_proc
 from experiments.interruption import interruption_callback, mlflow_status, training_stopped
 from experiments.resume import resume_config
 from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
-from experiments.tracking import RunLogger, mlflow_logger
+from experiments.tracking import RunLogger, mlflow_logger, tracking_uri
 from glm_lightning.atomic import atomic_copy, atomic_write_text
 from glm_lightning.callbacks import LastCheckpoint, StartStep
 from glm_lightning.checkpoint import TokenizerRecord, check_weights, load_glm
@@ -213,6 +213,8 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
                                   checkpoint_format=t.checkpoint_format)
     except ValueError as error:  # an unsupported combination of trainer settings
         raise ConfigError(f"trainer settings: {error}") from error
+    if cfg.logging.enabled:  # an MLflow store that cannot be used fails the run before it writes anything
+        tracking_uri(cfg)
     # A named run is found by its name; only a timestamped one needs the inherited directory.
     inherited = None if cfg.run_name else os.environ.get(RUN_DIR_VARIABLE)
     run_dir = Path(inherited) if inherited else run_directory(cfg)
