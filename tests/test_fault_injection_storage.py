@@ -24,6 +24,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from timeouts import HANG_S
 
 from datamodules.builtin_corpus import write_builtin_corpus
 from datamodules.corpus import tokenize_corpus
@@ -178,7 +179,7 @@ def test_sigkill_during_checkpoint_saves_with_tmpdir_on_another_filesystem(tmp_p
         step = max(torch.load(p, weights_only=False, mmap=True)["global_step"]
                    for p in checkpoints.glob("*.ckpt"))
         resumed = subprocess.run(command(tmp_path, *big, "resume=auto", f"trainer.max_steps={step + 2}"),
-                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == step + 2
         assert temporaries(checkpoints, checkpoints.parent, tmpdir) == []
@@ -197,7 +198,7 @@ def test_a_full_disk_during_a_save_keeps_no_partial_file_and_fails_the_run(tmp_p
     env = faulty_env(TMPDIR=str(tmpdir), GLM_FAULT_ENOSPC_AFTER="300000",
                      GLM_FAULT_ENOSPC_DIRS=os.pathsep.join([str(checkpoints), str(tmpdir)]))
     result = subprocess.run(command(tmp_path, "trainer.max_steps=8", "trainer.val_check_interval=4"),
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 1, result.stderr[-3000:]
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: No space left on device while writing ")
@@ -231,7 +232,7 @@ def test_runs_started_together_on_a_fresh_mlflow_store_all_finish(tmp_path):
                                           "trainer.val_check_interval=2"),
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for k in range(4)]
-    errors = [p.communicate(timeout=600)[1] for p in processes]
+    errors = [p.communicate(timeout=HANG_S)[1] for p in processes]
     assert [p.returncode for p in processes] == [0] * 4, "\n".join(e[-2000:] for e in errors)
     found = run_metrics(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     assert found == {f"r{k}": COMPLETE for k in range(4)}
@@ -259,7 +260,7 @@ def test_loggers_opening_a_fresh_mlflow_store_together_all_log(tmp_path):
     processes = [subprocess.Popen([sys.executable, "-c", LOGGER, str(out), f"r{k}"], cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for k in range(4)]
-    errors = [p.communicate(timeout=300)[1] for p in processes]
+    errors = [p.communicate(timeout=HANG_S)[1] for p in processes]
     assert [p.returncode for p in processes] == [0] * 4, "\n".join(e[-2000:] for e in errors)
     assert run_metrics(f"sqlite:///{out / 'mlflow.db'}") == {f"r{k}": COMPLETE for k in range(4)}
 
@@ -298,7 +299,7 @@ def test_a_kill_while_the_mlflow_store_is_made_leaves_a_store_the_next_run_uses(
     out = tmp_path / "outputs"
     out.mkdir()
     maker = subprocess.run([sys.executable, "-c", STORE_MAKER, str(out / "mlflow.db"), point], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=HANG_S)
     assert maker.returncode == -signal.SIGKILL, maker.stderr[-2000:]
     assert (out / "mlflow.db").exists() == (point == "opened")  # before the rename: no store at all
     cfg = load_config("quickstart", [f"output_dir={out}", "run_name=r1"])  # the next run
@@ -327,7 +328,7 @@ def test_a_run_logs_to_an_mlflow_server(tmp_path):
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + HANG_S
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -337,11 +338,11 @@ def test_a_run_logs_to_an_mlflow_server(tmp_path):
                 time.sleep(0.5)
         result = subprocess.run(command(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=2",
                                         f"logging.tracking_uri=http://127.0.0.1:{port}"),
-                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+                                cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
         assert result.returncode == 0, result.stderr[-3000:]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        server.wait(timeout=HANG_S)
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # everything went to the server
     assert run_metrics(store) == {"r1": COMPLETE}
 
@@ -369,7 +370,7 @@ def test_runs_writing_the_builtin_corpus_together_all_see_complete_files(tmp_pat
     directory = tmp_path / "builtin_corpus"
     writers = [subprocess.Popen([sys.executable, "-c", CORPUS_WRITER, str(directory), "10"], cwd=ROOT,
                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    errors = [w.communicate(timeout=300)[1] for w in writers]
+    errors = [w.communicate(timeout=HANG_S)[1] for w in writers]
     assert [w.returncode for w in writers] == [0] * 4, errors
     assert sorted(p.name for p in directory.iterdir()) == [f"builtin_{k:02d}.txt" for k in range(4)]
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from timeouts import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,12 +30,12 @@ def test_readme_python_blocks_run_after_the_quickstart(tmp_path):
         [sys.executable, "-m", "experiments.run", "exp=quickstart", "trainer.max_steps=20",
          "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "logging.enabled=false",
          f"data.cache_dir={tmp_path / 'cache'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert quickstart.returncode == 0, quickstart.stderr[-3000:]
     script = tmp_path / "readme_blocks.py"
     script.write_text("\n".join(python_blocks((ROOT / "README.md").read_text(encoding="utf-8"))))
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=HANG_S)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("torch.Size([1, ") and "Arlen" in result.stdout  # logits, then the filled text
