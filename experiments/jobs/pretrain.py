@@ -58,7 +58,7 @@ def training_files(cfg: DictConfig) -> list[str]:
 
 def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
     """The official vocabulary at ``tokenizer.path``, or a sentencepiece model: the given one, or one
-    trained on the training files once per (file contents, vocab size, model type) and cached under
+    trained on the training files once per (file contents, trainer settings) and cached under
     ``data.cache_dir``."""
     # Sentinel ablation: one [MASK{i}]/<|startofpiece{i}|> pair per span; a sample holds at most
     # int(mask_ratio * seq_length) + 1 spans (each masks at least one token).
