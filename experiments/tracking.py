@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
+import time
 from argparse import Namespace
+from contextlib import closing
 from pathlib import Path
 
+import sqlalchemy
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from mlflow.exceptions import MlflowException
+from mlflow.store.db import utils as mlflow_db_utils
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.cache_lock import CacheLock
 from experiments.config import flatten
-from glm_lightning.atomic import atomic_write_text
+from glm_lightning.atomic import atomic_write_text, publish, remove_abandoned, temporary_path
+from glm_lightning.errors import ConfigError
 
 RUN_ID_FILE = "mlflow_run_id"
 
 
 _READY_STORES: set[str] = set()  # sqlite stores this process has found created and migrated
+LOCKED_WAIT_SECONDS = 120.0  # how long a store locked by another writer is waited for
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -34,18 +41,92 @@ def ready_store(uri: str) -> str:
     """``uri``, after creating and migrating its sqlite store once, under a lock file beside it.
 
     MLflow creates the tables of a new sqlite store, and runs its schema migrations, in every
-    process that opens it; processes that open a fresh store together crash on each other's
-    half-made tables (``duplicate column name``, ``_alembic_tmp_metrics already exists``) and can
-    leave it broken. A server store (``http://``) is the server's business.
+    process that opens it, in place: processes that open a fresh store together crash on each
+    other's half-made tables (``duplicate column name``), and a process killed meanwhile leaves a
+    half-migrated store that breaks every later run (``table ... already exists``). So a new store
+    is made in a temporary file and renamed into place once complete; a half-made one that an
+    earlier version left (not migrated to the end, no experiment yet) is made anew. A store
+    locked by another writer is waited for, ``LOCKED_WAIT_SECONDS`` at most. A server store
+    (``http://``) is the server's business.
     """
     if uri in _READY_STORES or not uri.startswith("sqlite:///"):
         return uri
     database = Path(uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
     with CacheLock(database.with_name(f"{database.name}.lock")).acquire():
-        MlflowClient(tracking_uri=uri)  # opening the store creates and migrates it
+        remove_abandoned(database.parent)  # stores a killed process was making
+        if database.exists():
+            _wait_until_writable(database)
+            if _half_made(database):
+                for leftover in (database, *(Path(f"{database}{s}") for s in ("-journal", "-wal", "-shm"))):
+                    leftover.unlink(missing_ok=True)
+        if not database.exists():
+            _create_store(database)
+        try:
+            MlflowClient(tracking_uri=uri)  # opening it adds MLflow's default experiment
+        except MlflowException as error:  # a store of an older MLflow, say
+            raise ConfigError(f"logging.tracking_uri: MLflow cannot open {database}: "
+                              f"{error.message.partition('. ')[0]}") from None
     _READY_STORES.add(uri)
     return uri
+
+
+def _create_store(database: Path) -> None:
+    """MLflow's tables, migrated to its newest schema, in a temporary file renamed to ``database``
+    when complete, so that no kill leaves a half-made store behind."""
+    temporary = temporary_path(database)
+    engine = sqlalchemy.create_engine(f"sqlite:///{temporary}")
+    # the rollback journal in memory, so that a killed maker leaves one file (remove_abandoned finds
+    # it), and no fsync per migration: the file is fsynced once, complete, before the rename
+    sqlalchemy.event.listen(engine, "connect", lambda connection, _: connection.executescript(
+        "PRAGMA journal_mode=MEMORY; PRAGMA synchronous=OFF;"))
+    try:
+        mlflow_db_utils._initialize_tables(engine)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        engine.dispose()
+    publish(temporary, database)
+
+
+def _half_made(database: Path) -> bool:
+    """Whether ``database`` is a store whose making stopped halfway: its schema short of the newest
+    and no experiment in it (MLflow adds its default experiment once the migrations are done)."""
+    with closing(sqlite3.connect(database)) as connection:
+        def first(query: str) -> tuple | None:
+            try:
+                return connection.execute(query).fetchone()
+            except sqlite3.OperationalError as error:
+                if "no such table" in str(error):
+                    return None
+                raise
+        revision = first("SELECT version_num FROM alembic_version")
+        if revision is not None and revision[0] == mlflow_db_utils._get_latest_schema_revision():
+            return False
+        return first("SELECT experiment_id FROM experiments LIMIT 1") is None
+
+
+def _wait_until_writable(database: Path) -> None:
+    """Return once this process could write to ``database``; while another writer holds it, wait with
+    growing pauses, and after ``LOCKED_WAIT_SECONDS`` fail in one line."""
+    deadline, pause = time.monotonic() + LOCKED_WAIT_SECONDS, 0.25
+    while True:
+        try:
+            with closing(sqlite3.connect(database, timeout=1.0, isolation_level=None)) as connection:
+                connection.execute("BEGIN IMMEDIATE")  # takes the write lock, or waits 1 s for it
+                connection.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConfigError(f"logging.tracking_uri: the MLflow store {database} is locked by another "
+                                  f"writer and stayed locked for {LOCKED_WAIT_SECONDS:.0f} s; run again once "
+                                  "it is free, or log to another store") from None
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, 8.0)
 
 
 def git_tags() -> dict[str, str]:

@@ -12,7 +12,10 @@ official English vocabularies.
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import json
+import random
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,6 +30,8 @@ from tokenizers import decoders as tk_decoders
 from tokenizers import models as tk_models
 from tokenizers import normalizers as tk_normalizers
 from tokenizers import pre_tokenizers as tk_pre_tokenizers
+
+from glm_lightning.atomic import atomic_write
 
 # Characters that end a sentence; the data pipeline cuts sentences after tokens containing them.
 SENTENCE_END_CHARS = frozenset(".?!;:\n。？！；…")
@@ -686,9 +691,63 @@ def _clean_lines(lines: Iterable[str]) -> Iterator[str]:
             yield line
 
 
+def _sample_sentences(sentences: Iterable[str], size: int, *, shuffle: bool, seed: int) -> Iterable[str]:
+    """At most `size` of `sentences` (all when `size` <= 0): a uniform sample drawn with `seed`
+    (reservoir sampling, `size` sentences in memory), or the first `size` without `shuffle`.
+
+    sentencepiece can sample itself (``input_sentence_size``), but its sample differs from one
+    process to the next even after ``set_random_generator_seed`` (sentencepiece 0.2.3, measured),
+    so a tokenizer retrained into an empty cache would learn other pieces.
+    """
+    if size <= 0:
+        return sentences
+    if not shuffle:
+        return itertools.islice(sentences, size)
+    rng = random.Random(seed)
+    reservoir: list[str] = []
+    for i, sentence in enumerate(sentences):
+        if i < size:
+            reservoir.append(sentence)
+        else:
+            j = rng.randrange(i + 1)
+            if j < size:
+                reservoir[j] = sentence
+    return reservoir
+
+
 def _has_text(path: Path) -> bool:
     with path.open(encoding="utf-8") as f:
         return any(line.strip() for line in f)
+
+
+# The trainer's settings that make text round-trip exactly through `GLMTokenizer` (see
+# `train_sentencepiece`). The thread count is fixed, not the machine's: the unigram trainer sums the
+# expectations of its threads in thread order, so another count learns other pieces.
+_SENTENCEPIECE_SETTINGS: dict[str, Any] = {
+    "model_type": "unigram",
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "add_dummy_prefix": False,
+    "allow_whitespace_only_pieces": True,
+    "byte_fallback": True,
+    "bos_id": -1,
+    "eos_id": -1,
+    "num_threads": 16,
+    "seed": 0,
+    "minloglevel": 2,
+}
+
+
+def sentencepiece_settings(vocab_size: int, **options: Any) -> dict[str, Any]:
+    """Every trainer setting `train_sentencepiece` would use for `options`, with the sentencepiece
+    version: the same settings on the same text give the same model bytes, so this (with the text)
+    is a cache key for a trained model."""
+    settings = {**_SENTENCEPIECE_SETTINGS, **options, "vocab_size": vocab_size}
+    symbols = list(settings.get("user_defined_symbols", []))
+    settings["user_defined_symbols"] = ["\n", *[s for s in symbols if s != "\n"]]
+    settings.pop("input", None)
+    settings.pop("model_prefix", None)
+    return {**settings, "sentencepiece": spm.__version__}
 
 
 def train_sentencepiece(
@@ -704,7 +763,9 @@ def train_sentencepiece(
     The defaults make text round-trip exactly through `GLMTokenizer`: identity normalization,
     whitespace kept as is, newline as its own piece, byte fallback for unseen characters.
     Command-token strings in the files are dropped so they are never learned as pieces. Training
-    is deterministic for the same files and options. Each line of a file is a training sentence;
+    is deterministic: the same files and options give a byte-identical model file wherever it is
+    written (the sample of sentences is drawn with ``seed``, the thread count is fixed, and the
+    file holds no path). Each line of a file is a training sentence;
     with `documents` (file name -> document texts, e.g. `datamodules.corpus_reader.iter_documents`)
     the lines of the documents it extracts are, so jsonl syntax never reaches the vocabulary.
     `options` go to sentencepiece's trainer; ``input_sentence_size`` (with
@@ -720,29 +781,16 @@ def train_sentencepiece(
         if not has_text:
             raise ValueError(f"training file is empty: {name}")
 
-    settings: dict[str, Any] = {
-        "model_type": "unigram",
-        "normalization_rule_name": "identity",
-        "remove_extra_whitespaces": False,
-        "add_dummy_prefix": False,
-        "allow_whitespace_only_pieces": True,
-        "byte_fallback": True,
-        "bos_id": -1,
-        "eos_id": -1,
-        "minloglevel": 2,
-    }
-    settings.update(options)
-    symbols = list(settings.get("user_defined_symbols", []))
-    settings["user_defined_symbols"] = ["\n", *[s for s in symbols if s != "\n"]]
-    settings.pop("input", None)
-
-    Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
-    # Sampling of input sentences (input_sentence_size) draws from this global generator.
-    spm.set_random_generator_seed(int(settings.pop("seed", 0)))
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_sentences(files, documents),
-        model_prefix=model_prefix,
-        vocab_size=vocab_size,
-        **settings,
-    )
-    return f"{model_prefix}.model"
+    settings = sentencepiece_settings(vocab_size, **options)
+    del settings["sentencepiece"]
+    seed = int(settings.pop("seed"))
+    spm.set_random_generator_seed(seed)  # for any other random choice the trainer makes
+    sentences = _sample_sentences(_training_sentences(files, documents),
+                                  int(settings.pop("input_sentence_size", 0)),
+                                  shuffle=bool(settings.pop("shuffle_input_sentence", True)), seed=seed)
+    model = io.BytesIO()
+    # trained into memory: given a model_prefix, sentencepiece would store that path in the model
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **settings)
+    model_path = f"{model_prefix}.model"
+    atomic_write(model_path, lambda f: f.write(model.getvalue()))
+    return model_path

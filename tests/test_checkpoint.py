@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from timeouts import HANG_S
 
 from experiments.config import load_config
 from experiments.jobs.pretrain import build_module
@@ -321,7 +322,7 @@ def test_unreadable_paths_fail_with_one_line(tmp_path):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "glm_lightning.checkpoint", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_the_command_line_converts_and_inspects(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ReadonlyConfigError
+from timeouts import HANG_S
 
 from experiments.config import (
     CONFIGS_DIR,
@@ -38,7 +39,8 @@ SHIPPED = sorted(path.stem for path in CONFIGS_DIR.glob("*.yaml") if path.stem !
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "experiments.run", *args], cwd=REPO, capture_output=True, text=True,
+        timeout=HANG_S,
     )
 
 
@@ -383,7 +385,7 @@ def test_cli_defaults_to_quickstart_and_imports_nothing_heavy() -> None:
         "assert not heavy, heavy\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=HANG_S
     )
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["exp"] == "quickstart"

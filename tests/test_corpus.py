@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from timeouts import HANG_S
 
 from datamodules.builtin_corpus import builtin_documents, write_builtin_corpus
 from datamodules.corpus import (
@@ -339,9 +340,9 @@ def test_concurrent_preparers_tokenize_once(tmp_path: Path, sentencepiece_model:
     processes = [context.Process(target=_prepare_in_child, args=args) for _ in range(3)]
     for p in processes:
         p.start()
-    outcomes = [results.get(timeout=120) for _ in processes]
+    outcomes = [results.get(timeout=HANG_S) for _ in processes]
     for p in processes:
-        p.join(timeout=30)
+        p.join(timeout=HANG_S)
         assert p.exitcode == 0
     calls = sorted(c for c, _ in outcomes)
     assert calls[:2] == [0, 0] and calls[2] == 10  # one process tokenized, the others waited
@@ -420,9 +421,9 @@ def test_local_rank_zero_prepares_for_its_node(tmp_path: Path, sentencepiece_mod
                  for rank, delay in [(1, 0.0), (0, 1.0)]]
     for p in processes:
         p.start()
-    received = [results.get(timeout=120) for _ in processes]
+    received = [results.get(timeout=HANG_S) for _ in processes]
     outcomes = {rank: (calls, arrays) for rank, calls, arrays in received}
     for p in processes:
-        p.join(timeout=30)
+        p.join(timeout=HANG_S)
     assert outcomes[0][0] == 10 and outcomes[1][0] == 0
     assert outcomes[0][1] == outcomes[1][1]

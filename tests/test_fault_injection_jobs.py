@@ -16,11 +16,11 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 from test_superglue_job import overrides, pretrained, sentence, write_jsonl  # noqa: F401 (a fixture)
+from timeouts import HANG_S
 
 from experiments.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DEADLINE = 240  # seconds a step of these tests may take on a loaded 2-core machine
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -33,15 +33,15 @@ def start(args: list[str]) -> subprocess.Popen:
 def finish(process: subprocess.Popen) -> str:
     """Wait for ``process``; its stderr."""
     try:
-        return process.communicate(timeout=DEADLINE)[1]
+        return process.communicate(timeout=HANG_S)[1]
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"no exit within {DEADLINE} s:\n{process.communicate()[1][-3000:]}")
+        pytest.fail(f"no exit within {HANG_S} s:\n{process.communicate()[1][-3000:]}")
 
 
 def wait_for(condition: Callable[[], object], process: subprocess.Popen, what: str) -> object:
     """Poll ``condition`` until it returns something true (the readiness signal of a test)."""
-    deadline = time.time() + DEADLINE
+    deadline = time.time() + HANG_S
     while time.time() < deadline:
         if process.poll() is not None:
             pytest.fail(f"the job ended before {what}:\n{process.communicate()[1][-3000:]}")

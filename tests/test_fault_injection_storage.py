@@ -24,12 +24,14 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from timeouts import HANG_S
 
 from datamodules.builtin_corpus import write_builtin_corpus
 from datamodules.corpus import tokenize_corpus
 from datamodules.pretrain import PretrainDataModule
 from experiments.config import load_config
 from experiments.jobs.pretrain import resume_checkpoint
+from experiments.tracking import mlflow_logger
 from glm_lightning.atomic import atomic_write, atomic_write_text, remove_abandoned, temporary_path
 from glm_lightning.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
 from glm_lightning.config import ConfigError
@@ -177,7 +179,7 @@ def test_sigkill_during_checkpoint_saves_with_tmpdir_on_another_filesystem(tmp_p
         step = max(torch.load(p, weights_only=False, mmap=True)["global_step"]
                    for p in checkpoints.glob("*.ckpt"))
         resumed = subprocess.run(command(tmp_path, *big, "resume=auto", f"trainer.max_steps={step + 2}"),
-                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == step + 2
         assert temporaries(checkpoints, checkpoints.parent, tmpdir) == []
@@ -196,7 +198,7 @@ def test_a_full_disk_during_a_save_keeps_no_partial_file_and_fails_the_run(tmp_p
     env = faulty_env(TMPDIR=str(tmpdir), GLM_FAULT_ENOSPC_AFTER="300000",
                      GLM_FAULT_ENOSPC_DIRS=os.pathsep.join([str(checkpoints), str(tmpdir)]))
     result = subprocess.run(command(tmp_path, "trainer.max_steps=8", "trainer.val_check_interval=4"),
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 1, result.stderr[-3000:]
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: No space left on device while writing ")
@@ -230,7 +232,7 @@ def test_runs_started_together_on_a_fresh_mlflow_store_all_finish(tmp_path):
                                           "trainer.val_check_interval=2"),
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for k in range(4)]
-    errors = [p.communicate(timeout=600)[1] for p in processes]
+    errors = [p.communicate(timeout=HANG_S)[1] for p in processes]
     assert [p.returncode for p in processes] == [0] * 4, "\n".join(e[-2000:] for e in errors)
     found = run_metrics(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     assert found == {f"r{k}": COMPLETE for k in range(4)}
@@ -258,9 +260,58 @@ def test_loggers_opening_a_fresh_mlflow_store_together_all_log(tmp_path):
     processes = [subprocess.Popen([sys.executable, "-c", LOGGER, str(out), f"r{k}"], cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for k in range(4)]
-    errors = [p.communicate(timeout=300)[1] for p in processes]
+    errors = [p.communicate(timeout=HANG_S)[1] for p in processes]
     assert [p.returncode for p in processes] == [0] * 4, "\n".join(e[-2000:] for e in errors)
     assert run_metrics(f"sqlite:///{out / 'mlflow.db'}") == {f"r{k}": COMPLETE for k in range(4)}
+
+
+STORE_MAKER = """
+import os, signal, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+import experiments.tracking as tracking
+database, point = sys.argv[1], sys.argv[2]
+statements = 0
+
+def killed(*_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+@event.listens_for(Engine, "before_cursor_execute")
+def statement(connection, *_):
+    global statements
+    statements += 1
+    if point == str(statements) or (point == "opened" and connection.engine.url.database == database):
+        killed()
+
+if point == "rename":
+    tracking.publish = killed
+tracking.ready_store(f"sqlite:///{database}")
+sys.exit(f"made the store without being killed ({statements} statements)")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["1", "800", "rename", "opened"])
+def test_a_kill_while_the_mlflow_store_is_made_leaves_a_store_the_next_run_uses(tmp_path, point):
+    """SIGKILL at the first SQL statement of making the store, amid its migrations, just before the
+    complete store is renamed into place, and once it is there (before MLflow's default experiment):
+    the next run logs, completely, and nothing the killed process wrote is left over."""
+    out = tmp_path / "outputs"
+    out.mkdir()
+    maker = subprocess.run([sys.executable, "-c", STORE_MAKER, str(out / "mlflow.db"), point], cwd=ROOT,
+                           capture_output=True, text=True, timeout=HANG_S)
+    assert maker.returncode == -signal.SIGKILL, maker.stderr[-2000:]
+    assert (out / "mlflow.db").exists() == (point == "opened")  # before the rename: no store at all
+    cfg = load_config("quickstart", [f"output_dir={out}", "run_name=r1"])  # the next run
+    logger = mlflow_logger(cfg, out / "quickstart" / "r1")
+    for step in range(4):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    logger.log_metrics({"val/loss": 0.5}, 1)
+    logger.log_metrics({"val/loss": 0.25}, 3)
+    logger.finalize("success")
+    assert run_metrics(f"sqlite:///{out / 'mlflow.db'}") == {"r1": COMPLETE}
+    assert [p.name for p in out.iterdir() if p.name.startswith((".", "mlflow.db"))] == ["mlflow.db"]
+    assert not temporaries(out) and not (out / "mlflow.db.lock").exists()
 
 
 def free_port() -> int:
@@ -277,7 +328,7 @@ def test_a_run_logs_to_an_mlflow_server(tmp_path):
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + HANG_S
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -287,11 +338,11 @@ def test_a_run_logs_to_an_mlflow_server(tmp_path):
                 time.sleep(0.5)
         result = subprocess.run(command(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=2",
                                         f"logging.tracking_uri=http://127.0.0.1:{port}"),
-                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+                                cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
         assert result.returncode == 0, result.stderr[-3000:]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        server.wait(timeout=HANG_S)
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # everything went to the server
     assert run_metrics(store) == {"r1": COMPLETE}
 
@@ -319,7 +370,7 @@ def test_runs_writing_the_builtin_corpus_together_all_see_complete_files(tmp_pat
     directory = tmp_path / "builtin_corpus"
     writers = [subprocess.Popen([sys.executable, "-c", CORPUS_WRITER, str(directory), "10"], cwd=ROOT,
                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    errors = [w.communicate(timeout=300)[1] for w in writers]
+    errors = [w.communicate(timeout=HANG_S)[1] for w in writers]
     assert [w.returncode for w in writers] == [0] * 4, errors
     assert sorted(p.name for p in directory.iterdir()) == [f"builtin_{k:02d}.txt" for k in range(4)]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from timeouts import HANG_S
 
 from experiments.jobs.generate import readable
 from experiments.run import main
@@ -35,7 +36,7 @@ def run_dir(tmp_path_factory, tokenizer, sentencepiece_model) -> Path:
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          text=True, timeout=HANG_S, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
 def test_generate_prints_one_filled_text_per_prompt(run_dir, tmp_path):

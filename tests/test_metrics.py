@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from timeouts import HANG_S
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from glm_lightning.metrics import (
@@ -211,7 +212,7 @@ def _update_and_compute(metrics: dict, data: dict) -> dict[str, float]:
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=HANG_S))
     try:
         result = _update_and_compute(_all_metrics(), _rank_data(rank))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -228,7 +229,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     expected = _update_and_compute(_all_metrics(), full)
 
     context = mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_S
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:

@@ -16,6 +16,7 @@ import pytest
 from ablation_store import EXPERIMENT, shared_store
 from nbclient import NotebookClient
 from run_store import build_run_store
+from timeouts import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "compare_runs.ipynb"
@@ -61,7 +62,7 @@ def execute(uri: str, experiment: str | None, kernel: str,
     else:
         monkeypatch.setenv("GLM_EXPERIMENT", experiment)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name=kernel,
+    NotebookClient(notebook, timeout=HANG_S, kernel_name=kernel,
                    resources={"metadata": {"path": str(ROOT)}}).execute()  # raises on a cell error
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]

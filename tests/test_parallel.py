@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from timeouts import HANG_S
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule
@@ -53,7 +54,6 @@ WORLD_SIZE = 2
 STEPS_PER_EPOCH = 2
 EPOCHS = 3  # runs stop at epoch ends: Lightning resumes a plain DataLoader only from there
 LR = 3e-3
-RUN_TIMEOUT_S = 150
 
 # -- the training script ---------------------------------------------------------------------------
 
@@ -180,11 +180,11 @@ def launch(batches: Path, out: Path, *args: str, script: Path = Path(__file__)) 
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
-        log, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+        log, _ = process.communicate(timeout=HANG_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         log, _ = process.communicate()
-        pytest.fail(f"{' '.join(args)} did not finish within {RUN_TIMEOUT_S} s:\n{log[-3000:]}")
+        pytest.fail(f"{' '.join(args)} did not finish within {HANG_S} s:\n{log[-3000:]}")
     assert process.returncode == 0, f"{' '.join(args)} failed:\n{log[-5000:]}"
     return json.loads((out / "result.json").read_text())
 

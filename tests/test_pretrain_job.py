@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from timeouts import HANG_S
 
 from datamodules.builtin_probes import builtin_probes
 from experiments.config import load_config
@@ -115,7 +116,7 @@ def test_cli_reports_a_bad_training_file_in_one_line(tmp_path):
         [sys.executable, "-m", "experiments.run", "exp=quickstart", f"data.train_files=[{binary}]",
          f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
          "tokenizer.vocab_size=300"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_S,
     )
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
@@ -132,7 +133,7 @@ def test_the_command_line_says_what_it_runs_and_prints_no_library_noise(tmp_path
          f"data.cache_dir={tmp_path / 'cache'}", "model.num_layers=1", "model.hidden_size=64",
          "data.seq_length=32", "data.batch_size=4", "trainer.max_steps=3", "trainer.val_check_interval=2",
          "trainer.limit_val_batches=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("# running exp=quickstart")
@@ -183,7 +184,7 @@ def test_interruption_saves_a_checkpoint_ends_the_run_killed_and_resumes_it(tmp_
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "outputs" / "quickstart" / "r1"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_S
     while time.time() < deadline and not (run_dir / "mlflow_run_id").exists():
         time.sleep(0.5)
     run_id = (run_dir / "mlflow_run_id").read_text()
@@ -191,7 +192,7 @@ def test_interruption_saves_a_checkpoint_ends_the_run_killed_and_resumes_it(tmp_
     while time.time() < deadline and len(client.get_metric_history(run_id, "train/loss")) < 3:
         time.sleep(0.5)  # training is under way
     process.send_signal(stop_signal)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=HANG_S)
     assert process.returncode == 130, stderr
     assert "continue with resume=auto" in stderr.strip().splitlines()[-1]
     assert client.get_run(run_id).info.status == "KILLED"
@@ -200,7 +201,7 @@ def test_interruption_saves_a_checkpoint_ends_the_run_killed_and_resumes_it(tmp_
 
     resumed = subprocess.run([sys.executable, "-m", "experiments.run", "resume=auto",
                               f"trainer.max_steps={stopped_at + 3}", *args],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert resumed.returncode == 0, resumed.stderr
     assert (run_dir / "mlflow_run_id").read_text() == run_id
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -221,7 +222,7 @@ def test_two_process_cpu_run_through_the_command_line(tmp_path, strategy):
          "data.seq_length=64", "data.batch_size=4", "trainer.max_steps=4", "trainer.val_check_interval=2",
          "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
          "trainer.devices=2", f"trainer.strategy={strategy}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "quickstart").iterdir()

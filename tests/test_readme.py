@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from ablation_store import shared_store
 from mlflow.tracking import MlflowClient
+from timeouts import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,13 +36,13 @@ def test_readme_python_blocks_and_commands_run_after_the_quickstart(tmp_path, tm
         [sys.executable, "-m", "experiments.run", "exp=quickstart", "trainer.max_steps=20",
          "trainer.val_check_interval=10", "trainer.limit_val_batches=2",
          f"data.cache_dir={tmp_path / 'cache'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert quickstart.returncode == 0, quickstart.stderr[-3000:]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     script = tmp_path / "readme_blocks.py"
     script.write_text("\n".join(python_blocks(readme)))
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=HANG_S)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("torch.Size([1, ") and "Arlen" in result.stdout  # logits, then the filled text
@@ -149,6 +150,6 @@ def readme_run(command: str, cwd: Path, env: dict, substitutions: dict[str, str]
     argv = shlex.split(command)
     argv = [sys.executable if arg == "python" else arg for arg in argv]
     argv += [arg for marker, extra in SHORTER.items() if marker in command for arg in extra]
-    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 0, (command, result.stderr[-3000:])
     return result.stdout

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from timeouts import HANG_S
 
 from datamodules.seq2seq import (
     Seq2SeqCollator,
@@ -243,7 +244,7 @@ def test_job_through_the_command_line(tokenizer: GLMTokenizer, sentencepiece_mod
             "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.precision=32-true",
             "trainer.accelerator=cpu", "trainer.devices=1", "optim.lr=1e-3"]
     result = subprocess.run([sys.executable, "-m", "experiments.run", "exp=seq2seq", *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=180)
+                            capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "outputs" / "seq2seq" / "r1"
     assert (run_dir / "checkpoints" / "last.ckpt").exists()

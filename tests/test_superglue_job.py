@@ -20,6 +20,7 @@ import lightning as L
 import mlflow
 import pytest
 import torch
+from timeouts import HANG_S
 
 from datamodules.superglue_download import fetch_superglue
 from experiments.config import load_config
@@ -345,7 +346,7 @@ def test_wsc_mode_follows_the_data(tmp_path, pretrained, capsys):
     assert "valid choices: auto, generative, candidates" in capsys.readouterr().err
 
 
-def _cli(args: list[str], timeout: int = 300) -> None:
+def _cli(args: list[str]) -> None:
     """``python -m experiments.run`` in a fresh process group (Lightning starts any second rank)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PL_", "TORCHELASTIC_"))
            and k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")}
@@ -353,10 +354,10 @@ def _cli(args: list[str], timeout: int = 300) -> None:
     process = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        log, _ = process.communicate(timeout=timeout)
+        log, _ = process.communicate(timeout=HANG_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"{args} did not finish within {timeout} s:\n{process.communicate()[0][-3000:]}")
+        pytest.fail(f"{args} did not finish within {HANG_S} s:\n{process.communicate()[0][-3000:]}")
     assert process.returncode == 0, log[-20000:]
 
 

@@ -6,6 +6,8 @@ import itertools
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
+from glm_lightning.tokenizer import GLMTokenizer, sentencepiece_settings, train_sentencepiece
 
 ROUND_TRIP_TEXTS = [
     "",
@@ -266,6 +268,43 @@ def test_training_is_deterministic(corpus_file: Path, tmp_path: Path, make_text:
     assert [first.id_to_token(i) for i in range(n)] == [second.id_to_token(i) for i in range(n)]
     text = make_text(num_paragraphs=20, seed=5)
     assert first.encode(text) == second.encode(text)
+
+
+_TRAIN_IN_A_FRESH_PROCESS = """
+import sys
+from glm_lightning.tokenizer import train_sentencepiece
+train_sentencepiece([sys.argv[1]], 450, sys.argv[2], input_sentence_size=101, shuffle_input_sentence=True)
+"""
+
+
+def test_training_from_scratch_gives_byte_identical_model_files(corpus_file: Path, tmp_path: Path) -> None:
+    """Two trainings in fresh processes (fresh random state), written to different places, sampling
+    101 of the corpus's 120 sentences: the model files are equal byte for byte, so a cache rebuilt
+    from nothing holds the vocabulary (and the checkpoint fingerprint) it held before."""
+    models = []
+    for prefix in (tmp_path / "one" / "sp", tmp_path / "two" / "sp-1234.tmp"):
+        subprocess.run([sys.executable, "-c", _TRAIN_IN_A_FRESH_PROCESS, str(corpus_file), str(prefix)],
+                       check=True, cwd=Path(__file__).parents[1])
+        models.append(Path(f"{prefix}.model").read_bytes())
+    assert models[0] == models[1]
+    assert not list(tmp_path.rglob("*.vocab"))  # one file per model
+    # the sample of sentences is drawn with `seed`: another seed learns another model
+    other = train_sentencepiece([str(corpus_file)], 450, str(tmp_path / "seed1"), seed=1,
+                                input_sentence_size=101, shuffle_input_sentence=True)
+    assert Path(other).read_bytes() != models[0]
+
+
+def test_settings_name_every_trainer_option() -> None:
+    """The settings are the tokenizer cache key: any option that changes the model changes them."""
+    base = sentencepiece_settings(700, hard_vocab_limit=False)
+    assert base["num_threads"] == 16 and base["seed"] == 0 and base["sentencepiece"]
+    assert base["user_defined_symbols"] == ["\n"] and "model_prefix" not in base
+    for changed in (sentencepiece_settings(701, hard_vocab_limit=False), sentencepiece_settings(700),
+                    sentencepiece_settings(700, hard_vocab_limit=False, model_type="bpe"),
+                    sentencepiece_settings(700, hard_vocab_limit=False, seed=1),
+                    sentencepiece_settings(700, hard_vocab_limit=False, num_threads=1)):
+        assert changed != base
+    assert sentencepiece_settings(700, hard_vocab_limit=False, model_prefix="elsewhere") == base
 
 
 def test_command_strings_are_never_learned(tmp_path: Path, make_text: Callable[..., str]) -> None:

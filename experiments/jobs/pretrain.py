@@ -31,7 +31,7 @@ from experiments.interruption import interruption_callback, mlflow_status, train
 from experiments.lost_rank import RankWatch
 from experiments.resume import resume_config
 from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
-from experiments.tracking import RunLogger, mlflow_logger
+from experiments.tracking import RunLogger, mlflow_logger, tracking_uri
 from glm_lightning.atomic import atomic_copy, atomic_write_text, publish
 from glm_lightning.callbacks import LastCheckpoint, StartStep, SummaryWithoutFlops, progress_bar
 from glm_lightning.checkpoint import TokenizerRecord, check_weights, load_glm
@@ -47,7 +47,7 @@ from glm_lightning.infilling_eval import evaluate_infilling
 from glm_lightning.model import GLMConfig
 from glm_lightning.modules.pretrain import GLMPretrainModule
 from glm_lightning.parallel import build_strategy
-from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
+from glm_lightning.tokenizer import GLMTokenizer, sentencepiece_settings, train_sentencepiece
 
 
 def training_files(cfg: DictConfig) -> list[str]:
@@ -59,7 +59,7 @@ def training_files(cfg: DictConfig) -> list[str]:
 
 def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
     """The official vocabulary at ``tokenizer.path``, or a sentencepiece model: the given one, or one
-    trained on the training files once per (file contents, vocab size, model type) and cached under
+    trained on the training files once per (file contents, trainer settings) and cached under
     ``data.cache_dir``."""
     # Sentinel ablation: one [MASK{i}]/<|startofpiece{i}|> pair per span; a sample holds at most
     # int(mask_ratio * seq_length) + 1 spans (each masks at least one token).
@@ -77,33 +77,28 @@ def build_tokenizer(cfg: DictConfig, files: list[str]) -> GLMTokenizer:
         raise ConfigError(f"tokenizer.path: {error} (tokenizer.kind={kind}; a BERT vocab.txt needs "
                           "tokenizer.kind=wordpiece, a GPT-2/RoBERTa vocab.json tokenizer.kind=gpt2 or "
                           "roberta with tokenizer.merges, a sentencepiece .model the default)") from None
-    # keyed by the files' content hashes (remembered by size and mtime), never by reading them whole
-    digest = hashlib.sha256(f"{cfg.tokenizer.vocab_size};extracted documents".encode())
-    if cfg.tokenizer.model_type != "unigram":  # (unigram models keep the keys they were cached under)
-        digest.update(cfg.tokenizer.model_type.encode())
+    # trained on the documents the corpus reader extracts (no jsonl syntax); sentencepiece keeps
+    # a uniform sample of at most 2M sentences in memory however large the corpus is
+    options = {"input_sentence_size": 2_000_000, "shuffle_input_sentence": True,
+               "model_type": cfg.tokenizer.model_type,
+               "hard_vocab_limit": False}  # small corpora support fewer pieces
+    # keyed by every trainer setting and the files' content hashes (remembered by size and mtime,
+    # never by reading them whole): training is deterministic, so the key names one model
+    settings = sentencepiece_settings(cfg.tokenizer.vocab_size, **options)
+    digest = hashlib.sha256(f"{json.dumps(settings, sort_keys=True)};extracted documents".encode())
     for name in sorted(files):
         memo = Path(cfg.data.cache_dir) / "hashes"
         digest.update(content_hash(name, memo, rehash=cfg.data.rehash).encode())
     model_path = Path(cfg.data.cache_dir) / "tokenizers" / f"sp-{digest.hexdigest()[:16]}.model"
-    if not model_path.exists():  # train under a temporary name, so a crash leaves no half model
-        tmp_prefix = model_path.with_name(f"{model_path.stem}-{os.getpid()}.tmp")
-        # trained on the documents the corpus reader extracts (no jsonl syntax); sentencepiece keeps
-        # a uniform sample of at most 2M sentences in memory however large the corpus is
+    if not model_path.exists():  # written whole or not at all, so a crash leaves no half model
         try:
-            trained = train_sentencepiece(sorted(files), cfg.tokenizer.vocab_size, str(tmp_prefix),
-                                          documents=iter_documents,
-                                          input_sentence_size=2_000_000, shuffle_input_sentence=True,
-                                          model_type=cfg.tokenizer.model_type,
-                                          hard_vocab_limit=False)  # small corpora support fewer pieces
-            publish(trained, model_path)
+            train_sentencepiece(sorted(files), cfg.tokenizer.vocab_size, str(model_path.with_suffix("")),
+                                documents=iter_documents, **options)
         except RuntimeError as error:  # sentencepiece's own check, e.g. a vocabulary below the alphabet
             # its message after the source location, without its advice on its own command-line flags
             reason = str(error).rpartition("]")[2].partition(" Increase")[0].strip() or str(error)
             raise ConfigError(f"training a tokenizer on data.train_files with tokenizer.vocab_size="
                               f"{cfg.tokenizer.vocab_size} failed: {reason}") from None
-        finally:
-            for suffix in (".model", ".vocab"):
-                Path(f"{tmp_prefix}{suffix}").unlink(missing_ok=True)
     return GLMTokenizer.from_sentencepiece(str(model_path), **extra)
 
 
@@ -220,6 +215,8 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
                                   collective_timeout_s=t.collective_timeout_s)
     except ValueError as error:  # an unsupported combination of trainer settings
         raise ConfigError(f"trainer settings: {error}") from error
+    if cfg.logging.enabled:  # an MLflow store that cannot be used fails the run before it writes anything
+        tracking_uri(cfg)
     # A named run is found by its name; only a timestamped one needs the inherited directory.
     inherited = None if cfg.run_name else os.environ.get(RUN_DIR_VARIABLE)
     run_dir = Path(inherited) if inherited else run_directory(cfg)
