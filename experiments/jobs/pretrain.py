@@ -32,7 +32,7 @@ from experiments.lost_rank import RankWatch
 from experiments.resume import resume_config
 from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
 from experiments.tracking import RunLogger, mlflow_logger, tracking_uri
-from glm_lightning.atomic import atomic_copy, atomic_write_text, publish
+from glm_lightning.atomic import atomic_copy, atomic_write_text
 from glm_lightning.callbacks import LastCheckpoint, StartStep, SummaryWithoutFlops, progress_bar
 from glm_lightning.checkpoint import TokenizerRecord, check_weights, load_glm
 from glm_lightning.checkpoint_io import (
