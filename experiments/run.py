@@ -86,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, CorpusError) as error:  # bad input data: say which file, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except FloatingPointError as error:  # a non-finite loss: the message says where to continue from
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         if not is_disk_full(error):
             raise

@@ -27,6 +27,11 @@ class LastCheckpoint(L.Callback):
         self._previous_handler = None
         self._saved_step = -1  # global step of the latest checkpoint written by anyone
 
+    @property
+    def saved_step(self) -> int:
+        """The global step of the latest checkpoint written in this process (-1: none yet)."""
+        return self._saved_step
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._saved_step = trainer.global_step
 

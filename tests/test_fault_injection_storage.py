@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -95,13 +96,26 @@ def small_checkpoint(path: Path, step: int) -> Path:
     return path
 
 
+def overwrite_tensor(path: Path) -> None:
+    """Overwrite 8 bytes inside the first tensor record of a checkpoint, leaving its zip archive intact."""
+    with zipfile.ZipFile(path) as archive:
+        record = next(m for m in archive.infolist() if m.filename.endswith("/data/0"))
+    with path.open("rb+") as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = np.frombuffer(f.read(4), dtype="<u2")
+        f.seek(record.header_offset + 30 + name_length + extra_length + 64)
+        f.write(b"\x7f" * 8)
+
+
 def break_file(path: Path, how: str) -> None:
+    if how == "tensor":
+        return overwrite_tensor(path)
     data = path.read_bytes()
     broken = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": os.urandom(len(data))}[how]
     path.write_bytes(broken)
 
 
-@pytest.mark.parametrize("how", ["empty", "truncated", "garbage"])
+@pytest.mark.parametrize("how", ["empty", "truncated", "garbage", "tensor"])
 def test_resume_auto_skips_a_broken_checkpoint_and_explicit_resume_names_it(tmp_path, capsys, how):
     checkpoints = tmp_path / "outputs" / "quickstart" / "r1" / "checkpoints"
     older = small_checkpoint(checkpoints / "step4.ckpt", 4)
@@ -119,7 +133,8 @@ def test_resume_auto_skips_a_broken_checkpoint_and_explicit_resume_names_it(tmp_
     with pytest.raises(ConfigError) as raised:
         resume_checkpoint(explicit, checkpoints.parent)
     reason = {"empty": "empty file (0 bytes)", "truncated": "truncated",
-              "garbage": "not a PyTorch checkpoint"}
+              "garbage": "not a PyTorch checkpoint",
+              "tensor": "damaged content: archive/data/0 does not match its checksum (CRC-32)"}
     assert str(last) in str(raised.value) and reason[how] in str(raised.value)
     assert "\n" not in str(raised.value)
 

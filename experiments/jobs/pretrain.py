@@ -28,7 +28,7 @@ from datamodules.mixture import SourceShareLogger
 from datamodules.pretrain import PretrainDataModule, TooFewDocuments
 from datamodules.shard_writer import default_num_proc
 from experiments.interruption import interruption_callback, mlflow_status, training_stopped
-from experiments.resume import resume_config
+from experiments.resume import RecordConfig, resume_config
 from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
 from experiments.tracking import RunLogger, mlflow_logger
 from glm_lightning.atomic import atomic_copy, atomic_write_text, publish
@@ -37,6 +37,7 @@ from glm_lightning.checkpoint import TokenizerRecord, check_weights, load_glm
 from glm_lightning.checkpoint_io import (
     AtomicCheckpointIO,
     RecordTokenizer,
+    checkpoint_before,
     checkpoint_problem,
     newest_intact_checkpoint,
     recorded_tokenizer,
@@ -231,7 +232,7 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
 
 def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
-    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None)
+    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None, checkpoint=ckpt_path)
     files = training_files(cfg)
     tokenizer = build_tokenizer(cfg, files)
     check_resume(cfg, tokenizer, ckpt_path)
@@ -318,7 +319,7 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
             plugins=[AtomicCheckpointIO()],
             callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
-                       RecordTokenizer(tokenizer), *mixture_callbacks(datamodule)],
+                       RecordTokenizer(tokenizer), RecordConfig(cfg), *mixture_callbacks(datamodule)],
         )
         if logger:
             logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
@@ -337,11 +338,27 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     except SIGTERMException as stop:
         raise training_stopped(trainer, last.path) from stop
+    except FloatingPointError as error:
+        if ckpt_path is None or last.saved_step >= 0:
+            raise
+        raise diverged_after_resume(error, Path(ckpt_path)) from error
     finally:
         if trainer.is_global_zero:
             summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,
                                     time.time() - started, logger, start.step)
     return FittedRun(trainer, checkpoint, logger, summary if trainer.is_global_zero else None)
+
+
+def diverged_after_resume(error: FloatingPointError, resumed_from: Path) -> FloatingPointError:
+    """The error of a non-finite loss before a resumed run wrote any checkpoint: the checkpoint it
+    resumed from is the suspect (resuming from it again would fail again), so name it and the one
+    before it."""
+    before = checkpoint_before(resumed_from) if resumed_from.is_file() else None
+    advice = (f"continue from the checkpoint before it with resume={before}" if before else
+              "there is no checkpoint before it: start afresh under another run_name")
+    what = str(error).partition(";")[0]
+    return FloatingPointError(f"{what}, after resuming from {resumed_from} and before any newer checkpoint: "
+                              f"that checkpoint may hold damaged weights; {advice}")
 
 
 def mixture_callbacks(datamodule: L.LightningDataModule) -> list[L.Callback]:

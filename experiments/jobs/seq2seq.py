@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> Path:
 
 def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
-    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None)
+    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None, checkpoint=ckpt_path)
     tokenizer = build_tokenizer(cfg, [] if cfg.tokenizer.path else tokenizer_text(cfg))
     check_resume(cfg, tokenizer, ckpt_path)
     if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":

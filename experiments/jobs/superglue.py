@@ -36,7 +36,7 @@ from experiments.jobs.pretrain import (
     throughput_monitor,
     write_summary,
 )
-from experiments.resume import resume_config
+from experiments.resume import RecordConfig, resume_config
 from experiments.tables import avg_header
 from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
 from experiments.tracking import (
@@ -50,7 +50,7 @@ from experiments.tracking import (
 from glm_lightning.atomic import atomic_write_text
 from glm_lightning.callbacks import LastCheckpoint, StartStep
 from glm_lightning.checkpoint import checkpoint_config, read_checkpoint
-from glm_lightning.checkpoint_io import AtomicCheckpointIO, RecordTokenizer
+from glm_lightning.checkpoint_io import AtomicCheckpointIO, RecordTokenizer, checkpoint_problem
 from glm_lightning.config import ConfigError, activation_checkpointing, optimizer_settings, superglue_tasks
 from glm_lightning.metrics import TABLE1_METRICS, table_row
 from glm_lightning.model import GLMConfig
@@ -251,7 +251,7 @@ def run(cfg: DictConfig) -> Path:
 def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokenizer, model_config: GLMConfig,
          run_dir: Path) -> Path:
     is_zero = rank_zero_only.rank == 0
-    tags = resume_config(cfg, run_dir, resuming=cfg.resume == "auto")
+    tags = resume_config(cfg, run_dir, resuming=cfg.resume == "auto", checkpoint=sweep_checkpoint(run_dir))
     parent = mlflow_logger(cfg, run_dir, resume=cfg.resume == "auto") if cfg.logging.enabled else None
     for key, value in tags.items() if parent else ():
         parent.experiment.set_tag(parent.run_id, key, value)
@@ -281,6 +281,13 @@ def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokeni
         print(f"SuperGLUE average {100 * row['avg']:.1f} over {len(results)} task(s); outputs in {run_dir}"
               + (f"; MLflow run {parent.run_id} at {parent.tracking_uri}" if parent else ""), flush=True)
     return run_dir
+
+
+def sweep_checkpoint(run_dir: Path) -> Path | None:
+    """The newest readable checkpoint of any task of the sweep, whose recorded config a resumed sweep
+    is checked against (each task verifies the checkpoint it continues from in full)."""
+    found = sorted(run_dir.glob("*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    return next((path for path in found if checkpoint_problem(path, verify_content=False) is None), None)
 
 
 def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer, model_config: GLMConfig,
@@ -349,7 +356,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             log_every_n_steps=min(t.log_every_n_steps, batches), default_root_dir=task_dir,
             logger=logger or False,
             callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
-                       RecordTokenizer(tokenizer_record(cfg, tokenizer))],
+                       RecordTokenizer(tokenizer_record(cfg, tokenizer)), RecordConfig(cfg)],
             enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         )
         try:
