@@ -23,7 +23,7 @@ from glm_lightning.config import ConfigError
 CONFIG_FILE = "config.yaml"
 RUN_CONFIG = "run_config"  # checkpoint entry: the resolved config (a plain dict) it was trained with
 # How a run is found and started, not what it computes: never compared.
-PLACEMENT = ("output_dir", "run_name", "resume", "resume_overrides", "print_config")
+PLACEMENT = ("output_dir", "run_name", "resume", "resume_overrides", "overwrite", "print_config")
 # Keys a resumed run may change freely. Each leaves the steps already trained, their data order and
 # their random draws as they were: how far training goes (max_steps), how often and how much it is
 # validated, logged and checkpointed, how many processes load or tokenize the data (the sample order

@@ -315,6 +315,7 @@ class ExperimentConfig:
     resume: str | None = None  # "auto" (latest checkpoint of run_name) or a checkpoint path
     # keys a resumed run may change although that changes its results (recorded as MLflow tags)
     resume_overrides: list[str] = field(default_factory=list)
+    overwrite: bool = False  # replace the outputs of an existing run_name instead of refusing to start
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -145,6 +145,20 @@ def test_resume_auto_skips_a_broken_checkpoint_and_explicit_resume_names_it(tmp_
     assert "\n" not in str(raised.value)
 
 
+def test_starting_afresh_over_a_runs_checkpoints_needs_overwrite(tmp_path):
+    checkpoints = tmp_path / "outputs" / "quickstart" / "r1" / "checkpoints"
+    small_checkpoint(checkpoints / "step4.ckpt", 4)
+    cfg = load_config("quickstart", [f"output_dir={tmp_path / 'outputs'}", "run_name=r1"])
+    with pytest.raises(ConfigError) as raised:
+        resume_checkpoint(cfg, checkpoints.parent)
+    assert str(raised.value) == (f"{checkpoints.parent} already has checkpoints; continue it with "
+                                 "resume=auto, choose another run_name, or replace it with overwrite=true")
+    assert (checkpoints / "step4.ckpt").is_file()
+    replacing = load_config("quickstart", [f"output_dir={tmp_path / 'outputs'}", "run_name=r1",
+                                           "overwrite=true"])
+    assert resume_checkpoint(replacing, checkpoints.parent) is None and not checkpoints.exists()
+
+
 def second_filesystem(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A TMPDIR on another file system than ``tmp_path`` (/dev/shm when it is one), or a folder of
     the same one whose renames to elsewhere fail with EXDEV as across file systems."""

@@ -43,7 +43,7 @@ PASS_THROUGH = {
     "lm_eval": ("lm_eval.file",),
 }
 # Fields that name or place a run rather than change its result (left out of fingerprints).
-PLACEMENT = ("run_name", "output_dir", "resume", "logging", "print_config")
+PLACEMENT = ("run_name", "output_dir", "resume", "overwrite", "logging", "print_config")
 LM_EVAL_TEXT = "lm_eval.txt"  # held-out built-in documents, written when no lm_eval.file is given
 
 

@@ -17,6 +17,7 @@ from experiments.interruption import mlflow_status
 from experiments.jobs.generate import load_model, require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import run_directory
 from experiments.tracking import experiment_id, flatten, run_tags, tracking_uri
+from glm_lightning.atomic import atomic_write_text
 from glm_lightning.config import ConfigError
 from glm_lightning.lm_eval import evaluate_lambada, evaluate_perplexity, read_lambada
 from glm_lightning.model import GLMModel
@@ -86,12 +87,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Evaluate, print one line per metric, save ``metrics.json`` in the run directory and log
     the run to MLflow."""
     started = time.time()
-    model, tokenizer = load(cfg)
     run_dir = run_directory(cfg)
+    if (run_dir / "metrics.json").exists() and not cfg.overwrite:
+        raise ConfigError(f"{run_dir} already holds the metrics of an evaluation; choose another run_name, "
+                          "or replace them with overwrite=true")
+    model, tokenizer = load(cfg)
     save_config(cfg, run_dir / "config.yaml")
     with mlflow_run(cfg, run_dir) as run_id:
         metrics = evaluate(cfg, model, tokenizer)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if run_id:
             mlflow.log_metrics(metrics)
             mlflow.log_artifact(str(run_dir / "metrics.json"))

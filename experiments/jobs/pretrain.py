@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -181,12 +182,16 @@ def throughput_monitor() -> ThroughputMonitor:
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     """``resume=auto``: the run's newest intact checkpoint, if any (a broken one is skipped with a
     warning); ``resume=PATH``: that checkpoint, if intact. Starting afresh in a run directory that
-    has checkpoints is refused, so nothing is overwritten."""
+    has checkpoints is refused, so nothing is overwritten, unless ``overwrite=true``: then its
+    checkpoints are removed first."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.resume is None:
-        if last.exists():
-            raise ConfigError(f"{run_dir} already has checkpoints; continue it with resume=auto "
-                              "or choose another run_name")
+        if any(last.parent.glob("*.ckpt")):
+            if not cfg.overwrite:
+                raise ConfigError(f"{run_dir} already has checkpoints; continue it with resume=auto, "
+                                  "choose another run_name, or replace it with overwrite=true")
+            if rank_zero_only.rank == 0:
+                shutil.rmtree(last.parent)
         return None
     if cfg.resume == "auto":  # the newest checkpoint an interrupted save did not break
         found, broken = newest_intact_checkpoint(last.parent)
