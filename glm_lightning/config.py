@@ -394,6 +394,17 @@ NON_NEGATIVE = (
     *(f"superglue.tasks.{t.lower()}.{k}" for t in SUPERGLUE_TASKS for k in ("pattern_id", "length_penalty")),
 )
 
+# Values inside a key's range that leave training (or sampling) nothing to work on, and why.
+MEANINGLESS: dict[str, tuple[float, str]] = {
+    "data.mask_ratio": (0.0, "0 masks no token, so there is nothing to predict (the loss is 0)"),
+    "data.val_fraction": (1.0, "1 holds out every document, so none is left to train on (0 = no validation)"),
+    "seq2seq.label_smoothing": (1.0, "1 makes every target the uniform distribution, whatever the text"),
+    "model.embedding_dropout_prob": (1.0, "1 drops every activation"),
+    "model.attention_dropout_prob": (1.0, "1 drops every attention weight"),
+    "model.output_dropout_prob": (1.0, "1 drops every activation"),
+    "generation.top_p": (0.0, "0 leaves no token to sample from"),
+}
+
 
 def model_overrides(model_section: ModelConfig | DictConfig) -> dict[str, Any]:
     """The GLMConfig overrides a model section asks for (unset ones left out, so the preset applies)."""
@@ -455,6 +466,8 @@ def check_value(key: str, value: Any, choices: dict[str, tuple[str, ...]] | None
         raise ConfigError(f"invalid value {value!r} for '{key}': must be positive")
     if key in NON_NEGATIVE and not value >= 0:
         raise ConfigError(f"invalid value {value!r} for '{key}': must not be negative")
+    if key in MEANINGLESS and value == MEANINGLESS[key][0]:
+        raise ConfigError(f"invalid value {value!r} for '{key}': {MEANINGLESS[key][1]}")
 
 
 def validate(cfg: DictConfig, choices: dict[str, tuple[str, ...]] | None = None) -> None:
