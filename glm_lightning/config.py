@@ -446,6 +446,16 @@ def superglue_tasks(value: Any) -> list[str]:
     return tasks
 
 
+def check_run_name(name: str | None) -> None:
+    """A run name is one folder name inside ``<output_dir>/<exp>/``: a path (``/``), a parent (``..``)
+    or an empty name would place the run's files elsewhere, or over another run's."""
+    if name is None:
+        return
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise ConfigError(f"invalid value {name!r} for 'run_name': must be one folder name (not '.' or "
+                          "'..', without '/' or '\\'); the run is written to <output_dir>/<exp>/<run_name>")
+
+
 def _get(cfg: DictConfig, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
@@ -484,6 +494,7 @@ def validate(cfg: DictConfig, choices: dict[str, tuple[str, ...]] | None = None)
     for key in (*choices, *UNIT_INTERVAL, *POSITIVE, *NON_NEGATIVE):
         check_value(key, _get(cfg, key), choices)
     superglue_tasks(cfg.task)
+    check_run_name(cfg.run_name)
     kind = cfg.tokenizer.kind
     if kind != "sentencepiece" and not cfg.tokenizer.path:
         raise ConfigError(f"'tokenizer.path' must name the vocabulary file of tokenizer.kind={kind}")

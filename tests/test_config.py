@@ -257,6 +257,15 @@ def test_values_that_leave_nothing_to_learn_are_refused(override: str, reason: s
                         rf"{re.escape(reason)}[^\n]*", str(raised.value)), str(raised.value)
 
 
+@pytest.mark.parametrize("name", ["..", "../elsewhere", "a/b", "/tmp/run", ".", "a\\b", "''"])
+def test_a_run_name_that_leaves_its_folder_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config("quickstart", [f"run_name={name}"])
+    assert str(raised.value).startswith(f"invalid value {name.strip(chr(39))!r} for 'run_name': must be one "
+                                        "folder name") and "\n" not in str(raised.value)
+    assert load_config("quickstart", ["run_name=lr-3e-4.seed1"]).run_name == "lr-3e-4.seed1"
+
+
 def test_betas_must_be_a_pair() -> None:
     with pytest.raises(ConfigError, match="'optim.betas'"):
         load_config("quickstart", ["optim.betas=[0.9]"])
