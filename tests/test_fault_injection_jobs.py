@@ -196,3 +196,30 @@ def test_bad_input_is_one_line_before_training(tmp_path, capsys, make_text, case
     assert len(errors) == 1 and errors[0].startswith(expected), errors
     if case != "one document":  # a readable corpus of one document does train its tokenizer
         assert not list((tmp_path / "cache").glob("tokenizers/*.model"))
+
+
+@pytest.mark.slow
+def test_resume_after_a_sigkill_before_the_first_checkpoint_continues_its_folder(tmp_path, capsys):
+    tiny = ["exp=quickstart", f"output_dir={tmp_path / 'outputs'}", f"data.cache_dir={tmp_path / 'cache'}",
+            "model.num_layers=2", "model.hidden_size=64", "data.seq_length=64", "data.batch_size=4",
+            "trainer.limit_val_batches=1", "data.num_workers=0"]
+    process = start([*tiny, "trainer.max_steps=1000", "trainer.val_check_interval=1000"])
+    id_file = wait_for(lambda: next((tmp_path / "outputs" / "quickstart").glob("*/mlflow_run_id"), None),
+                       process, "the MLflow run")
+    killed_id = wait_for(lambda: id_file.read_text().strip(), process, "the run id")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=DEADLINE)
+    run_dir = id_file.parent
+    assert client(tmp_path).get_run(killed_id).info.status == "RUNNING"  # what SIGKILL leaves
+    assert not list(run_dir.glob("checkpoints/*.ckpt"))
+
+    assert main([*tiny, "resume=auto", "trainer.max_steps=1", "trainer.val_check_interval=1"]) == 0
+    out, err = capsys.readouterr()
+    assert (f"resume=auto: {run_dir} has no checkpoint (it stopped before its first one); starting it again "
+            "from step 0") in out.splitlines()
+    assert (f"note: MLflow run {killed_id} ({run_dir.name}) was left RUNNING by process {process.pid}, "
+            "which is gone; marked KILLED") in err.splitlines()
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]  # no new run folder
+    statuses = {run.info.run_id: run.info.status for run in runs(tmp_path, "quickstart")}
+    new_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert statuses == {killed_id: "KILLED", new_id: "FINISHED"}

@@ -31,6 +31,7 @@ from datamodules.corpus import tokenize_corpus
 from datamodules.pretrain import PretrainDataModule
 from experiments.config import load_config
 from experiments.jobs.pretrain import resume_checkpoint
+from experiments.run import main
 from glm_lightning.atomic import atomic_write, atomic_write_text, remove_abandoned, temporary_path
 from glm_lightning.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
 from glm_lightning.config import ConfigError
@@ -214,6 +215,39 @@ def test_sigkill_during_checkpoint_saves_with_tmpdir_on_another_filesystem(tmp_p
     finally:
         if tmpdir.parent == Path("/dev/shm"):
             subprocess.run(["rm", "-rf", str(tmpdir)], check=True)
+
+
+@pytest.mark.slow
+def test_the_final_checkpoint_is_written_once_and_a_redundant_save_cannot_fail_the_run(tmp_path, monkeypatch):
+    written = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def record(self, checkpoint, path, storage_options=None):
+        save(self, checkpoint, path, storage_options)
+        written.append((Path(path).name, Path(path).stat().st_size))
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
+    arguments = command(tmp_path / "once", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                        f"data.cache_dir={tmp_path / 'cache'}")  # the cache of the run below
+    assert main(arguments[3:]) == 0
+    assert [name for name, _ in written] == ["step2.ckpt", "last.ckpt"]  # the best, then last.ckpt once
+
+    # Room for one checkpoint only: the best of the final step is saved, last.ckpt (the same step)
+    # cannot be; nothing is lost, so the run finishes.
+    checkpoints = tmp_path / "outputs" / "quickstart" / "r1" / "checkpoints"
+    env = faulty_env(GLM_FAULT_ENOSPC_AFTER=str(written[0][1] * 3 // 2),
+                     GLM_FAULT_ENOSPC_DIRS=str(checkpoints))
+    result = subprocess.run(command(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2"),
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"warning: {checkpoints / 'last.ckpt'} not updated (No space left on device); step 2 is saved in "
+            "the run's other checkpoint of that step") in result.stderr.splitlines()
+    assert [p.name for p in checkpoints.iterdir()] == ["step2.ckpt"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (found,) = mlflow.search_runs(experiment_names=["quickstart"], output_format="list")
+    assert found.info.status == "FINISHED"
+    cfg = load_config("quickstart", [f"output_dir={tmp_path / 'outputs'}", "run_name=r1", "resume=auto"])
+    assert resume_checkpoint(cfg, checkpoints.parent) == str(checkpoints / "step2.ckpt")
 
 
 @pytest.mark.slow

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 from mlflow.tracking import MlflowClient
 
-from experiments.tracking import RunLogger
+from experiments.tracking import HOST_TAG, PID_TAG, RunLogger, end_abandoned_runs
 
 
 def test_resumed_run_keeps_one_value_per_step(tmp_path):
@@ -27,3 +32,29 @@ def test_resumed_run_keeps_one_value_per_step(tmp_path):
     assert [s for s, _ in history] == list(range(1, 11))  # no step twice
     assert dict(history)[7] == 3.0 and dict(history)[9] == 109.0  # the first value of a step is kept
     assert sorted(m.step for m in client.get_metric_history(first.run_id, "val/loss")) == [4, 8]
+
+
+def test_runs_left_running_by_a_dead_process_of_this_host_are_marked_killed(tmp_path, capsys):
+    store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = store.create_experiment("lm_eval")
+    capsys.readouterr()  # MLflow's own lines about creating the store
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+
+    def running(name: str, tags: dict[str, str]) -> str:
+        return store.create_run(experiment, run_name=name, tags=tags).info.run_id
+
+    abandoned = running("e1", {HOST_TAG: host, PID_TAG: dead})
+    alive = running("e1", {HOST_TAG: host, PID_TAG: str(os.getppid())})
+    elsewhere = running("e1", {HOST_TAG: "another-host", PID_TAG: dead})
+    untagged = running("e1", {})
+    other_name = running("e2", {HOST_TAG: host, PID_TAG: dead})
+    assert end_abandoned_runs(store, experiment, "e1") == [abandoned]
+    statuses = {run_id: store.get_run(run_id).info.status
+                for run_id in (abandoned, alive, elsewhere, untagged, other_name)}
+    assert statuses == {abandoned: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING",
+                        other_name: "RUNNING"}
+    assert capsys.readouterr().err == (f"note: MLflow run {abandoned} (e1) was left RUNNING by process "
+                                       f"{dead}, which is gone; marked KILLED\n")
+    assert end_abandoned_runs(store, experiment, "e1") == []  # once

@@ -16,7 +16,14 @@ from experiments.config import save_config
 from experiments.interruption import mlflow_status
 from experiments.jobs.generate import load_model, require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import run_directory
-from experiments.tracking import experiment_id, flatten, run_tags, tracking_uri
+from experiments.tracking import (
+    end_abandoned_runs,
+    experiment_id,
+    flatten,
+    owner_tags,
+    run_tags,
+    tracking_uri,
+)
 from glm_lightning.atomic import atomic_write_text
 from glm_lightning.config import ConfigError
 from glm_lightning.lm_eval import evaluate_lambada, evaluate_perplexity, read_lambada
@@ -70,9 +77,11 @@ def mlflow_run(cfg: DictConfig, run_dir: Path) -> Iterator[str | None]:
         yield None
         return
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(experiment_id=experiment_id(cfg))
+    experiment = experiment_id(cfg)
+    mlflow.set_experiment(experiment_id=experiment)
+    end_abandoned_runs(mlflow.MlflowClient(), experiment, run_dir.name)
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    active = mlflow.start_run(run_name=run_dir.name, tags=run_tags(cfg))
+    active = mlflow.start_run(run_name=run_dir.name, tags={**run_tags(cfg), **owner_tags()})
     try:
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         mlflow.log_artifact(str(run_dir / "config.yaml"))

@@ -39,6 +39,7 @@ from glm_lightning.checkpoint_io import (
     AtomicCheckpointIO,
     RecordTokenizer,
     checkpoint_before,
+    checkpoint_metadata,
     checkpoint_problem,
     newest_intact_checkpoint,
     recorded_tokenizer,
@@ -161,16 +162,24 @@ RUN_DIR_VARIABLE = "GLM_LIGHTNING_RUN_DIR"  # inherited by the processes Lightni
 
 def run_directory(cfg: DictConfig) -> Path:
     """``<output_dir>/<exp>/<run_name>``; without a run name a new timestamped run, or with
-    ``resume=auto`` the most recent run of the experiment."""
+    ``resume=auto`` the most recently active run of the experiment (one killed before its first
+    checkpoint included: it has its ``config.yaml``)."""
     root = Path(cfg.output_dir) / cfg.exp
     if cfg.run_name:
         return root / cfg.run_name
     if cfg.resume == "auto" and root.is_dir():
-        runs = sorted((p for p in root.iterdir() if (p / "checkpoints" / "last.ckpt").exists()),
-                      key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime)
+        runs = {run: last_activity(run) for run in root.iterdir() if run.is_dir()}
+        runs = {run: when for run, when in runs.items() if when is not None}
         if runs:
-            return runs[-1]
+            return max(runs, key=runs.get)
     return root / time.strftime("%Y%m%d-%H%M%S")
+
+
+def last_activity(run_dir: Path) -> float | None:
+    """When the run last wrote its config or a checkpoint (None: not a run folder)."""
+    files = [run_dir / "config.yaml", *(run_dir / "checkpoints").glob("*.ckpt")]
+    times = [path.stat().st_mtime for path in files if path.exists()]
+    return max(times, default=None)
 
 
 def throughput_monitor() -> ThroughputMonitor:
@@ -199,11 +208,23 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
             raise ConfigError(f"resume=auto: no intact checkpoint in {last.parent}: {'; '.join(broken)}")
         if broken and rank_zero_only.rank == 0:
             print(f"warning: resume=auto skips {'; '.join(broken)}; resuming from {found}", file=sys.stderr)
+        if rank_zero_only.rank == 0:
+            print(f"resume=auto: {resume_finding(run_dir, found)}", flush=True)
         return None if found is None else str(found)
     problem = checkpoint_problem(cfg.resume)  # a file, or a folder for sharded checkpoints
     if problem:
         raise ConfigError(f"invalid value {cfg.resume!r} for 'resume': {problem}")
     return cfg.resume
+
+
+def resume_finding(run_dir: Path, checkpoint: Path | None) -> str:
+    """What ``resume=auto`` found in ``run_dir``, as it is said before the run starts."""
+    if checkpoint is not None:
+        step = checkpoint_metadata(checkpoint).get("global_step", "?")
+        return f"continuing {run_dir} from {checkpoint} (step {step})"
+    if (run_dir / "config.yaml").exists():
+        return f"{run_dir} has no checkpoint (it stopped before its first one); starting it again from step 0"
+    return f"no earlier run at {run_dir}; starting it"
 
 
 def run(cfg: DictConfig) -> Path:
@@ -311,8 +332,8 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
     t = cfg.trainer
     checkpoints = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="step{step}", auto_insert_metric_name=False,
-                                 monitor="val/loss", mode="min", save_last=True,
-                                 enable_version_counter=False)  # last.ckpt is shared with LastCheckpoint
+                                 monitor="val/loss", mode="min", save_last=False,
+                                 enable_version_counter=False)  # last.ckpt: LastCheckpoint's
     last, start = LastCheckpoint(checkpoints / "last.ckpt"), StartStep()
     logger = mlflow_logger(cfg, run_dir, resume=ckpt_path is not None) if cfg.logging.enabled else None
     try:

@@ -43,7 +43,9 @@ from experiments.tracking import (
     RUN_ID_FILE,
     RunLogger,
     artifact_location,
+    end_abandoned_runs,
     mlflow_logger,
+    owner_tags,
     run_tags,
     tracking_uri,
 )
@@ -213,17 +215,22 @@ def child_logger(cfg: DictConfig, parent: RunLogger, run_name: str, task: str, t
                  resume: bool) -> RunLogger:
     """An MLflow run for one task, nested under the sweep's run; a resumed task continues its run."""
     id_file = task_dir / RUN_ID_FILE
+    if rank_zero_only.rank == 0:
+        end_abandoned_runs(parent.experiment, parent.experiment_id, f"{run_name}/{task}")
     logger = RunLogger(
         experiment_name=cfg.logging.experiment_name or cfg.exp,
         run_name=f"{run_name}/{task}",
         tracking_uri=tracking_uri(cfg),
         artifact_location=artifact_location(cfg),
-        tags={**run_tags(cfg), "task": task, "mlflow.parentRunId": parent.run_id},
+        tags={**run_tags(cfg), **owner_tags(), "task": task, "mlflow.parentRunId": parent.run_id},
         run_id=id_file.read_text().strip() if resume and id_file.exists() else None,
     )
     if rank_zero_only.rank == 0:
         if resume and id_file.exists():
             logger.skip_logged_steps()
+            logger.experiment.update_run(logger.run_id, status="RUNNING")  # it may have been marked KILLED
+            for key, value in owner_tags().items():
+                logger.experiment.set_tag(logger.run_id, key, value)
         task_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(logger.run_id)
     return logger
@@ -335,7 +342,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     )
     metric = main_metric(task)
     checkpoint = ModelCheckpoint(dirpath=task_dir / "checkpoints", filename="best", monitor=f"val/{metric}",
-                                 mode="max", save_top_k=1, save_last=True, enable_version_counter=False)
+                                 mode="max", save_top_k=1, save_last=False, enable_version_counter=False)
     start, last = StartStep(), LastCheckpoint(task_dir / "checkpoints" / "last.ckpt")
     resumed = ckpt_path is not None
     logger = child_logger(cfg, parent, run_dir.name, task, task_dir, resumed) if parent else None
