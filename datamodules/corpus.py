@@ -430,10 +430,20 @@ def _part_paths(cache: Path, key: str, k: int) -> tuple[Path, Path]:
 
 def _load_shard(cache: Path, key: str, *, verify: bool = True,
                 warn: bool = False) -> tuple[list[_Shard], list[np.ndarray]] | None:
-    """The parts of a complete shard and their document offsets, or None. With ``verify``, a shard
-    whose token bytes do not match their checksums is None too (with ``warn``, saying so)."""
+    """The parts of a complete shard and their document offsets, or None: absent, of an older format,
+    or damaged (a truncated part, an unreadable index; with ``verify``, token bytes that do not match
+    their checksums), which ``warn`` says in one line."""
+    description = cache / f"{key}.json"
+    if not description.exists():
+        return None
+
+    def damaged(what: object, problem: str) -> None:
+        if warn:
+            print(f"warning: cached shard {what} {problem}; tokenizing it again", file=sys.stderr, flush=True)
+
+    meta: dict = {}
     try:
-        meta = json.loads((cache / f"{key}.json").read_text())
+        meta = json.loads(description.read_text())
         if meta["format_version"] != FORMAT_VERSION:
             return None
         dtype = np.dtype(meta["dtype"])
@@ -448,16 +458,18 @@ def _load_shard(cache: Path, key: str, *, verify: bool = True,
                 and tokens_path.stat().st_size == part["num_tokens"] * dtype.itemsize
             )
             if not complete:
+                damaged(f"{tokens_path} of {meta.get('source')}", "is incomplete (shorter or longer than its "
+                        "index says)")
                 return None
             problem = _checksum_problem(tokens_path, part.get("blake2b")) if verify else None
             if problem:
-                if warn:
-                    print(f"warning: cached shard {tokens_path} of {meta.get('source')} {problem}; "
-                          "tokenizing it again", file=sys.stderr, flush=True)
+                damaged(f"{tokens_path} of {meta.get('source')}", problem)
                 return None
             parts.append(_Shard(tokens_path, dtype, int(part["num_tokens"])))
             offsets.append(part_offsets)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        source = f" of {meta['source']}" if isinstance(meta, dict) and "source" in meta else ""
+        damaged(f"{description}{source}", f"has an unreadable index ({type(error).__name__}: {error})")
         return None
     return parts, offsets
 

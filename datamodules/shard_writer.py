@@ -102,21 +102,27 @@ def tokenize_unit(unit: Unit, tokenizer: Any, dtype: np.dtype,
         texts.clear()
         flags.clear()
 
-    with unit.tokens_path.open("wb") as out:
-        pieces = iter_pieces(unit.path, document_separator=unit.document_separator, start=unit.start,
-                             end=unit.end, progress=progress)
-        for text, ends_document in pieces:
-            texts.append(text)
-            flags.append(ends_document)
-            chars += len(text)
-            if chars >= BATCH_CHARS or len(texts) >= BATCH_PIECES:
-                flush(out)
-                chars = 0
-        flush(out)
-    offsets = np.zeros(len(ends) + 1, dtype=np.int64)
-    offsets[1:] = np.frombuffer(ends, dtype=np.int64)
-    with unit.offsets_path.open("wb") as f:
-        np.save(f, offsets)
+    try:
+        with unit.tokens_path.open("wb") as out:
+            pieces = iter_pieces(unit.path, document_separator=unit.document_separator, start=unit.start,
+                                 end=unit.end, progress=progress)
+            for text, ends_document in pieces:
+                texts.append(text)
+                flags.append(ends_document)
+                chars += len(text)
+                if chars >= BATCH_CHARS or len(texts) >= BATCH_PIECES:
+                    flush(out)
+                    chars = 0
+            flush(out)
+        offsets = np.zeros(len(ends) + 1, dtype=np.int64)
+        offsets[1:] = np.frombuffer(ends, dtype=np.int64)
+        with unit.offsets_path.open("wb") as f:
+            np.save(f, offsets)
+    except OSError as error:  # a write fails without naming its file (a full disk): name the cache
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, f"{unit.tokens_path.parent} (the token cache, "
+                      f"tokenizing {unit.path})") from None
     return len(ends), total, checksum.hexdigest()
 
 

@@ -20,6 +20,7 @@ from glm_lightning.atomic import is_disk_full
 DEFAULT_EXPERIMENT = "quickstart"
 USAGE_ERROR = 2
 INTERRUPTED = 130  # the shell's code for a run stopped by a signal
+RESUMABLE = ("pretrain", "seq2seq", "superglue")  # jobs that continue a run with resume=auto
 
 
 def usage() -> str:
@@ -92,8 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         if not is_disk_full(error):
             raise
+        then = "continue with resume=auto" if cfg.job in RESUMABLE else "run the same command again"
         print(f"error: {error.strerror} while writing {error.filename}; the files written before are intact "
-              "(free space, then continue with resume=auto)", file=sys.stderr)
+              f"(free space, then {then})", file=sys.stderr)
         return 1
     except INTERRUPTIONS as error:  # SIGTERM or Ctrl-C: the MLflow run ended KILLED
         print(f"stopped: {error if isinstance(error, RunInterrupted) else 'interrupted'}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.cache_lock import CacheLock
 from experiments.config import flatten
 from glm_lightning.atomic import atomic_write_text, process_alive
+from glm_lightning.config import ConfigError
 
 RUN_ID_FILE = "mlflow_run_id"
 HOST_TAG, PID_TAG = "glm.host", "glm.pid"  # the process that runs an MLflow run, to tell when it died
@@ -159,10 +161,19 @@ class RunLogger(MLFlowLogger):
         super().finalize("KILLED" if self._killed and status == "failed" else status)
 
 
+def recorded_run_id(run_id_file: Path) -> str:
+    """The MLflow run id a run folder records; a damaged file is a ConfigError naming it."""
+    run_id = run_id_file.read_text(errors="replace").strip()
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        raise ConfigError(f"{run_id_file} does not hold an MLflow run id (found {run_id[:40]!r}); delete it "
+                          "to log the resumed run as a new MLflow run")
+    return run_id
+
+
 def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> RunLogger:
     """A logger for this run; a resumed run continues the MLflow run recorded in its directory."""
     run_id_file = run_dir / RUN_ID_FILE
-    run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
+    run_id = recorded_run_id(run_id_file) if resume and run_id_file.exists() else None
     experiment = experiment_id(cfg)  # created here, where runs that start together cannot both create it
     if rank_zero_only.rank == 0:
         end_abandoned_runs(MlflowClient(tracking_uri=tracking_uri(cfg)), experiment, run_dir.name)

@@ -256,8 +256,13 @@ def _load_file(path: Path) -> tuple[object, bool]:
             from safetensors import safe_open
         except ImportError as error:
             raise ValueError(f"{path}: reading .safetensors needs the safetensors package") from error
-        with safe_open(path, framework="pt") as file:
-            return {key: file.get_tensor(key) for key in file.keys()}, False  # noqa: SIM118 (not a dict)
+        try:
+            with safe_open(path, framework="pt") as file:
+                return {key: file.get_tensor(key) for key in file.keys()}, False  # noqa: SIM118 (not a dict)
+        except Exception as error:  # safetensors raises its own SafetensorError (an Exception) on bad files
+            if isinstance(error, OSError):
+                raise
+            raise ValueError(f"{path} is not a readable .safetensors file ({error})") from error
     mapped = zipfile.is_zipfile(path)
     try:
         try:

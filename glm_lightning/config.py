@@ -384,6 +384,7 @@ POSITIVE = (
       for k in ("max_seq_length", "batch_size", "epochs")),
 )
 NON_NEGATIVE = (
+    "seed",
     "data.num_workers",
     "optim.weight_decay",
     "optim.clip_grad",
@@ -495,6 +496,10 @@ def validate(cfg: DictConfig, choices: dict[str, tuple[str, ...]] | None = None)
         check_value(key, _get(cfg, key), choices)
     superglue_tasks(cfg.task)
     check_run_name(cfg.run_name)
+    devices = cfg.trainer.devices
+    if devices == 0 or devices == "0" or (OmegaConf.is_list(devices) and len(devices) == 0):
+        raise ConfigError(f"invalid value {devices!r} for 'trainer.devices': a run needs at least one device "
+                          "(a count, a list of indices, -1 for all, or auto)")
     kind = cfg.tokenizer.kind
     if kind != "sentencepiece" and not cfg.tokenizer.path:
         raise ConfigError(f"'tokenizer.path' must name the vocabulary file of tokenizer.kind={kind}")

@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from test_superglue_job import overrides, pretrained, sentence, write_jsonl  # noqa: F401 (a fixture)
 
 from experiments.run import main
+from glm_lightning.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 240  # seconds a step of these tests may take on a loaded 2-core machine
@@ -223,3 +224,114 @@ def test_resume_after_a_sigkill_before_the_first_checkpoint_continues_its_folder
     statuses = {run.info.run_id: run.info.status for run in runs(tmp_path, "quickstart")}
     new_id = (run_dir / "mlflow_run_id").read_text().strip()
     assert statuses == {killed_id: "KILLED", new_id: "FINISHED"}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, sentencepiece_model, tokenizer) -> Path:
+    """A tiny checkpoint (64 positions) laid out as a pretraining run, beside its tokenizer."""
+    from glm_lightning.checkpoint import save_ours
+    from glm_lightning.model import GLMConfig, GLMModel
+
+    run = tmp_path_factory.mktemp("small_run")
+    (run / "tokenizer.model").write_bytes(Path(sentencepiece_model).read_bytes())
+    model = GLMModel(GLMConfig.from_name("tiny", vocab_size=len(tokenizer), max_sequence_length=64))
+    save_ours(model, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+UNCLEAR = ["truncated .gz", "truncated .zst", "plain text named .gz", "prompt too long",
+           "damaged mlflow_run_id", "garbage .safetensors", "zero devices", "GPU without a GPU",
+           "negative seed", "hidden size not divisible by heads", "full disk while writing shards",
+           "truncated shard", "damaged shard index"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", UNCLEAR)
+def test_bad_input_and_impossible_settings_are_one_line_naming_the_file_or_key(
+        tmp_path, capsys, make_text, sentencepiece_model, small_run, case):
+    import gzip
+
+    import zstandard
+    from omegaconf import OmegaConf
+
+    from experiments.tracking import mlflow_logger
+
+    if case == "GPU without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    text = make_text(40).encode()
+    cache, corpus = tmp_path / "cache", tmp_path / "corpus.txt"
+    corpus.write_bytes(text)
+    prepare = ["exp=prepare_data", f"tokenizer.path={sentencepiece_model}", f"data.cache_dir={cache}",
+               "data.num_proc=1"]
+    generate = ["exp=generate", f"model.init_from={small_run / 'checkpoints' / 'last.ckpt'}",
+                'prompts=["a [MASK]"]', f"output_dir={tmp_path}"]
+    files = {"truncated .gz": ("c.txt.gz", gzip.compress(text)[:-40]),
+             "truncated .zst": ("c.txt.zst", zstandard.ZstdCompressor().compress(text)[:-40]),
+             "plain text named .gz": ("c.txt.gz", text),
+             "garbage .safetensors": ("model.safetensors", b"not a safetensors file" * 10)}
+    named = tmp_path / files[case][0] if case in files else corpus
+    if case in files:
+        named.write_bytes(files[case][1])
+    if case in ("truncated shard", "damaged shard index"):  # a cache written before, then damaged
+        assert main([*prepare, f"data.train_files=[{corpus}]"]) == 0
+        part = next(cache.glob("*.0.tokens" if case == "truncated shard" else "*.0.offsets.npy"))
+        part.write_bytes(part.read_bytes()[: -7 if case == "truncated shard" else 40])
+        named = part
+        capsys.readouterr()
+    arguments = {
+        "truncated .gz": [*prepare, f"data.train_files=[{named}]"],
+        "truncated .zst": [*prepare, f"data.train_files=[{named}]"],
+        "plain text named .gz": [*prepare, f"data.train_files=[{named}]"],
+        "prompt too long": [*generate[:2], f'prompts=["{" ".join(["word"] * 80)} [MASK]"]', generate[3]],
+        "garbage .safetensors": [*generate, f"model.init_from={named}",
+                                 f"tokenizer.path={sentencepiece_model}"],
+        "zero devices": ["exp=quickstart", "trainer.devices=0"],
+        "GPU without a GPU": [*generate, "trainer.accelerator=gpu"],
+        "negative seed": ["exp=quickstart", "seed=-1"],
+        "hidden size not divisible by heads": [
+            "exp=quickstart", f"tokenizer.path={sentencepiece_model}", f"data.train_files=[{corpus}]",
+            f"data.cache_dir={cache}", f"output_dir={tmp_path}", "model.hidden_size=65", "data.seq_length=64",
+            "data.val_fraction=0", "logging.enabled=false"],
+        "truncated shard": [*prepare, f"data.train_files=[{corpus}]"],
+        "damaged shard index": [*prepare, f"data.train_files=[{corpus}]"],
+    }
+    expected = {
+        "truncated .gz": f"error: {named}: damaged or truncated .gz data at byte offset ",
+        "truncated .zst": f"error: {named}: damaged or truncated .zst data at byte offset ",
+        "plain text named .gz": f"error: {named}: not .gz data (its first bytes are not the .gz signature)",
+        "prompt too long": "error: prompts[0]: ",
+        "damaged mlflow_run_id": f"{tmp_path / 'mlflow_run_id'} does not hold an MLflow run id",
+        "garbage .safetensors": f"error: model.init_from: {named} is not a readable .safetensors file",
+        "zero devices": "error: invalid value 0 for 'trainer.devices'",
+        "GPU without a GPU": "error: invalid value 'gpu' for 'trainer.accelerator': this machine has no GPU",
+        "negative seed": "error: argument 'seed=-1': invalid value -1 for 'seed': must not be negative",
+        "hidden size not divisible by heads": "error: invalid model settings (model.* over the tiny preset): "
+                                              "hidden_size (65) must be divisible by num_attention_heads (4)",
+        "full disk while writing shards": f"error: No space left on device while writing {cache} (the token "
+                                          f"cache, tokenizing {corpus}); the files written before are intact "
+                                          "(free space, then run the same command again)",
+        "truncated shard": f"warning: cached shard {named} of corpus.txt is incomplete",
+        "damaged shard index": f"warning: cached shard {named.parent / named.name.split('.')[0]}.json of "
+                               "corpus.txt has an unreadable index",
+    }[case]
+    if case == "damaged mlflow_run_id":
+        (tmp_path / "mlflow_run_id").write_bytes(b"\x00\x17garbage")
+        cfg = OmegaConf.create({"output_dir": str(tmp_path), "exp": "x", "logging": {
+            "experiment_name": None, "tracking_uri": None, "tags": {}, "parent_run_id": None}})
+        with pytest.raises(ConfigError) as raised:
+            mlflow_logger(cfg, tmp_path, resume=True)
+        lines = [str(raised.value)]
+    elif case == "full disk while writing shards":
+        faults = os.pathsep.join([str(ROOT / "tests" / "fault_injection"), str(ROOT)])
+        env = {**os.environ, "PYTHONPATH": faults, "GLM_FAULT_ENOSPC_AFTER": "2000",
+               "GLM_FAULT_ENOSPC_DIRS": str(cache)}
+        command = [sys.executable, "-m", "experiments.run", *prepare, f"data.train_files=[{corpus}]"]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=DEADLINE)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "warning"))]
+    else:
+        code = main(arguments[case])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and code == (0 if case.endswith(("shard", "index")) else code)
+        lines = [line for line in err.splitlines() if line.startswith(("error", "warning"))]
+    assert len(lines) == 1 and lines[0].startswith(expected), lines

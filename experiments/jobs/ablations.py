@@ -30,7 +30,14 @@ from datamodules.builtin_corpus import builtin_documents
 from experiments.config import format_config, load_config, load_saved_config, save_config
 from experiments.interruption import mlflow_status
 from experiments.jobs import get_job
-from experiments.tracking import end_abandoned_runs, experiment_id, git_tags, owner_tags, tracking_uri
+from experiments.tracking import (
+    end_abandoned_runs,
+    experiment_id,
+    git_tags,
+    owner_tags,
+    recorded_run_id,
+    tracking_uri,
+)
 from glm_lightning.config import ConfigError
 
 # Stage -> the experiment whose YAML it starts from.
@@ -167,7 +174,7 @@ class SweepTracker:
         that name left RUNNING by a dead process are marked KILLED first."""
         end_abandoned_runs(self.client, self.experiment_id, run_name)
         if id_file.exists():
-            run_id = id_file.read_text().strip()
+            run_id = recorded_run_id(id_file)
             self.client.update_run(run_id, status="RUNNING")
             for key, value in owner_tags().items():
                 self.client.set_tag(run_id, key, value)

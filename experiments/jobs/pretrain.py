@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -127,9 +128,25 @@ def build_datamodule(cfg: DictConfig, tokenizer: GLMTokenizer, files: list[str])
     )
 
 
+def model_config_of(cfg: DictConfig, vocab_size: int) -> GLMConfig:
+    """The GLMConfig of ``model.name`` with the run's overrides; impossible sizes are a ConfigError."""
+    try:
+        return GLMConfig.from_name(cfg.model.name, **model_overrides(cfg.model), vocab_size=vocab_size)
+    except ValueError as error:  # e.g. a hidden size the heads do not divide
+        raise ConfigError(f"invalid model settings (model.* over the {cfg.model.name} preset): "
+                          f"{error}") from None
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """Refuse a GPU accelerator on a machine without one (Lightning's own error is a traceback)."""
+    accelerator = cfg.trainer.accelerator
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"invalid value {accelerator!r} for 'trainer.accelerator': this machine has no GPU "
+                          "that PyTorch can use; set trainer.accelerator=auto or cpu")
+
+
 def build_module(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMPretrainModule:
-    model_config = GLMConfig.from_name(cfg.model.name, **model_overrides(cfg.model),
-                                       vocab_size=len(tokenizer))
+    model_config = model_config_of(cfg, len(tokenizer))
     if cfg.data.seq_length > model_config.max_sequence_length:
         raise ConfigError(f"data.seq_length ({cfg.data.seq_length}) exceeds the model's position table "
                           f"(model.max_sequence_length = {model_config.max_sequence_length})")
@@ -240,6 +257,7 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
     again; without a run name they find the run directory through the environment they inherit.
     """
     t = cfg.trainer
+    check_accelerator(cfg)
     try:
         strategy = build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
                                   checkpoint_format=t.checkpoint_format)

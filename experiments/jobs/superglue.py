@@ -30,6 +30,7 @@ from datamodules.superglue_download import fetch_superglue
 from experiments.interruption import interruption_callback, mlflow_status, training_stopped
 from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import (
+    check_accelerator,
     check_resume,
     launch,
     resume_checkpoint,
@@ -46,6 +47,7 @@ from experiments.tracking import (
     end_abandoned_runs,
     mlflow_logger,
     owner_tags,
+    recorded_run_id,
     run_tags,
     tracking_uri,
 )
@@ -223,7 +225,7 @@ def child_logger(cfg: DictConfig, parent: RunLogger, run_name: str, task: str, t
         tracking_uri=tracking_uri(cfg),
         artifact_location=artifact_location(cfg),
         tags={**run_tags(cfg), **owner_tags(), "task": task, "mlflow.parentRunId": parent.run_id},
-        run_id=id_file.read_text().strip() if resume and id_file.exists() else None,
+        run_id=recorded_run_id(id_file) if resume and id_file.exists() else None,
     )
     if rank_zero_only.rank == 0:
         if resume and id_file.exists():
@@ -386,6 +388,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
 def strategy(cfg: DictConfig):
     """A fresh strategy object for each Trainer of the job (ddp/fsdp run the same on every rank)."""
     t = cfg.trainer
+    check_accelerator(cfg)
     try:
         return build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
                               checkpoint_format=t.checkpoint_format)
