@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from datamodules.corpus_reader import (
     iter_documents,
 )
 from datamodules.shard_writer import plan_units, tokenize_units
+from glm_lightning.atomic import remove_abandoned, temporary_path
 
 __all__ = [
     "CorpusError",
@@ -276,6 +276,7 @@ def tokenize_corpus(
     files = resolve_inputs(inputs)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(cache)
     fingerprint = _tokenizer_fingerprint(tokenizer)
     dtype = np.dtype(np.uint16 if len(tokenizer) < 2**16 else np.uint32)
     keys = [
@@ -524,9 +525,19 @@ def _write_shards(files: dict[int, Path], keys: dict[int, str], how: _Tokenizati
 
 
 def _temporary(cache: Path, key: str) -> Path:
-    fd, name = tempfile.mkstemp(dir=cache, prefix=f".{key}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
+    """A new empty file in ``cache`` whose name holds this process's id and host, so that a later
+    run removes it if this process is killed (``glm_lightning.atomic.remove_abandoned``)."""
+    path = temporary_path(cache / key)
+    path.touch(exist_ok=False)
+    return path
+
+
+def _remove_leftovers(cache: Path) -> None:
+    """Remove the shard parts that killed tokenizations left in ``cache``, saying so in one line."""
+    removed = remove_abandoned(cache)
+    if removed:
+        print(f"note: removed {len(removed)} temporary files left in {cache} by killed tokenizations",
+              file=sys.stderr, flush=True)
 
 
 def _atomic_write(cache: Path, key: str, target: Path, write: Any) -> None:

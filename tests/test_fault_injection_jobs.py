@@ -335,3 +335,45 @@ def test_bad_input_and_impossible_settings_are_one_line_naming_the_file_or_key(
         assert "Traceback" not in err and code == (0 if case.endswith(("shard", "index")) else code)
         lines = [line for line in err.splitlines() if line.startswith(("error", "warning"))]
     assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc")
+def test_sigkill_of_prepare_data_ends_its_workers_and_the_next_run_removes_their_files(
+        tmp_path, capsys, make_text, sentencepiece_model):
+    big, small, cache = tmp_path / "big.txt", tmp_path / "small.txt", tmp_path / "cache"
+    paragraph = make_text(40)
+    # 24 MB: several parts tokenized by 2 workers for seconds (below 8 MB one process does it all)
+    big.write_text("\f".join([paragraph] * (24_000_000 // len(paragraph) + 1)), encoding="utf-8")
+    small.write_text(paragraph, encoding="utf-8")
+    prepare = ["exp=prepare_data", f"tokenizer.path={sentencepiece_model}", f"data.cache_dir={cache}",
+               "data.num_proc=2"]
+    process = start([*prepare, f"data.train_files=[{big}]"])
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+
+    def workers() -> list[int]:  # the two workers and multiprocessing's resource tracker
+        pids = [int(pid) for pid in children.read_text().split()]
+        return pids if len(pids) >= 3 and list(cache.glob(".*.tmp")) else []
+
+    pids = wait_for(workers, process, "workers writing shard parts")
+    os.kill(process.pid, signal.SIGKILL)  # the parent only, as an out-of-memory killer would
+    process.wait(timeout=DEADLINE)
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in pids if alive(pid)], "child processes outlived their parent"
+    left = list(cache.glob(".*.tmp"))
+    assert left  # what the killed run left
+
+    assert main([*prepare, f"data.train_files=[{small}]"]) == 0
+    assert (f"note: removed {len(left)} temporary files left in {cache} by killed tokenizations"
+            in capsys.readouterr().err.splitlines())
+    assert not list(cache.glob(".*.tmp"))
