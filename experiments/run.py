@@ -7,15 +7,28 @@ end the program with one line on stderr and exit code 2, before anything heavy i
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
-from datamodules.corpus import CorpusError
-from experiments.config import ConfigError, config_summary, format_config, list_experiments, load_config
-from experiments.errors import RunInterrupted
-from experiments.jobs import SECTIONS, get_job
-from experiments.library_noise import quiet_libraries
-from glm_lightning.atomic import is_disk_full
+
+def _stopped_during_start_up(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM before the job's own handler is installed (while Python imports): one line, 130."""
+    print(f"stopped: terminated by {signal.Signals(signum).name} during start-up (nothing was written)",
+          file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+if __name__ == "__main__":  # the command line: from its first import on, not when imported by a program
+    signal.signal(signal.SIGTERM, _stopped_during_start_up)
+
+from datamodules.corpus import CorpusError  # noqa: E402
+from experiments.config import ConfigError, config_summary, format_config, list_experiments, load_config  # noqa: E402
+from experiments.errors import RunInterrupted  # noqa: E402
+from experiments.jobs import SECTIONS, get_job  # noqa: E402
+from experiments.library_noise import quiet_libraries  # noqa: E402
+from glm_lightning.atomic import is_disk_full  # noqa: E402
 
 DEFAULT_EXPERIMENT = "quickstart"
 USAGE_ERROR = 2

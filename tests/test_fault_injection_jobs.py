@@ -377,3 +377,21 @@ def test_sigkill_of_prepare_data_ends_its_workers_and_the_next_run_removes_their
     assert (f"note: removed {len(left)} temporary files left in {cache} by killed tokenizations"
             in capsys.readouterr().err.splitlines())
     assert not list(cache.glob(".*.tmp"))
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` (its SigCgt mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal masks from /proc")
+def test_sigterm_while_the_command_line_starts_is_one_stopped_line(tmp_path):
+    process = start(["exp=quickstart", f"output_dir={tmp_path}"])
+    wait_for(lambda: catches(process.pid, signal.SIGTERM), process, "the start-up handler")
+    process.send_signal(signal.SIGTERM)  # while Python imports the libraries, before any job runs
+    stderr = finish(process)
+    assert process.returncode == 130
+    assert stopped_line(stderr) == ("stopped: terminated by SIGTERM during start-up (nothing was written)")
+    assert not (tmp_path / "quickstart").exists()

@@ -12,6 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from experiments.config import load_config, save_config
+from experiments.errors import RunInterrupted
 from experiments.resume import RESUME_SAFE, config_changes
 from experiments.run import main
 from glm_lightning.checkpoint_io import AtomicCheckpointIO, newest_intact_checkpoint
@@ -124,3 +125,18 @@ def test_a_non_finite_loss_right_after_a_resume_names_the_checkpoint_and_the_one
         rf"{re.escape(str(last))} and before any newer checkpoint: that checkpoint may hold damaged weights; "
         rf"continue from the checkpoint before it with resume={re.escape(str(checkpoints / 'step1.ckpt'))}",
         line), line
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_final_held_out_evaluation_ends_the_mlflow_run_killed(finished, tmp_path, capsys,
+                                                                                 monkeypatch):
+    run_dir = copy_of(finished, tmp_path)
+
+    def stopped(*args, **kwargs):  # what the SIGTERM handler raises outside a training step
+        raise RunInterrupted("terminated by SIGTERM outside a training step (no checkpoint written now)")
+
+    monkeypatch.setattr("experiments.jobs.pretrain.evaluate_infilling", stopped)
+    assert main(resumed(finished, tmp_path)) == 130
+    assert capsys.readouterr().err.splitlines()[-1].startswith("stopped: terminated by SIGTERM")
+    store = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert store.get_run((run_dir / "mlflow_run_id").read_text()).info.status == "KILLED"

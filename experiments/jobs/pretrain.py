@@ -29,7 +29,7 @@ from datamodules.corpus_reader import iter_documents
 from datamodules.mixture import SourceShareLogger
 from datamodules.pretrain import PretrainDataModule, TooFewDocuments
 from datamodules.shard_writer import default_num_proc
-from experiments.interruption import interruption_callback, mlflow_status, training_stopped
+from experiments.interruption import INTERRUPTIONS, interruption_callback, mlflow_status, training_stopped
 from experiments.resume import RecordConfig, resume_config
 from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
 from experiments.tracking import RunLogger, mlflow_logger
@@ -297,7 +297,12 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     if run.trainer.is_global_zero:
         print(result_line(run.summary, run.logger))
         if not cfg.data.train_files:  # the built-in world: show what the model learned about it
-            print(builtin_infilling(run, module, tokenizer, run_dir / "summary.json"))
+            try:
+                print(builtin_infilling(run, module, tokenizer, run_dir / "summary.json"))
+            except INTERRUPTIONS:  # Lightning ended the MLflow run FINISHED, before these metrics
+                if run.logger:
+                    run.logger.experiment.set_terminated(run.logger.run_id, "KILLED")
+                raise
     return run_dir
 
 
