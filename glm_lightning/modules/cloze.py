@@ -31,6 +31,7 @@ from glm_lightning.checkpoint import new_glm
 from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.metrics import ReCoRDMetric, superglue_metrics
 from glm_lightning.model import GLMConfig, GLMModel, check_trainable
+from glm_lightning.modules.pretrain import ResumesRandomState
 from glm_lightning.optim import adamw_with_annealing
 from glm_lightning.parallel import configure_glm_module
 
@@ -120,7 +121,7 @@ class ClassificationHead(nn.Module):
         return self.out(self.dropout(torch.tanh(self.dense(pooled))))
 
 
-class GLMClozeModule(L.LightningModule):
+class GLMClozeModule(ResumesRandomState, L.LightningModule):
     """GLMModel finetuned on one SuperGLUE task; evaluation feeds ``superglue_metrics(task)``.
 
     Defaults are the released finetuning settings (``config_tasks/task_*.sh``): AdamW lr 1e-5, weight
