@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from datamodules.corpus_reader import (
     iter_documents,
 )
 from datamodules.shard_writer import plan_units, tokenize_units
+from glm_lightning.atomic import remove_abandoned, temporary_path
 
 __all__ = [
     "CorpusError",
@@ -276,6 +276,7 @@ def tokenize_corpus(
     files = resolve_inputs(inputs)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(cache)
     fingerprint = _tokenizer_fingerprint(tokenizer)
     dtype = np.dtype(np.uint16 if len(tokenizer) < 2**16 else np.uint32)
     keys = [
@@ -430,10 +431,20 @@ def _part_paths(cache: Path, key: str, k: int) -> tuple[Path, Path]:
 
 def _load_shard(cache: Path, key: str, *, verify: bool = True,
                 warn: bool = False) -> tuple[list[_Shard], list[np.ndarray]] | None:
-    """The parts of a complete shard and their document offsets, or None. With ``verify``, a shard
-    whose token bytes do not match their checksums is None too (with ``warn``, saying so)."""
+    """The parts of a complete shard and their document offsets, or None: absent, of an older format,
+    or damaged (a truncated part, an unreadable index; with ``verify``, token bytes that do not match
+    their checksums), which ``warn`` says in one line."""
+    description = cache / f"{key}.json"
+    if not description.exists():
+        return None
+
+    def damaged(what: object, problem: str) -> None:
+        if warn:
+            print(f"warning: cached shard {what} {problem}; tokenizing it again", file=sys.stderr, flush=True)
+
+    meta: dict = {}
     try:
-        meta = json.loads((cache / f"{key}.json").read_text())
+        meta = json.loads(description.read_text())
         if meta["format_version"] != FORMAT_VERSION:
             return None
         dtype = np.dtype(meta["dtype"])
@@ -448,16 +459,18 @@ def _load_shard(cache: Path, key: str, *, verify: bool = True,
                 and tokens_path.stat().st_size == part["num_tokens"] * dtype.itemsize
             )
             if not complete:
+                damaged(f"{tokens_path} of {meta.get('source')}", "is incomplete (shorter or longer than its "
+                        "index says)")
                 return None
             problem = _checksum_problem(tokens_path, part.get("blake2b")) if verify else None
             if problem:
-                if warn:
-                    print(f"warning: cached shard {tokens_path} of {meta.get('source')} {problem}; "
-                          "tokenizing it again", file=sys.stderr, flush=True)
+                damaged(f"{tokens_path} of {meta.get('source')}", problem)
                 return None
             parts.append(_Shard(tokens_path, dtype, int(part["num_tokens"])))
             offsets.append(part_offsets)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        source = f" of {meta['source']}" if isinstance(meta, dict) and "source" in meta else ""
+        damaged(f"{description}{source}", f"has an unreadable index ({type(error).__name__}: {error})")
         return None
     return parts, offsets
 
@@ -512,9 +525,19 @@ def _write_shards(files: dict[int, Path], keys: dict[int, str], how: _Tokenizati
 
 
 def _temporary(cache: Path, key: str) -> Path:
-    fd, name = tempfile.mkstemp(dir=cache, prefix=f".{key}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
+    """A new empty file in ``cache`` whose name holds this process's id and host, so that a later
+    run removes it if this process is killed (``glm_lightning.atomic.remove_abandoned``)."""
+    path = temporary_path(cache / key)
+    path.touch(exist_ok=False)
+    return path
+
+
+def _remove_leftovers(cache: Path) -> None:
+    """Remove the shard parts that killed tokenizations left in ``cache``, saying so in one line."""
+    removed = remove_abandoned(cache)
+    if removed:
+        print(f"note: removed {len(removed)} temporary files left in {cache} by killed tokenizations",
+              file=sys.stderr, flush=True)
 
 
 def _atomic_write(cache: Path, key: str, target: Path, write: Any) -> None:

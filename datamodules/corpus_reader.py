@@ -35,6 +35,7 @@ import io
 import lzma
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -127,26 +128,98 @@ class _Counting(io.RawIOBase):
         super().close()
 
 
+# How each compressed format begins (its magic number): a file without it is not of that format.
+SIGNATURES = {".gz": b"\x1f\x8b", ".bz2": b"BZh", ".xz": b"\xfd7zXZ\x00", ".zst": b"\x28\xb5\x2f\xfd"}
+
+
+class _Decompressed(io.RawIOBase):
+    """A decompressor's output whose failures (damaged or truncated data; each library raises its
+    own kind of error) are one ``CorpusError`` naming the file and the offset reached."""
+
+    def __init__(self, path: Path, stream: BinaryIO, errors: tuple[type[BaseException], ...] = ()) -> None:
+        self._path, self._stream, self._offset = path, stream, 0
+        self._errors = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, *errors)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        try:
+            n = self._stream.readinto(buffer)
+        except self._errors as error:
+            kind = compression(self._path)
+            raise CorpusError(f"{self._path}: damaged or truncated {kind} data at byte offset {self._offset} "
+                              f"of its decompressed content ({error})") from None
+        self._offset += n or 0
+        return n or 0
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file of one or more frames; a file that ends inside a frame
+    is an ``EOFError`` (zstandard's own stream reader ends there silently)."""
+
+    def __init__(self, compressed: BinaryIO) -> None:
+        import zstandard
+
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._compressed, self._frame, self._started = compressed, self._new(), False
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        while not self._pending:
+            data = self._compressed.read(CHUNK_BYTES)
+            if not data:
+                if self._started:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            while data:
+                self._started = True
+                self._pending += self._frame.decompress(data)
+                data = b""
+                if self._frame.eof:  # a frame ended: what follows it starts the next one
+                    data, self._frame, self._started = self._frame.unused_data, self._new(), False
+        n = min(len(buffer), len(self._pending))
+        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        return n
+
+
 def open_binary(path: Path, start: int = 0, progress: Progress | None = None) -> tuple[BinaryIO, BinaryIO]:
     """(the file, its decompressed bytes) from byte `start` (only 0 for compressed files); close
     both (a decompressor does not close a file it was handed)."""
     raw = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
     if start:
         raw.seek(start)
-    counted = io.BufferedReader(_Counting(raw, progress), buffer_size=CHUNK_BYTES)
     kind = compression(path)
+    if kind is not None:
+        signature = raw.read(len(SIGNATURES[kind]))
+        raw.seek(start)
+        if signature and signature != SIGNATURES[kind]:
+            raw.close()
+            raise CorpusError(f"{path}: not {kind} data (its first bytes are not the {kind} signature); "
+                              f"a file of another kind named {kind}? Rename it to what it holds")
+    counted = io.BufferedReader(_Counting(raw, progress), buffer_size=CHUNK_BYTES)
     if kind is None:
         return counted, counted
+    errors: tuple[type[BaseException], ...] = ()
     if kind == ".gz":
-        return counted, gzip.GzipFile(fileobj=counted, mode="rb")  # type: ignore[return-value]
-    if kind == ".bz2":
-        return counted, bz2.BZ2File(counted, "rb")  # type: ignore[return-value]
-    if kind == ".xz":
-        return counted, lzma.LZMAFile(counted, "rb")  # type: ignore[return-value]
-    import zstandard
+        stream = gzip.GzipFile(fileobj=counted, mode="rb")
+    elif kind == ".bz2":
+        stream = bz2.BZ2File(counted, "rb")
+    elif kind == ".xz":
+        stream = lzma.LZMAFile(counted, "rb")
+    else:
+        import zstandard
 
-    reader = zstandard.ZstdDecompressor().stream_reader(counted, read_size=CHUNK_BYTES)
-    return counted, io.BufferedReader(reader, buffer_size=CHUNK_BYTES)  # type: ignore[arg-type]
+        stream, errors = _ZstdFrames(counted), (zstandard.ZstdError,)
+    decompressed = _Decompressed(path, stream, errors)  # type: ignore[arg-type]
+    return counted, io.BufferedReader(decompressed, buffer_size=CHUNK_BYTES)  # type: ignore[return-value]
 
 
 def iter_pieces(

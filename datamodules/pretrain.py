@@ -359,7 +359,10 @@ def split_by_document(
             f"cannot split {n} document(s) into train and validation; pass val_files, or split the "
             "text into documents (form feeds or document_separator)"
         )
-    num_val = min(max(round(val_fraction * n), 1), n - 1)
+    num_val = max(round(val_fraction * n), 1)
+    if num_val >= n:  # never shrunk silently to one training document
+        raise TooFewDocuments(f"val_fraction={val_fraction} of {n} documents holds out all {n}, leaving none "
+                              "to train on; lower data.val_fraction, pass val_files, or give more documents")
     order = np.random.default_rng(seed).permutation(n)
     return corpus.subset(np.sort(order[num_val:])), corpus.subset(np.sort(order[:num_val]))
 

@@ -11,10 +11,12 @@ token bytes is computed as they are written, so that a damaged cache can be told
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 import multiprocessing
 import os
+import signal
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -102,21 +104,27 @@ def tokenize_unit(unit: Unit, tokenizer: Any, dtype: np.dtype,
         texts.clear()
         flags.clear()
 
-    with unit.tokens_path.open("wb") as out:
-        pieces = iter_pieces(unit.path, document_separator=unit.document_separator, start=unit.start,
-                             end=unit.end, progress=progress)
-        for text, ends_document in pieces:
-            texts.append(text)
-            flags.append(ends_document)
-            chars += len(text)
-            if chars >= BATCH_CHARS or len(texts) >= BATCH_PIECES:
-                flush(out)
-                chars = 0
-        flush(out)
-    offsets = np.zeros(len(ends) + 1, dtype=np.int64)
-    offsets[1:] = np.frombuffer(ends, dtype=np.int64)
-    with unit.offsets_path.open("wb") as f:
-        np.save(f, offsets)
+    try:
+        with unit.tokens_path.open("wb") as out:
+            pieces = iter_pieces(unit.path, document_separator=unit.document_separator, start=unit.start,
+                                 end=unit.end, progress=progress)
+            for text, ends_document in pieces:
+                texts.append(text)
+                flags.append(ends_document)
+                chars += len(text)
+                if chars >= BATCH_CHARS or len(texts) >= BATCH_PIECES:
+                    flush(out)
+                    chars = 0
+            flush(out)
+        offsets = np.zeros(len(ends) + 1, dtype=np.int64)
+        offsets[1:] = np.frombuffer(ends, dtype=np.int64)
+        with unit.offsets_path.open("wb") as f:
+            np.save(f, offsets)
+    except OSError as error:  # a write fails without naming its file (a full disk): name the cache
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, f"{unit.tokens_path.parent} (the token cache, "
+                      f"tokenizing {unit.path})") from None
     return len(ends), total, checksum.hexdigest()
 
 
@@ -124,10 +132,24 @@ def tokenize_unit(unit: Unit, tokenizer: Any, dtype: np.dtype,
 # Worker pool
 
 _worker: dict[str, Any] = {}
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 
 
-def _init_worker(tokenizer: Any, dtype: str, counter: Any) -> None:
+def _init_worker(tokenizer: Any, dtype: str, counter: Any, parent: int) -> None:
+    die_with_parent(parent)
     _worker.update(tokenizer=tokenizer, dtype=np.dtype(dtype), counter=counter)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when its parent dies, also by SIGKILL, which runs no
+    clean-up code in the parent (Linux ``PR_SET_PDEATHSIG``; elsewhere the pool ends its workers)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
 
 
 def _add_progress(n: int) -> None:
@@ -155,7 +177,7 @@ def tokenize_units(units: Sequence[Unit], tokenizer: Any, dtype: np.dtype, num_p
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads
         counter = context.Value("q", 0)
         order = sorted(range(len(units)), key=lambda k: -units[k].size)  # longest first
-        with context.Pool(processes, _init_worker, (tokenizer, dtype.name, counter)) as pool:
+        with context.Pool(processes, _init_worker, (tokenizer, dtype.name, counter, os.getpid())) as pool:
             pending = {k: pool.apply_async(_run_unit, (units[k],)) for k in order}
             shown = 0
             while not all(r.ready() for r in pending.values()):

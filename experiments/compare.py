@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from experiments import paper_results
 from experiments.tables import AVG, Column, CompareError, Rows, Sweep, mean_std, task_columns
+from glm_lightning.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -504,11 +505,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--plot", default=None, metavar="DIR",
                         help="write into DIR tasks.png (per-task bars; SuperGLUE runs and sweeps) and "
                              "curves.png (learning curves; sweeps and every other experiment)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output file or plots in --plot DIR")
     return parser.parse_args(argv)
+
+
+def refuse_overwrite(args: argparse.Namespace) -> None:
+    """Refuse, before any work, to replace the --output file or plots in --plot without --overwrite."""
+    targets = [Path(args.output)] if args.output else []
+    if args.plot:
+        targets += [Path(args.plot) / "tasks.png", Path(args.plot) / "curves.png"]
+    existing = [str(path) for path in targets if path.exists()]
+    if existing and not args.overwrite:
+        raise CompareError(f"{existing[0]} already exists; give --overwrite to replace it")
 
 
 def run_command(args: argparse.Namespace) -> str:
     """The table the arguments ask for (plots written on the way)."""
+    refuse_overwrite(args)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     if args.experiment is None:
         args.experiment = latest_experiment(tracking_uri)
@@ -550,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        atomic_write_text(args.output, text)
     else:
         sys.stdout.write(text)
     return 0

@@ -8,23 +8,37 @@ missing input files and folders, all of them at once (``experiments.inputs``).
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
-from omegaconf import DictConfig
 
-from datamodules.corpus import CorpusError
-from experiments.config import ConfigError, config_summary, format_config, list_experiments, load_config
-from experiments.errors import LostRank, RunInterrupted
-from experiments.inputs import checkpoint_settings, loads_tokenizer, missing_inputs
-from experiments.jobs import SECTIONS, get_job
-from experiments.library_noise import quiet_libraries
-from experiments.threads import torch_threads
-from glm_lightning.atomic import is_disk_full
+def _stopped_during_start_up(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM before the job's own handler is installed (while Python imports): one line, 130."""
+    print(f"stopped: terminated by {signal.Signals(signum).name} during start-up (nothing was written)",
+          file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+if __name__ == "__main__":  # the command line: from its first import on, not when imported by a program
+    signal.signal(signal.SIGTERM, _stopped_during_start_up)
+
+from omegaconf import DictConfig  # noqa: E402
+
+from datamodules.corpus import CorpusError  # noqa: E402
+from experiments.config import ConfigError, config_summary, format_config, list_experiments, load_config  # noqa: E402
+from experiments.errors import LostRank, RunInterrupted  # noqa: E402
+from experiments.inputs import checkpoint_settings, loads_tokenizer, missing_inputs  # noqa: E402
+from experiments.jobs import SECTIONS, get_job  # noqa: E402
+from experiments.library_noise import quiet_libraries  # noqa: E402
+from experiments.threads import torch_threads  # noqa: E402
+from glm_lightning.atomic import is_disk_full  # noqa: E402
 
 DEFAULT_EXPERIMENT = "quickstart"
 USAGE_ERROR = 2
 INTERRUPTED = 130  # the shell's code for a run stopped by a signal
+RESUMABLE = ("pretrain", "seq2seq", "superglue")  # jobs that continue a run with resume=auto
 
 
 def usage() -> str:
@@ -102,17 +116,17 @@ def run_job(cfg: DictConfig) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
-    except LostRank as error:  # another node died: this one stops, naming it
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, CorpusError) as error:  # bad input data: say which file, no traceback
+    except (FileNotFoundError, CorpusError, LostRank, FloatingPointError) as error:
+        # bad input data (the message names the file), another node lost (named), a non-finite loss
+        # (the message says where to continue from): one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:
         if not is_disk_full(error):
             raise
+        then = "continue with resume=auto" if cfg.job in RESUMABLE else "run the same command again"
         print(f"error: {error.strerror} while writing {error.filename}; the files written before are intact "
-              "(free space, then continue with resume=auto)", file=sys.stderr)
+              f"(free space, then {then})", file=sys.stderr)
         return 1
     except INTERRUPTIONS as error:  # SIGTERM or Ctrl-C: the MLflow run ended KILLED
         print(f"stopped: {error if isinstance(error, RunInterrupted) else 'interrupted'}", file=sys.stderr)

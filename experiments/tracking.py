@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from argparse import Namespace
 from contextlib import closing
@@ -20,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.cache_lock import CacheLock
 from experiments.config import flatten
-from glm_lightning.atomic import atomic_write_text, publish, remove_abandoned, temporary_path
+from glm_lightning.atomic import atomic_write_text, process_alive, publish, remove_abandoned, temporary_path
 from glm_lightning.errors import ConfigError
 
 RUN_ID_FILE = "mlflow_run_id"
+HOST_TAG, PID_TAG = "glm.host", "glm.pid"  # the process that runs an MLflow run, to tell when it died
 
 
 _READY_STORES: set[str] = set()  # sqlite stores this process has found created and migrated
@@ -170,6 +175,31 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     return tags
 
 
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process as the one that runs an MLflow run (set again when it is resumed)."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def end_abandoned_runs(client: MlflowClient, experiment: str, run_name: str) -> list[str]:
+    """Mark KILLED the runs named ``run_name`` in ``experiment`` that are still RUNNING although the
+    process that ran them, on this host, is gone (SIGKILL or a crash leave them so); says so in one
+    line each and returns their ids. Runs of other hosts, or without the owner tags, are left."""
+    host, ended = socket.gethostname(), []
+    name = run_name.replace("'", "\\'")
+    for run in client.search_runs([experiment], f"attributes.status = 'RUNNING' and "
+                                  f"tags.mlflow.runName = '{name}'"):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        ours = tags.get(HOST_TAG) == host and pid.isdigit()
+        if not ours or int(pid) == os.getpid() or process_alive(int(pid)):
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+        print(f"note: MLflow run {run.info.run_id} ({run_name}) was left RUNNING by process {pid}, which is "
+              "gone; marked KILLED", file=sys.stderr)
+    return ended
+
+
 class RunLogger(MLFlowLogger):
     """MLFlowLogger whose run ends as KILLED (not FAILED) when training was interrupted on purpose,
     and that logs each step of a metric once (see ``skip_logged_steps``)."""
@@ -211,17 +241,28 @@ class RunLogger(MLFlowLogger):
         super().finalize("KILLED" if self._killed and status == "failed" else status)
 
 
+def recorded_run_id(run_id_file: Path) -> str:
+    """The MLflow run id a run folder records; a damaged file is a ConfigError naming it."""
+    run_id = run_id_file.read_text(errors="replace").strip()
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        raise ConfigError(f"{run_id_file} does not hold an MLflow run id (found {run_id[:40]!r}); delete it "
+                          "to log the resumed run as a new MLflow run")
+    return run_id
+
+
 def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> RunLogger:
     """A logger for this run; a resumed run continues the MLflow run recorded in its directory."""
     run_id_file = run_dir / RUN_ID_FILE
-    run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
-    experiment_id(cfg)  # created here, where runs that start together cannot both create it
+    run_id = recorded_run_id(run_id_file) if resume and run_id_file.exists() else None
+    experiment = experiment_id(cfg)  # created here, where runs that start together cannot both create it
+    if rank_zero_only.rank == 0:
+        end_abandoned_runs(MlflowClient(tracking_uri=tracking_uri(cfg)), experiment, run_dir.name)
     logger = RunLogger(
         experiment_name=cfg.logging.experiment_name or cfg.exp,
         run_name=run_dir.name,
         tracking_uri=tracking_uri(cfg),
         artifact_location=artifact_location(cfg),
-        tags=run_tags(cfg),
+        tags={**run_tags(cfg), **owner_tags()},
         run_id=run_id,
         log_model=False,  # checkpoints stay in the run directory; the run records their paths
     )
@@ -229,6 +270,9 @@ def mlflow_logger(cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> Ru
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
     elif rank_zero_only.rank == 0:
         logger.skip_logged_steps()
+        logger.experiment.update_run(run_id, status="RUNNING")  # it may have been marked KILLED
+        for key, value in owner_tags().items():
+            logger.experiment.set_tag(run_id, key, value)
     if rank_zero_only.rank == 0:  # other ranks log nothing; Lightning routes them to a no-op
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_id_file, logger.run_id)

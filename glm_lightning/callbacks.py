@@ -13,19 +13,25 @@ from types import FrameType
 from typing import Any, TextIO
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ModelSummary, ProgressBar, TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from glm_lightning.atomic import is_disk_full
 
 
-class LastCheckpoint(L.Callback):
-    """Keeps ``path`` (the run's ``last.ckpt``, which ``resume=auto`` picks up) current when
-    training ends, and makes Ctrl-C or SIGTERM finish the current step, save it, then stop.
+class LastCheckpoint(Checkpoint):
+    """The one writer of ``path`` (the run's ``last.ckpt``, which ``resume=auto`` picks up): after
+    every validation, at ``max_steps``, when training ends, and when Ctrl-C or SIGTERM stop it
+    after finishing the current step. Each step is written once.
 
-    ModelCheckpoint only saves at validation time, so a run reaching ``max_steps`` between two
-    validations would otherwise lose its last steps. Lightning already turns SIGTERM into a stop at
-    the next batch boundary (``SIGTERMException``); a first Ctrl-C is routed the same way (a second
-    one interrupts at once). The loggers are told an interrupted run was killed rather than failed.
+    Pass it after the run's ModelCheckpoint (``save_last=False``): Lightning runs checkpoint
+    callbacks last and in order, so ``last.ckpt`` written after a validation holds the best
+    checkpoint that validation chose. Lightning already turns SIGTERM into a stop at the next batch
+    boundary (``SIGTERMException``); a first Ctrl-C is routed the same way (a second one interrupts
+    at once). The loggers are told an interrupted run was killed rather than failed.
     """
 
     def __init__(self, path: str | Path):
@@ -33,13 +39,31 @@ class LastCheckpoint(L.Callback):
         self.interrupted = False
         self._previous_handler = None
         self._saved_step = -1  # global step of the latest checkpoint written by anyone
+        self._written_step = -1  # global step that ``path`` holds, when written in this process
+
+    @property
+    def saved_step(self) -> int:
+        """The global step of the latest checkpoint written in this process (-1: none yet)."""
+        return self._saved_step
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._saved_step = trainer.global_step
 
     def _save(self, trainer: L.Trainer) -> None:
-        if self._saved_step != trainer.global_step:
+        step = trainer.global_step
+        if self._written_step == step:
+            return
+        try:
             trainer.save_checkpoint(self.path, weights_only=False)  # a full, resumable checkpoint
+        except OSError as error:
+            # A checkpoint of this very step was written (the best one, by ModelCheckpoint): nothing
+            # is lost, so a full disk is a warning here, not a failed run.
+            if not (is_disk_full(error) and self._saved_step == step):
+                raise
+            if rank_zero_only.rank == 0:
+                print(f"warning: {self.path} not updated ({error.strerror}); step {step} is saved in "
+                      "the run's other checkpoint of that step", file=sys.stderr)
+        self._written_step = step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -59,8 +83,12 @@ class LastCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         # Save the final step from inside the epoch, so resuming with a larger max_steps continues
-        # the epoch exactly where it stopped.
-        if 0 < trainer.max_steps <= trainer.global_step:
+        # the epoch exactly where it stopped; after its validation when one follows.
+        if 0 < trainer.max_steps <= trainer.global_step and not validation_follows(trainer):
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -77,6 +105,16 @@ class LastCheckpoint(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "mark_killed"):
                 logger.mark_killed()
+
+
+def validation_follows(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates right after the current training batch (its own decision, read
+    from its loop; False where that cannot be read, which only costs a second write)."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher)) and not loop.val_loop.skip
+    except AttributeError:
+        return False
 
 
 class StartStep(L.Callback):

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from glm_lightning.atomic import atomic_write
 from glm_lightning.model import VOCAB_MULTIPLE, GLMConfig, GLMModel
 
 log = logging.getLogger(__name__)
@@ -255,8 +256,13 @@ def _load_file(path: Path) -> tuple[object, bool]:
             from safetensors import safe_open
         except ImportError as error:
             raise ValueError(f"{path}: reading .safetensors needs the safetensors package") from error
-        with safe_open(path, framework="pt") as file:
-            return {key: file.get_tensor(key) for key in file.keys()}, False  # noqa: SIM118 (not a dict)
+        try:
+            with safe_open(path, framework="pt") as file:
+                return {key: file.get_tensor(key) for key in file.keys()}, False  # noqa: SIM118 (not a dict)
+        except Exception as error:  # safetensors raises its own SafetensorError (an Exception) on bad files
+            if isinstance(error, OSError):
+                raise
+            raise ValueError(f"{path} is not a readable .safetensors file ({error})") from error
     mapped = zipfile.is_zipfile(path)
     try:
         try:
@@ -620,9 +626,7 @@ def _write_ours(weights: dict[str, Tensor], config: GLMConfig, path: Path,
         checkpoint["pytorch-lightning_version"] = version("lightning")  # Lightning's loader needs it
     except PackageNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, path)
-    return path
+    return atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def _plain(model: GLMModel) -> dict[str, Tensor]:
@@ -634,10 +638,13 @@ def _plain(model: GLMModel) -> dict[str, Tensor]:
 
 
 def convert(src: str | Path, dst: str | Path, to: str, *, model_parallel: int = 1,
-            num_attention_heads: int | None = None, fix_chinese_gmask_row: bool = False) -> GLMConfig:
+            num_attention_heads: int | None = None, fix_chinese_gmask_row: bool = False,
+            overwrite: bool = False) -> GLMConfig:
     """Rewrite the checkpoint ``src`` in layout ``to`` (``ours``: a file; ``official``, ``hf``: a
     folder) at ``dst``. Works on the state dict, so the stored dtype is kept and no model is
-    built beyond checking the shapes. Returns the config."""
+    built beyond checking the shapes. An existing ``dst`` (a file, or a folder that is not empty)
+    is refused with ``FileExistsError`` before anything is read, unless ``overwrite``. Returns the config."""
+    refuse_existing(dst, overwrite, "--overwrite")
     stored = read_checkpoint(src)
     config = checkpoint_config(stored, num_attention_heads)
     with torch.device("meta"):
@@ -656,6 +663,14 @@ def convert(src: str | Path, dst: str | Path, to: str, *, model_parallel: int = 
     else:
         raise ValueError(f"unknown layout {to!r}; choose ours, official or hf")
     return config
+
+
+def refuse_existing(path: str | Path, overwrite: bool, how: str) -> None:
+    """Raise ``FileExistsError`` naming ``path`` when it is a file or a folder that is not empty and
+    ``overwrite`` is false (``how``: the option that allows replacing it)."""
+    path = Path(path)
+    if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
+        raise FileExistsError(f"{path} already exists; give {how} to replace it")
 
 
 def describe(src: str | Path, num_attention_heads: int | None = None) -> str:
@@ -691,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--num-heads", type=int, default=None)
     conv.add_argument("--fix-chinese-gmask", action="store_true",
                       help="copy embedding row 50007 into 50009 (glm-10b-chinese)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing dst")
     insp = commands.add_parser("inspect", help="print the inferred config and parameter count")
     insp.add_argument("src")
     insp.add_argument("--num-heads", type=int, default=None)
@@ -698,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             config = convert(args.src, args.dst, args.to, model_parallel=args.model_parallel,
-                             num_attention_heads=args.num_heads, fix_chinese_gmask_row=args.fix_chinese_gmask)
+                             num_attention_heads=args.num_heads, fix_chinese_gmask_row=args.fix_chinese_gmask,
+                             overwrite=args.overwrite)
             print(f"wrote {args.dst} ({args.to}): {config.num_layers} layers, hidden {config.hidden_size}, "
                   f"{config.num_attention_heads} heads, vocab {config.vocab_size}")
         else:

@@ -44,23 +44,31 @@ class RecordTokenizer(L.Callback):
         self.record.store(checkpoint)
 
 
-def recorded_tokenizer(path: str | Path) -> TokenizerRecord | None:
-    """The tokenizer a training checkpoint (a file, or a sharded folder) records, None if it has no
-    record. Only the pickled metadata is read: the tensors of a file are memory-mapped, untouched."""
+def checkpoint_metadata(path: str | Path) -> dict:
+    """The top-level entries of a training checkpoint (a file, or a sharded folder's metadata file).
+    Only the pickled part is read: the tensors of a file are memory-mapped, untouched."""
     path = Path(path)
     file = path / _METADATA_FILENAME if path.is_dir() else path
-    return TokenizerRecord.of(torch.load(file, map_location="cpu", weights_only=False, mmap=True))
+    return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
 
 
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why ``path`` is not a loadable checkpoint (empty, truncated, not a checkpoint), or None.
+def recorded_tokenizer(path: str | Path) -> TokenizerRecord | None:
+    """The tokenizer a training checkpoint (a file, or a sharded folder) records, None if it has no record."""
+    return TokenizerRecord.of(checkpoint_metadata(path))
+
+
+def checkpoint_problem(path: str | Path, *, verify_content: bool = True) -> str | None:
+    """Why ``path`` is not a loadable checkpoint (empty, truncated, damaged content, not a
+    checkpoint), or None.
 
     A ``torch.save`` file is a zip archive whose central directory is written last, at its end, so
-    reading that directory (a few KB, whatever the checkpoint's size) and checking that every
-    member lies inside the file finds the empty and truncated files an interrupted write leaves
-    and files of another kind, without loading the weights (``torch.load`` would read them all; a
-    bit flip inside a tensor is not detected). A sharded checkpoint is a folder that is complete
-    once torch.distributed.checkpoint has written its ``.metadata`` file.
+    reading that directory and checking that every member lies inside the file finds the empty and
+    truncated files an interrupted write leaves, and files of another kind. ``torch.save`` also
+    records a CRC-32 of every member (the pickle and each tensor's bytes), which ``torch.load``
+    never checks: they are verified here, reading the file once at disk speed, so that a tensor
+    overwritten inside an intact archive is refused before it is trained on. A sharded checkpoint
+    is a folder that is complete once torch.distributed.checkpoint has written its ``.metadata`` file.
+    ``verify_content=False`` skips the CRC-32s (for reading the checkpoint's pickled entries only).
     """
     path = Path(path)
     if path.is_dir():
@@ -86,6 +94,18 @@ def checkpoint_problem(path: str | Path) -> str | None:
         return "not a PyTorch checkpoint (a zip archive without data.pkl)"
     if any(m.header_offset + m.compress_size > size for m in members):
         return f"truncated ({size} bytes, shorter than its table of contents says)"
+    return content_problem(path) if verify_content else None
+
+
+def content_problem(path: Path) -> str | None:
+    """Which member of the zip archive ``path`` fails its CRC-32, or None when all match."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        return f"damaged (its contents are unreadable: {error})"
+    if damaged is not None:
+        return f"damaged content: {damaged} does not match its checksum (CRC-32)"
     return None
 
 
@@ -100,3 +120,17 @@ def newest_intact_checkpoint(directory: str | Path) -> tuple[Path | None, list[s
             return candidate, skipped
         skipped.append(f"{candidate} ({problem})")
     return None, skipped
+
+
+def checkpoint_before(path: str | Path) -> Path | None:
+    """The intact checkpoint beside ``path`` with the highest global step below that of ``path``
+    (None if there is none): where to go back to when ``path`` turns out to be bad."""
+    path = Path(path)
+    step = checkpoint_metadata(path)["global_step"]
+    earlier = []
+    for candidate in path.parent.glob("*.ckpt"):
+        if candidate != path and checkpoint_problem(candidate) is None:
+            candidate_step = checkpoint_metadata(candidate).get("global_step", step)
+            if candidate_step < step:
+                earlier.append((candidate_step, candidate))
+    return max(earlier)[1] if earlier else None

@@ -338,6 +338,7 @@ class ExperimentConfig:
     resume: str | None = None  # "auto" (latest checkpoint of run_name) or a checkpoint path
     # keys a resumed run may change although that changes its results (recorded as MLflow tags)
     resume_overrides: list[str] = field(default_factory=list)
+    overwrite: bool = False  # replace the outputs of an existing run_name instead of refusing to start
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -407,6 +408,7 @@ POSITIVE = (
       for k in ("max_seq_length", "batch_size", "epochs")),
 )
 NON_NEGATIVE = (
+    "seed",
     "data.num_workers",
     "optim.weight_decay",
     "optim.clip_grad",
@@ -416,6 +418,17 @@ NON_NEGATIVE = (
     "generation.top_k",
     *(f"superglue.tasks.{t.lower()}.{k}" for t in SUPERGLUE_TASKS for k in ("pattern_id", "length_penalty")),
 )
+
+# Values inside a key's range that leave training (or sampling) nothing to work on, and why.
+MEANINGLESS: dict[str, tuple[float, str]] = {
+    "data.mask_ratio": (0.0, "0 masks no token, so there is nothing to predict (the loss is 0)"),
+    "data.val_fraction": (1.0, "1 holds out every document, so none is left to train on (0 = no validation)"),
+    "seq2seq.label_smoothing": (1.0, "1 makes every target the uniform distribution, whatever the text"),
+    "model.embedding_dropout_prob": (1.0, "1 drops every activation"),
+    "model.attention_dropout_prob": (1.0, "1 drops every attention weight"),
+    "model.output_dropout_prob": (1.0, "1 drops every activation"),
+    "generation.top_p": (0.0, "0 leaves no token to sample from"),
+}
 
 
 def model_overrides(model_section: ModelConfig | DictConfig) -> dict[str, Any]:
@@ -458,6 +471,16 @@ def superglue_tasks(value: Any) -> list[str]:
     return tasks
 
 
+def check_run_name(name: str | None) -> None:
+    """A run name is one folder name inside ``<output_dir>/<exp>/``: a path (``/``), a parent (``..``)
+    or an empty name would place the run's files elsewhere, or over another run's."""
+    if name is None:
+        return
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise ConfigError(f"invalid value {name!r} for 'run_name': must be one folder name (not '.' or "
+                          "'..', without '/' or '\\'); the run is written to <output_dir>/<exp>/<run_name>")
+
+
 def _get(cfg: DictConfig, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
@@ -478,6 +501,8 @@ def check_value(key: str, value: Any, choices: dict[str, tuple[str, ...]] | None
         raise ConfigError(f"invalid value {value!r} for '{key}': must be positive")
     if key in NON_NEGATIVE and not value >= 0:
         raise ConfigError(f"invalid value {value!r} for '{key}': must not be negative")
+    if key in MEANINGLESS and value == MEANINGLESS[key][0]:
+        raise ConfigError(f"invalid value {value!r} for '{key}': {MEANINGLESS[key][1]}")
 
 
 def validate(cfg: DictConfig, choices: dict[str, tuple[str, ...]] | None = None) -> None:
@@ -494,6 +519,11 @@ def validate(cfg: DictConfig, choices: dict[str, tuple[str, ...]] | None = None)
     for key in (*choices, *UNIT_INTERVAL, *POSITIVE, *NON_NEGATIVE):
         check_value(key, _get(cfg, key), choices)
     superglue_tasks(cfg.task)
+    check_run_name(cfg.run_name)
+    devices = cfg.trainer.devices
+    if devices == 0 or devices == "0" or (OmegaConf.is_list(devices) and len(devices) == 0):
+        raise ConfigError(f"invalid value {devices!r} for 'trainer.devices': a run needs at least one device "
+                          "(a count, a list of indices, -1 for all, or auto)")
     kind = cfg.tokenizer.kind
     if kind != "sentencepiece" and not cfg.tokenizer.path:
         raise ConfigError(f"'tokenizer.path' must name the vocabulary file of tokenizer.kind={kind}")

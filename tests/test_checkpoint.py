@@ -24,6 +24,7 @@ from glm_lightning.checkpoint import (
     save_ours,
     split_model_parallel,
 )
+from glm_lightning.checkpoint import main as checkpoint_main
 from glm_lightning.config import ConfigError
 from glm_lightning.model import GLMConfig, GLMModel
 
@@ -436,3 +437,20 @@ def test_streaming_releases_file_pages_and_keeps_the_data(tmp_path):
     next(stream)  # releases a (b is not read until used)
     assert touched - before > 12_000 and touched - file_rss_kb() > 12_000
     assert torch.equal(a, expected["a"])
+
+
+@pytest.mark.parametrize("layout", ["ours", "hf"])
+def test_convert_refuses_an_existing_output_without_overwrite(tmp_path, capsys, layout):
+    source = save_ours(source_model(), tmp_path / "source.ckpt")
+    dst = tmp_path / ("out.ckpt" if layout == "ours" else "out")
+    if layout == "ours":
+        dst.write_bytes(b"kept")
+    else:
+        dst.mkdir()
+        (dst / "notes.txt").write_bytes(b"kept")
+    kept = dst if layout == "ours" else dst / "notes.txt"
+    assert checkpoint_main(["convert", str(source), str(dst), "--to", layout]) == 1
+    assert capsys.readouterr().err == f"error: {dst} already exists; give --overwrite to replace it\n"
+    assert kept.read_bytes() == b"kept"
+    assert checkpoint_main(["convert", str(source), str(dst), "--to", layout, "--overwrite"]) == 0
+    torch.testing.assert_close(logits(load_glm(dst)), logits(load_glm(source)), atol=0, rtol=0)

@@ -126,6 +126,15 @@ def test_csv_output_file(store, capsys, tmp_path):
     assert rows["bert"][6] == "94.8/92.9" and rows["bert"][-1] == "72.0"
     assert rows["glm"][6] == "96.2±0.1/94.7±0.1" and rows["glm - bert"][-1] == "+5.2"
 
+    path.write_text("kept")  # an existing output is replaced only with --overwrite
+    code, _, err = run_main(capsys, "--experiment", "superglue", "--tracking-uri", store,
+                            "--output", str(path))
+    assert code == 2 and err == f"error: {path} already exists; give --overwrite to replace it\n"
+    assert path.read_text() == "kept"
+    assert run_main(capsys, "--experiment", "superglue", "--tracking-uri", store, "--output", str(path),
+                    "--overwrite")[0] == 0
+    assert path.read_text().startswith("| run")
+
 
 def test_latex_output(store, capsys):
     code, out, _ = run_main(capsys, "--experiment", "superglue", "--tracking-uri", store, "--format", "latex",

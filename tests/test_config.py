@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 import subprocess
 import sys
@@ -240,6 +241,31 @@ def test_objective_probabilities_must_sum_to_one() -> None:
 def test_out_of_range_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"argument '{override}': invalid value .* for '{key}'"):
         load_config("quickstart", [override])
+
+
+@pytest.mark.parametrize(("override", "reason"), [
+    ("data.mask_ratio=0", "0 masks no token, so there is nothing to predict"),
+    ("data.val_fraction=1.0", "1 holds out every document, so none is left to train on"),
+    ("seq2seq.label_smoothing=1", "1 makes every target the uniform distribution"),
+    ("model.output_dropout_prob=1.0", "1 drops every activation"),
+    ("model.attention_dropout_prob=1", "1 drops every attention weight"),
+    ("generation.top_p=0", "0 leaves no token to sample from"),
+])
+def test_values_that_leave_nothing_to_learn_are_refused(override: str, reason: str) -> None:
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError) as raised:
+        load_config("quickstart", [override])
+    assert re.fullmatch(rf"argument '{re.escape(override)}': invalid value [\d.]+ for '{key}': "
+                        rf"{re.escape(reason)}[^\n]*", str(raised.value)), str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["..", "../elsewhere", "a/b", "/tmp/run", ".", "a\\b", "''"])
+def test_a_run_name_that_leaves_its_folder_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config("quickstart", [f"run_name={name}"])
+    assert str(raised.value).startswith(f"invalid value {name.strip(chr(39))!r} for 'run_name': must be one "
+                                        "folder name") and "\n" not in str(raised.value)
+    assert load_config("quickstart", ["run_name=lr-3e-4.seed1"]).run_name == "lr-3e-4.seed1"
 
 
 def test_betas_must_be_a_pair() -> None:

@@ -19,6 +19,7 @@ from test_superglue_job import overrides, pretrained, sentence, write_jsonl  # n
 from timeouts import HANG_S
 
 from experiments.run import main
+from glm_lightning.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,3 +197,201 @@ def test_bad_input_is_one_line_before_training(tmp_path, capsys, make_text, case
     assert len(errors) == 1 and errors[0].startswith(expected), errors
     if case != "one document":  # a readable corpus of one document does train its tokenizer
         assert not list((tmp_path / "cache").glob("tokenizers/*.model"))
+
+
+@pytest.mark.slow
+def test_resume_after_a_sigkill_before_the_first_checkpoint_continues_its_folder(tmp_path, capsys):
+    tiny = ["exp=quickstart", f"output_dir={tmp_path / 'outputs'}", f"data.cache_dir={tmp_path / 'cache'}",
+            "model.num_layers=2", "model.hidden_size=64", "data.seq_length=64", "data.batch_size=4",
+            "trainer.limit_val_batches=1", "data.num_workers=0"]
+    process = start([*tiny, "trainer.max_steps=1000", "trainer.val_check_interval=1000"])
+    id_file = wait_for(lambda: next((tmp_path / "outputs" / "quickstart").glob("*/mlflow_run_id"), None),
+                       process, "the MLflow run")
+    killed_id = wait_for(lambda: id_file.read_text().strip(), process, "the run id")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=HANG_S)
+    run_dir = id_file.parent
+    assert client(tmp_path).get_run(killed_id).info.status == "RUNNING"  # what SIGKILL leaves
+    assert not list(run_dir.glob("checkpoints/*.ckpt"))
+
+    assert main([*tiny, "resume=auto", "trainer.max_steps=1", "trainer.val_check_interval=1"]) == 0
+    out, err = capsys.readouterr()
+    assert (f"resume=auto: {run_dir} has no checkpoint (it stopped before its first one); starting it again "
+            "from step 0") in out.splitlines()
+    assert (f"note: MLflow run {killed_id} ({run_dir.name}) was left RUNNING by process {process.pid}, "
+            "which is gone; marked KILLED") in err.splitlines()
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]  # no new run folder
+    statuses = {run.info.run_id: run.info.status for run in runs(tmp_path, "quickstart")}
+    new_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert statuses == {killed_id: "KILLED", new_id: "FINISHED"}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, sentencepiece_model, tokenizer) -> Path:
+    """A tiny checkpoint (64 positions) laid out as a pretraining run, beside its tokenizer."""
+    from glm_lightning.checkpoint import save_ours
+    from glm_lightning.model import GLMConfig, GLMModel
+
+    run = tmp_path_factory.mktemp("small_run")
+    (run / "tokenizer.model").write_bytes(Path(sentencepiece_model).read_bytes())
+    model = GLMModel(GLMConfig.from_name("tiny", vocab_size=len(tokenizer), max_sequence_length=64))
+    save_ours(model, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+UNCLEAR = ["truncated .gz", "truncated .zst", "plain text named .gz", "prompt too long",
+           "damaged mlflow_run_id", "garbage .safetensors", "zero devices", "GPU without a GPU",
+           "negative seed", "hidden size not divisible by heads", "full disk while writing shards",
+           "truncated shard", "damaged shard index"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", UNCLEAR)
+def test_bad_input_and_impossible_settings_are_one_line_naming_the_file_or_key(
+        tmp_path, capsys, make_text, sentencepiece_model, small_run, case):
+    import gzip
+
+    import zstandard
+    from omegaconf import OmegaConf
+
+    from experiments.tracking import mlflow_logger
+
+    if case == "GPU without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    text = make_text(40).encode()
+    cache, corpus = tmp_path / "cache", tmp_path / "corpus.txt"
+    corpus.write_bytes(text)
+    prepare = ["exp=prepare_data", f"tokenizer.path={sentencepiece_model}", f"data.cache_dir={cache}",
+               "data.num_proc=1"]
+    generate = ["exp=generate", f"model.init_from={small_run / 'checkpoints' / 'last.ckpt'}",
+                'prompts=["a [MASK]"]', f"output_dir={tmp_path}"]
+    files = {"truncated .gz": ("c.txt.gz", gzip.compress(text)[:-40]),
+             "truncated .zst": ("c.txt.zst", zstandard.ZstdCompressor().compress(text)[:-40]),
+             "plain text named .gz": ("c.txt.gz", text),
+             "garbage .safetensors": ("model.safetensors", b"not a safetensors file" * 10)}
+    named = tmp_path / files[case][0] if case in files else corpus
+    if case in files:
+        named.write_bytes(files[case][1])
+    if case in ("truncated shard", "damaged shard index"):  # a cache written before, then damaged
+        assert main([*prepare, f"data.train_files=[{corpus}]"]) == 0
+        part = next(cache.glob("*.0.tokens" if case == "truncated shard" else "*.0.offsets.npy"))
+        part.write_bytes(part.read_bytes()[: -7 if case == "truncated shard" else 40])
+        named = part
+        capsys.readouterr()
+    arguments = {
+        "truncated .gz": [*prepare, f"data.train_files=[{named}]"],
+        "truncated .zst": [*prepare, f"data.train_files=[{named}]"],
+        "plain text named .gz": [*prepare, f"data.train_files=[{named}]"],
+        "prompt too long": [*generate[:2], f'prompts=["{" ".join(["word"] * 80)} [MASK]"]', generate[3]],
+        "garbage .safetensors": [*generate, f"model.init_from={named}",
+                                 f"tokenizer.path={sentencepiece_model}"],
+        "zero devices": ["exp=quickstart", "trainer.devices=0"],
+        "GPU without a GPU": [*generate, "trainer.accelerator=gpu"],
+        "negative seed": ["exp=quickstart", "seed=-1"],
+        "hidden size not divisible by heads": [
+            "exp=quickstart", f"tokenizer.path={sentencepiece_model}", f"data.train_files=[{corpus}]",
+            f"data.cache_dir={cache}", f"output_dir={tmp_path}", "model.hidden_size=65", "data.seq_length=64",
+            "data.val_fraction=0", "logging.enabled=false"],
+        "truncated shard": [*prepare, f"data.train_files=[{corpus}]"],
+        "damaged shard index": [*prepare, f"data.train_files=[{corpus}]"],
+    }
+    expected = {
+        "truncated .gz": f"error: {named}: damaged or truncated .gz data at byte offset ",
+        "truncated .zst": f"error: {named}: damaged or truncated .zst data at byte offset ",
+        "plain text named .gz": f"error: {named}: not .gz data (its first bytes are not the .gz signature)",
+        "prompt too long": "error: prompts[0]: ",
+        "damaged mlflow_run_id": f"{tmp_path / 'mlflow_run_id'} does not hold an MLflow run id",
+        "garbage .safetensors": f"error: model.init_from: {named} is not a readable .safetensors file",
+        "zero devices": "error: invalid value 0 for 'trainer.devices'",
+        "GPU without a GPU": "error: invalid value 'gpu' for 'trainer.accelerator': this machine has no GPU",
+        "negative seed": "error: argument 'seed=-1': invalid value -1 for 'seed': must not be negative",
+        "hidden size not divisible by heads": "error: invalid model settings (model.* over the tiny preset): "
+                                              "hidden_size (65) must be divisible by num_attention_heads (4)",
+        "full disk while writing shards": f"error: No space left on device while writing {cache} (the token "
+                                          f"cache, tokenizing {corpus}); the files written before are intact "
+                                          "(free space, then run the same command again)",
+        "truncated shard": f"warning: cached shard {named} of corpus.txt is incomplete",
+        "damaged shard index": f"warning: cached shard {named.parent / named.name.split('.')[0]}.json of "
+                               "corpus.txt has an unreadable index",
+    }[case]
+    if case == "damaged mlflow_run_id":
+        (tmp_path / "mlflow_run_id").write_bytes(b"\x00\x17garbage")
+        cfg = OmegaConf.create({"output_dir": str(tmp_path), "exp": "x", "logging": {
+            "experiment_name": None, "tracking_uri": None, "tags": {}, "parent_run_id": None}})
+        with pytest.raises(ConfigError) as raised:
+            mlflow_logger(cfg, tmp_path, resume=True)
+        lines = [str(raised.value)]
+    elif case == "full disk while writing shards":
+        faults = os.pathsep.join([str(ROOT / "tests" / "fault_injection"), str(ROOT)])
+        env = {**os.environ, "PYTHONPATH": faults, "GLM_FAULT_ENOSPC_AFTER": "2000",
+               "GLM_FAULT_ENOSPC_DIRS": str(cache)}
+        command = [sys.executable, "-m", "experiments.run", *prepare, f"data.train_files=[{corpus}]"]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "warning"))]
+    else:
+        code = main(arguments[case])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and code == (0 if case.endswith(("shard", "index")) else code)
+        lines = [line for line in err.splitlines() if line.startswith(("error", "warning"))]
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc")
+def test_sigkill_of_prepare_data_ends_its_workers_and_the_next_run_removes_their_files(
+        tmp_path, capsys, make_text, sentencepiece_model):
+    big, small, cache = tmp_path / "big.txt", tmp_path / "small.txt", tmp_path / "cache"
+    paragraph = make_text(40)
+    # 24 MB: several parts tokenized by 2 workers for seconds (below 8 MB one process does it all)
+    big.write_text("\f".join([paragraph] * (24_000_000 // len(paragraph) + 1)), encoding="utf-8")
+    small.write_text(paragraph, encoding="utf-8")
+    prepare = ["exp=prepare_data", f"tokenizer.path={sentencepiece_model}", f"data.cache_dir={cache}",
+               "data.num_proc=2"]
+    process = start([*prepare, f"data.train_files=[{big}]"])
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+
+    def workers() -> list[int]:  # the two workers and multiprocessing's resource tracker
+        pids = [int(pid) for pid in children.read_text().split()]
+        return pids if len(pids) >= 3 and list(cache.glob(".*.tmp")) else []
+
+    pids = wait_for(workers, process, "workers writing shard parts")
+    os.kill(process.pid, signal.SIGKILL)  # the parent only, as an out-of-memory killer would
+    process.wait(timeout=HANG_S)
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in pids if alive(pid)], "child processes outlived their parent"
+    left = list(cache.glob(".*.tmp"))
+    assert left  # what the killed run left
+
+    assert main([*prepare, f"data.train_files=[{small}]"]) == 0
+    assert (f"note: removed {len(left)} temporary files left in {cache} by killed tokenizations"
+            in capsys.readouterr().err.splitlines())
+    assert not list(cache.glob(".*.tmp"))
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` (its SigCgt mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal masks from /proc")
+def test_sigterm_while_the_command_line_starts_is_one_stopped_line(tmp_path):
+    process = start(["exp=quickstart", f"output_dir={tmp_path}"])
+    wait_for(lambda: catches(process.pid, signal.SIGTERM), process, "the start-up handler")
+    process.send_signal(signal.SIGTERM)  # while Python imports the libraries, before any job runs
+    stderr = finish(process)
+    assert process.returncode == 130
+    assert stopped_line(stderr) == ("stopped: terminated by SIGTERM during start-up (nothing was written)")
+    assert not (tmp_path / "quickstart").exists()

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -31,6 +32,7 @@ from datamodules.corpus import tokenize_corpus
 from datamodules.pretrain import PretrainDataModule
 from experiments.config import load_config
 from experiments.jobs.pretrain import resume_checkpoint
+from experiments.run import main
 from experiments.tracking import mlflow_logger
 from glm_lightning.atomic import atomic_write, atomic_write_text, remove_abandoned, temporary_path
 from glm_lightning.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
@@ -97,13 +99,26 @@ def small_checkpoint(path: Path, step: int) -> Path:
     return path
 
 
+def overwrite_tensor(path: Path) -> None:
+    """Overwrite 8 bytes inside the first tensor record of a checkpoint, leaving its zip archive intact."""
+    with zipfile.ZipFile(path) as archive:
+        record = next(m for m in archive.infolist() if m.filename.endswith("/data/0"))
+    with path.open("rb+") as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = np.frombuffer(f.read(4), dtype="<u2")
+        f.seek(record.header_offset + 30 + name_length + extra_length + 64)
+        f.write(b"\x7f" * 8)
+
+
 def break_file(path: Path, how: str) -> None:
+    if how == "tensor":
+        return overwrite_tensor(path)
     data = path.read_bytes()
     broken = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": os.urandom(len(data))}[how]
     path.write_bytes(broken)
 
 
-@pytest.mark.parametrize("how", ["empty", "truncated", "garbage"])
+@pytest.mark.parametrize("how", ["empty", "truncated", "garbage", "tensor"])
 def test_resume_auto_skips_a_broken_checkpoint_and_explicit_resume_names_it(tmp_path, capsys, how):
     checkpoints = tmp_path / "outputs" / "quickstart" / "r1" / "checkpoints"
     older = small_checkpoint(checkpoints / "step4.ckpt", 4)
@@ -121,7 +136,8 @@ def test_resume_auto_skips_a_broken_checkpoint_and_explicit_resume_names_it(tmp_
     with pytest.raises(ConfigError) as raised:
         resume_checkpoint(explicit, checkpoints.parent)
     reason = {"empty": "empty file (0 bytes)", "truncated": "truncated",
-              "garbage": "not a PyTorch checkpoint"}
+              "garbage": "not a PyTorch checkpoint",
+              "tensor": "damaged content: archive/data/0 does not match its checksum (CRC-32)"}
     assert str(last) in str(raised.value) and reason[how] in str(raised.value)
     assert "\n" not in str(raised.value)
 
@@ -130,6 +146,20 @@ def test_resume_auto_skips_a_broken_checkpoint_and_explicit_resume_names_it(tmp_
         resume_checkpoint(cfg, checkpoints.parent)
     assert str(older) in str(raised.value) and str(last) in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_starting_afresh_over_a_runs_checkpoints_needs_overwrite(tmp_path):
+    checkpoints = tmp_path / "outputs" / "quickstart" / "r1" / "checkpoints"
+    small_checkpoint(checkpoints / "step4.ckpt", 4)
+    cfg = load_config("quickstart", [f"output_dir={tmp_path / 'outputs'}", "run_name=r1"])
+    with pytest.raises(ConfigError) as raised:
+        resume_checkpoint(cfg, checkpoints.parent)
+    assert str(raised.value) == (f"{checkpoints.parent} already has checkpoints; continue it with "
+                                 "resume=auto, choose another run_name, or replace it with overwrite=true")
+    assert (checkpoints / "step4.ckpt").is_file()
+    replacing = load_config("quickstart", [f"output_dir={tmp_path / 'outputs'}", "run_name=r1",
+                                           "overwrite=true"])
+    assert resume_checkpoint(replacing, checkpoints.parent) is None and not checkpoints.exists()
 
 
 def second_filesystem(tmp_path: Path) -> tuple[Path, dict[str, str]]:
@@ -187,6 +217,39 @@ def test_sigkill_during_checkpoint_saves_with_tmpdir_on_another_filesystem(tmp_p
     finally:
         if tmpdir.parent == Path("/dev/shm"):
             subprocess.run(["rm", "-rf", str(tmpdir)], check=True)
+
+
+@pytest.mark.slow
+def test_the_final_checkpoint_is_written_once_and_a_redundant_save_cannot_fail_the_run(tmp_path, monkeypatch):
+    written = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def record(self, checkpoint, path, storage_options=None):
+        save(self, checkpoint, path, storage_options)
+        written.append((Path(path).name, Path(path).stat().st_size))
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
+    arguments = command(tmp_path / "once", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                        f"data.cache_dir={tmp_path / 'cache'}")  # the cache of the run below
+    assert main(arguments[3:]) == 0
+    assert [name for name, _ in written] == ["step2.ckpt", "last.ckpt"]  # the best, then last.ckpt once
+
+    # Room for one checkpoint only: the best of the final step is saved, last.ckpt (the same step)
+    # cannot be; nothing is lost, so the run finishes.
+    checkpoints = tmp_path / "outputs" / "quickstart" / "r1" / "checkpoints"
+    env = faulty_env(GLM_FAULT_ENOSPC_AFTER=str(written[0][1] * 3 // 2),
+                     GLM_FAULT_ENOSPC_DIRS=str(checkpoints))
+    result = subprocess.run(command(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2"),
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"warning: {checkpoints / 'last.ckpt'} not updated (No space left on device); step 2 is saved in "
+            "the run's other checkpoint of that step") in result.stderr.splitlines()
+    assert [p.name for p in checkpoints.iterdir()] == ["step2.ckpt"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (found,) = mlflow.search_runs(experiment_names=["quickstart"], output_format="list")
+    assert found.info.status == "FINISHED"
+    cfg = load_config("quickstart", [f"output_dir={tmp_path / 'outputs'}", "run_name=r1", "resume=auto"])
+    assert resume_checkpoint(cfg, checkpoints.parent) == str(checkpoints / "step2.ckpt")
 
 
 @pytest.mark.slow

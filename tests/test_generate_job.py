@@ -96,3 +96,23 @@ def test_lm_eval_prints_and_logs_metrics(run_dir, tmp_path, make_text):
     assert run.data.metrics["perplexity/ppl"] == pytest.approx(float(printed["perplexity/ppl"]), rel=1e-5)
     assert run.data.params["lm_eval.stride"] == "8"
     assert run.data.params["model.init_from"].endswith("last.ckpt")
+
+
+def test_lm_eval_refuses_to_replace_a_named_runs_metrics_without_overwrite(run_dir, tmp_path, capsys,
+                                                                          make_text):
+    text_file = tmp_path / "eval.txt"
+    text_file.write_text(make_text(2, seed=3), encoding="utf-8")
+    args = ["exp=lm_eval", f"model.init_from={run_dir / 'checkpoints' / 'last.ckpt'}",
+            f"lm_eval.file={text_file}",
+            "lm_eval.max_length=32", "lm_eval.stride=16", f"output_dir={tmp_path}", "run_name=e1",
+            "logging.enabled=false"]
+    assert main(args) == 0
+    metrics = tmp_path / "lm_eval" / "e1" / "metrics.json"
+    metrics.write_text("kept\n")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err == (f"error: {metrics.parent} already holds the metrics of an evaluation; "
+                                       "choose another run_name, or replace them with overwrite=true\n")
+    assert metrics.read_text() == "kept\n"
+    assert main([*args, "overwrite=true"]) == 0
+    assert "perplexity/ppl" in json.loads(metrics.read_text())

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from timeouts import HANG_S
 
 from datamodules.superglue import split_path
 from experiments.config import load_config
@@ -44,14 +45,14 @@ def test_the_command_line_reports_them_in_a_second(tmp_path):
     result = subprocess.run([sys.executable, "-m", "experiments.run", "exp=lm_eval",
                              f"model.init_from={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
                              f"lm_eval.file={tmp_path / 'wiki.txt'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [
         f"error: model.init_from: {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'} does not exist",
         f"error: lm_eval.file: {tmp_path / 'wiki.txt'} does not exist"]
     assert "torch" not in subprocess.run(  # nothing heavy is imported to find them
         [sys.executable, "-c", "import sys, experiments.run; print(' '.join(sys.modules))"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120).stdout.split()
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_S).stdout.split()
     assert time.monotonic() - started < 60  # seconds even on a busy machine, not the minute of a start-up
 
 

@@ -26,10 +26,10 @@ from test_parallel import (  # noqa: F401 (fixtures)
     load_weights,
     single_process_weights,
 )
+from timeouts import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = 2
-TIMEOUT_S = 240  # a two-node run of the tiny model on a loaded 2-core machine
 
 
 def node_env(**extra: str) -> dict[str, str]:
@@ -73,7 +73,7 @@ def start_nodes(launcher: str, program: list[str]) -> list[subprocess.Popen]:
     return processes
 
 
-def finish_nodes(processes: list[subprocess.Popen], timeout: float = TIMEOUT_S) -> list[str]:
+def finish_nodes(processes: list[subprocess.Popen], timeout: float = HANG_S) -> list[str]:
     """Wait for every node; their logs. All are killed when one does not end in time."""
     logs = []
     try:
@@ -179,7 +179,7 @@ def test_a_lost_node_stops_the_other_naming_it_and_resume_auto_continues(
     run_dir = tmp_path / "outputs" / "quickstart" / "cluster"
     last = run_dir / "checkpoints" / "last.ckpt"
     nodes = start_nodes("slurm", program)
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + HANG_S
     while not last.exists() and time.monotonic() < deadline and all(p.poll() is None for p in nodes):
         time.sleep(0.5)
     assert last.exists(), finish_nodes(nodes, timeout=1)

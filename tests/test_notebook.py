@@ -117,7 +117,7 @@ def test_the_readme_command_runs_the_notebook_from_the_repository_root(tmp_path,
            if key not in ("GLM_TRACKING_URI", "MLFLOW_TRACKING_URI", "GLM_EXPERIMENT", "PYTHONPATH")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's jupyter
     result = subprocess.run(shlex.split(readme_notebook_command()), cwd=checkout, env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 0, result.stderr[-3000:]
     html = (checkout / "outputs" / "compare_runs.html").read_text(encoding="utf-8")
     assert f"store: sqlite:///{checkout.resolve() / 'outputs' / 'mlflow.db'}" in html

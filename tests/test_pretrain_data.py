@@ -339,6 +339,10 @@ def test_validation_set_is_fixed(tokenizer: GLMTokenizer, corpus_dir: Path, cach
     assert no_val.val_dataloader() == []
     with pytest.raises(ValueError, match="cannot split 1 document"):
         split_by_document(TokenizedCorpus.from_documents([[1, 2]]), 0.5)
+    ten = TokenizedCorpus.from_documents([[i, i + 1] for i in range(10)])
+    assert [part.num_documents for part in split_by_document(ten, 0.9)] == [1, 9]
+    with pytest.raises(ValueError, match="val_fraction=0.96 of 10 documents holds out all 10, leaving none"):
+        split_by_document(ten, 0.96)  # not shrunk to 9 held out and 1 to train on
 
 
 class _Recorder(pl.LightningModule):

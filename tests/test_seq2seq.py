@@ -32,8 +32,8 @@ WORDS = "river city market garden forest ocean island bridge castle valley".spli
 NO_DROPOUT = dict(embedding_dropout_prob=0.0, attention_dropout_prob=0.0, output_dropout_prob=0.0)
 
 
-def tiny_config(tokenizer: GLMTokenizer) -> GLMConfig:
-    return GLMConfig.from_name("tiny", vocab_size=len(tokenizer), **NO_DROPOUT)
+def tiny_config(tokenizer: GLMTokenizer, **dropout: float) -> GLMConfig:
+    return GLMConfig.from_name("tiny", vocab_size=len(tokenizer), **{**NO_DROPOUT, **dropout})
 
 
 def write_copy_task(folder: Path, *, train: int = 256, val: int = 16, test: int = 0, seed: int = 0) -> Path:
@@ -279,14 +279,18 @@ class BatchRecorder(L.Callback):
         self.batches.append(batch["references"])
 
 
-def test_resumed_finetuning_sees_the_batches_of_an_uninterrupted_run(tokenizer: GLMTokenizer,
-                                                                        tmp_path: Path) -> None:
-    """10 examples in batches of 4 (3 per epoch); stopped after step 4, inside the second epoch."""
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resumed_finetuning_sees_the_batches_of_an_uninterrupted_run(tokenizer: GLMTokenizer, tmp_path: Path,
+                                                                        dropout: float) -> None:
+    """10 examples in batches of 4 (3 per epoch); stopped after step 4, inside the second epoch. With
+    dropout on, the same weights need the same dropout draws after the resume."""
     data = write_copy_task(tmp_path / "data", train=10, val=2)
 
     def fit(max_steps: int, ckpt_path: Path | None = None) -> tuple[list[list[str]], dict]:
         L.seed_everything(0)
-        module = GLMSeq2SeqModule(tiny_config(tokenizer), tokenizer, lr=1e-3, lr_decay_iters=7,
+        config = tiny_config(tokenizer, embedding_dropout_prob=dropout, attention_dropout_prob=dropout,
+                             output_dropout_prob=dropout)
+        module = GLMSeq2SeqModule(config, tokenizer, lr=1e-3, lr_decay_iters=7,
                                   generation=dict(strategy="greedy", max_new_tokens=2),
                                   predictions_dir=str(tmp_path / "predictions"))
         recorder = BatchRecorder()

@@ -8,6 +8,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from timeouts import HANG_S
+
 from experiments.config import load_config
 from glm_lightning.parallel import RECOMMENDED_PRECISION
 
@@ -46,7 +48,7 @@ def test_the_batch_script_starts_a_valid_run_on_every_node(tmp_path: Path) -> No
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{fake}:{env['PATH']}", SRUN_ARGS=str(tmp_path / "srun.args"), TMPDIR=str(tmp_path),
                SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="2", SLURM_NTASKS_PER_NODE="1")
-    subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=env, check=True, timeout=30)
+    subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=env, check=True, timeout=HANG_S)
 
     argv = (tmp_path / "srun.args").read_text().split("\0")[:-1]
     assert argv[:4] == ["python", "-m", "experiments.run", "exp=pretrain"]

@@ -3,7 +3,11 @@ is made whole or not at all, and waited for while another writer locks it."""
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
+import subprocess
+import sys
 from contextlib import closing
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from experiments import tracking
 from experiments.run import main
-from experiments.tracking import RunLogger, ready_store
+from experiments.tracking import HOST_TAG, PID_TAG, RunLogger, end_abandoned_runs, ready_store
 from glm_lightning.errors import ConfigError
 
 
@@ -138,3 +142,29 @@ def test_a_store_of_an_older_schema_that_holds_runs_is_never_remade(tmp_path, mo
         ready_store(again)
     with closing(sqlite3.connect(database)) as connection:
         assert connection.execute("SELECT run_uuid FROM runs").fetchall() == [(run_id,)]
+
+
+def test_runs_left_running_by_a_dead_process_of_this_host_are_marked_killed(tmp_path, capsys):
+    store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = store.create_experiment("lm_eval")
+    capsys.readouterr()  # MLflow's own lines about creating the store
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+
+    def running(name: str, tags: dict[str, str]) -> str:
+        return store.create_run(experiment, run_name=name, tags=tags).info.run_id
+
+    abandoned = running("e1", {HOST_TAG: host, PID_TAG: dead})
+    alive = running("e1", {HOST_TAG: host, PID_TAG: str(os.getppid())})
+    elsewhere = running("e1", {HOST_TAG: "another-host", PID_TAG: dead})
+    untagged = running("e1", {})
+    other_name = running("e2", {HOST_TAG: host, PID_TAG: dead})
+    assert end_abandoned_runs(store, experiment, "e1") == [abandoned]
+    statuses = {run_id: store.get_run(run_id).info.status
+                for run_id in (abandoned, alive, elsewhere, untagged, other_name)}
+    assert statuses == {abandoned: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING",
+                        other_name: "RUNNING"}
+    assert capsys.readouterr().err == (f"note: MLflow run {abandoned} (e1) was left RUNNING by process "
+                                       f"{dead}, which is gone; marked KILLED\n")
+    assert end_abandoned_runs(store, experiment, "e1") == []  # once

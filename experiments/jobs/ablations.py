@@ -30,7 +30,14 @@ from datamodules.builtin_corpus import builtin_documents
 from experiments.config import format_config, load_config, load_saved_config, save_config
 from experiments.interruption import mlflow_status
 from experiments.jobs import get_job
-from experiments.tracking import experiment_id, git_tags, tracking_uri
+from experiments.tracking import (
+    end_abandoned_runs,
+    experiment_id,
+    git_tags,
+    owner_tags,
+    recorded_run_id,
+    tracking_uri,
+)
 from glm_lightning.config import ConfigError
 
 # Stage -> the experiment whose YAML it starts from.
@@ -43,7 +50,7 @@ PASS_THROUGH = {
     "lm_eval": ("lm_eval.file",),
 }
 # Fields that name or place a run rather than change its result (left out of fingerprints).
-PLACEMENT = ("run_name", "output_dir", "resume", "logging", "print_config")
+PLACEMENT = ("run_name", "output_dir", "resume", "overwrite", "logging", "print_config")
 LM_EVAL_TEXT = "lm_eval.txt"  # held-out built-in documents, written when no lm_eval.file is given
 
 
@@ -163,12 +170,16 @@ class SweepTracker:
         self.experiment_id = experiment_id(cfg)
 
     def open(self, id_file: Path, run_name: str, tags: dict[str, str], parent: str | None = None) -> str:
-        """The run recorded in ``id_file`` set RUNNING again, or a new run recorded there."""
+        """The run recorded in ``id_file`` set RUNNING again, or a new run recorded there; runs of
+        that name left RUNNING by a dead process are marked KILLED first."""
+        end_abandoned_runs(self.client, self.experiment_id, run_name)
         if id_file.exists():
-            run_id = id_file.read_text().strip()
+            run_id = recorded_run_id(id_file)
             self.client.update_run(run_id, status="RUNNING")
+            for key, value in owner_tags().items():
+                self.client.set_tag(run_id, key, value)
             return run_id
-        tags = {**git_tags(), **tags, **({"mlflow.parentRunId": parent} if parent else {})}
+        tags = {**git_tags(), **tags, **owner_tags(), **({"mlflow.parentRunId": parent} if parent else {})}
         run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)

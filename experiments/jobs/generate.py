@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from experiments.jobs.pretrain import build_tokenizer
+from experiments.jobs.pretrain import build_tokenizer, check_accelerator
 from experiments.tokenizer_identity import check_tokenizer
 from glm_lightning.checkpoint import build_glm, read_checkpoint
 from glm_lightning.config import ConfigError
@@ -41,6 +41,7 @@ def resolve_tokenizer(cfg: DictConfig) -> GLMTokenizer:
 
 def pick_device(cfg: DictConfig) -> torch.device:
     """A GPU when the trainer settings allow one and there is one, else the CPU."""
+    check_accelerator(cfg)
     wants_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
@@ -90,7 +91,13 @@ def run(cfg: DictConfig) -> list[str]:
     print(f"filled texts ({cfg.generation.strategy}, max_new_tokens={cfg.generation.max_new_tokens}):",
           flush=True)
     filled = []
+    positions = model.config.max_sequence_length
     for number, prompt in enumerate(cfg.prompts, start=1):
+        length = len(tokenizer.encode(prompt)) + 2  # with [CLS] and the [eos] generation appends
+        if length + cfg.generation.max_new_tokens > positions:
+            raise ConfigError(f"prompts[{number - 1}]: {length} tokens plus generation.max_new_tokens="
+                              f"{cfg.generation.max_new_tokens} exceed the model's {positions} positions "
+                              "(model.max_sequence_length); shorten the prompt or lower max_new_tokens")
         text = fill_blanks(model, tokenizer, prompt, **options)
         filled.append(text)
         print(readable(number, prompt, text), flush=True)

@@ -18,7 +18,15 @@ from experiments.config import save_config
 from experiments.interruption import mlflow_status
 from experiments.jobs.generate import load_model, require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import run_directory
-from experiments.tracking import experiment_id, flatten, run_tags, tracking_uri
+from experiments.tracking import (
+    end_abandoned_runs,
+    experiment_id,
+    flatten,
+    owner_tags,
+    run_tags,
+    tracking_uri,
+)
+from glm_lightning.atomic import atomic_write_text
 from glm_lightning.config import ConfigError
 from glm_lightning.lm_eval import (
     PROTOCOLS,
@@ -132,9 +140,11 @@ def mlflow_run(cfg: DictConfig, run_dir: Path) -> Iterator[str | None]:
         yield None
         return
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(experiment_id=experiment_id(cfg))
+    experiment = experiment_id(cfg)
+    mlflow.set_experiment(experiment_id=experiment)
+    end_abandoned_runs(mlflow.MlflowClient(), experiment, run_dir.name)
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    active = mlflow.start_run(run_name=run_dir.name, tags=run_tags(cfg))
+    active = mlflow.start_run(run_name=run_dir.name, tags={**run_tags(cfg), **owner_tags()})
     try:
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         mlflow.log_artifact(str(run_dir / "config.yaml"))
@@ -149,14 +159,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Evaluate, print one line per metric, save ``metrics.json`` in the run directory and log
     the run to MLflow."""
     started = time.time()
+    run_dir = run_directory(cfg)
+    if (run_dir / "metrics.json").exists() and not cfg.overwrite:
+        raise ConfigError(f"{run_dir} already holds the metrics of an evaluation; choose another run_name, "
+                          "or replace them with overwrite=true")
     model, tokenizer = load(cfg)
     resolved = settings(cfg, model)
     print(resolved.describe())
-    run_dir = run_directory(cfg)
     save_config(cfg, run_dir / "config.yaml")
     with mlflow_run(cfg, run_dir) as run_id:
         metrics = evaluate(cfg, model, tokenizer, resolved)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if run_id:
             mlflow.log_metrics(metrics)
             # The window and stride are metrics (<task>/window, /stride); these are the other settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,9 +29,9 @@ from datamodules.corpus_reader import iter_documents
 from datamodules.mixture import SourceShareLogger
 from datamodules.pretrain import PretrainDataModule, TooFewDocuments
 from datamodules.shard_writer import default_num_proc
-from experiments.interruption import interruption_callback, mlflow_status, training_stopped
+from experiments.interruption import INTERRUPTIONS, interruption_callback, mlflow_status, training_stopped
 from experiments.lost_rank import RankWatch
-from experiments.resume import resume_config
+from experiments.resume import RecordConfig, resume_config
 from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
 from experiments.tracking import RunLogger, mlflow_logger, tracking_uri
 from glm_lightning.atomic import atomic_copy, atomic_write_text
@@ -38,6 +40,8 @@ from glm_lightning.checkpoint import TokenizerRecord, check_weights, load_glm
 from glm_lightning.checkpoint_io import (
     AtomicCheckpointIO,
     RecordTokenizer,
+    checkpoint_before,
+    checkpoint_metadata,
     checkpoint_problem,
     newest_intact_checkpoint,
     recorded_tokenizer,
@@ -120,9 +124,25 @@ def build_datamodule(cfg: DictConfig, tokenizer: GLMTokenizer, files: list[str])
     )
 
 
+def model_config_of(cfg: DictConfig, vocab_size: int) -> GLMConfig:
+    """The GLMConfig of ``model.name`` with the run's overrides; impossible sizes are a ConfigError."""
+    try:
+        return GLMConfig.from_name(cfg.model.name, **model_overrides(cfg.model), vocab_size=vocab_size)
+    except ValueError as error:  # e.g. a hidden size the heads do not divide
+        raise ConfigError(f"invalid model settings (model.* over the {cfg.model.name} preset): "
+                          f"{error}") from None
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """Refuse a GPU accelerator on a machine without one (Lightning's own error is a traceback)."""
+    accelerator = cfg.trainer.accelerator
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"invalid value {accelerator!r} for 'trainer.accelerator': this machine has no GPU "
+                          "that PyTorch can use; set trainer.accelerator=auto or cpu")
+
+
 def build_module(cfg: DictConfig, tokenizer: GLMTokenizer) -> GLMPretrainModule:
-    model_config = GLMConfig.from_name(cfg.model.name, **model_overrides(cfg.model),
-                                       vocab_size=len(tokenizer))
+    model_config = model_config_of(cfg, len(tokenizer))
     if cfg.data.seq_length > model_config.max_sequence_length:
         raise ConfigError(f"data.seq_length ({cfg.data.seq_length}) exceeds the model's position table "
                           f"(model.max_sequence_length = {model_config.max_sequence_length})")
@@ -155,16 +175,24 @@ RUN_DIR_VARIABLE = "GLM_LIGHTNING_RUN_DIR"  # inherited by the processes Lightni
 
 def run_directory(cfg: DictConfig) -> Path:
     """``<output_dir>/<exp>/<run_name>``; without a run name a new timestamped run, or with
-    ``resume=auto`` the most recent run of the experiment."""
+    ``resume=auto`` the most recently active run of the experiment (one killed before its first
+    checkpoint included: it has its ``config.yaml``)."""
     root = Path(cfg.output_dir) / cfg.exp
     if cfg.run_name:
         return root / cfg.run_name
     if cfg.resume == "auto" and root.is_dir():
-        runs = sorted((p for p in root.iterdir() if (p / "checkpoints" / "last.ckpt").exists()),
-                      key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime)
+        runs = {run: last_activity(run) for run in root.iterdir() if run.is_dir()}
+        runs = {run: when for run, when in runs.items() if when is not None}
         if runs:
-            return runs[-1]
+            return max(runs, key=runs.get)
     return root / time.strftime("%Y%m%d-%H%M%S")
+
+
+def last_activity(run_dir: Path) -> float | None:
+    """When the run last wrote its config or a checkpoint (None: not a run folder)."""
+    files = [run_dir / "config.yaml", *(run_dir / "checkpoints").glob("*.ckpt")]
+    times = [path.stat().st_mtime for path in files if path.exists()]
+    return max(times, default=None)
 
 
 def throughput_monitor() -> ThroughputMonitor:
@@ -176,12 +204,16 @@ def throughput_monitor() -> ThroughputMonitor:
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     """``resume=auto``: the run's newest intact checkpoint, if any (a broken one is skipped with a
     warning); ``resume=PATH``: that checkpoint, if intact. Starting afresh in a run directory that
-    has checkpoints is refused, so nothing is overwritten."""
+    has checkpoints is refused, so nothing is overwritten, unless ``overwrite=true``: then its
+    checkpoints are removed first."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.resume is None:
-        if last.exists():
-            raise ConfigError(f"{run_dir} already has checkpoints; continue it with resume=auto "
-                              "or choose another run_name")
+        if any(last.parent.glob("*.ckpt")):
+            if not cfg.overwrite:
+                raise ConfigError(f"{run_dir} already has checkpoints; continue it with resume=auto, "
+                                  "choose another run_name, or replace it with overwrite=true")
+            if rank_zero_only.rank == 0:
+                shutil.rmtree(last.parent)
         return None
     if cfg.resume == "auto":  # the newest checkpoint an interrupted save did not break
         found, broken = newest_intact_checkpoint(last.parent)
@@ -189,11 +221,23 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
             raise ConfigError(f"resume=auto: no intact checkpoint in {last.parent}: {'; '.join(broken)}")
         if broken and rank_zero_only.rank == 0:
             print(f"warning: resume=auto skips {'; '.join(broken)}; resuming from {found}", file=sys.stderr)
+        if rank_zero_only.rank == 0:
+            print(f"resume=auto: {resume_finding(run_dir, found)}", flush=True)
         return None if found is None else str(found)
     problem = checkpoint_problem(cfg.resume)  # a file, or a folder for sharded checkpoints
     if problem:
         raise ConfigError(f"invalid value {cfg.resume!r} for 'resume': {problem}")
     return cfg.resume
+
+
+def resume_finding(run_dir: Path, checkpoint: Path | None) -> str:
+    """What ``resume=auto`` found in ``run_dir``, as it is said before the run starts."""
+    if checkpoint is not None:
+        step = checkpoint_metadata(checkpoint).get("global_step", "?")
+        return f"continuing {run_dir} from {checkpoint} (step {step})"
+    if (run_dir / "config.yaml").exists():
+        return f"{run_dir} has no checkpoint (it stopped before its first one); starting it again from step 0"
+    return f"no earlier run at {run_dir}; starting it"
 
 
 def run(cfg: DictConfig) -> Path:
@@ -209,6 +253,7 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
     again; without a run name they find the run directory through the environment they inherit.
     """
     t = cfg.trainer
+    check_accelerator(cfg)
     try:
         strategy = build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
                                   checkpoint_format=t.checkpoint_format,
@@ -230,7 +275,7 @@ def launch(cfg: DictConfig, body: Callable[[DictConfig, Path, Strategy | str], P
 
 def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
-    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None)
+    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None, checkpoint=ckpt_path)
     files = training_files(cfg)
     tokenizer = build_tokenizer(cfg, files)
     check_resume(cfg, tokenizer, ckpt_path)
@@ -251,7 +296,12 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     if run.trainer.is_global_zero:
         print(result_line(run.summary, run.logger))
         if not cfg.data.train_files:  # the built-in world: show what the model learned about it
-            print(builtin_infilling(run, module, tokenizer, run_dir / "summary.json"))
+            try:
+                print(builtin_infilling(run, module, tokenizer, run_dir / "summary.json"))
+            except INTERRUPTIONS:  # Lightning ended the MLflow run FINISHED, before these metrics
+                if run.logger:
+                    run.logger.experiment.set_terminated(run.logger.run_id, "KILLED")
+                raise
     return run_dir
 
 
@@ -304,8 +354,8 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
     t = cfg.trainer
     checkpoints = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="step{step}", auto_insert_metric_name=False,
-                                 monitor="val/loss", mode="min", save_last=True,
-                                 enable_version_counter=False)  # last.ckpt is shared with LastCheckpoint
+                                 monitor="val/loss", mode="min", save_last=False,
+                                 enable_version_counter=False)  # last.ckpt: LastCheckpoint's
     last, start = LastCheckpoint(checkpoints / "last.ckpt"), StartStep()
     watch = RankWatch(run_dir / ".ranks")  # names a rank lost mid-run
     logger = mlflow_logger(cfg, run_dir, resume=ckpt_path is not None) if cfg.logging.enabled else None
@@ -318,8 +368,8 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             log_every_n_steps=t.log_every_n_steps, default_root_dir=run_dir, logger=logger or False,
             plugins=[AtomicCheckpointIO()],
             callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
-                       RecordTokenizer(tokenizer), watch, *mixture_callbacks(datamodule), progress_bar(),
-                       SummaryWithoutFlops()],
+                       RecordTokenizer(tokenizer), RecordConfig(cfg), watch, *mixture_callbacks(datamodule),
+                       progress_bar(), SummaryWithoutFlops()],
         )
         if logger:
             logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
@@ -338,6 +388,10 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     except SIGTERMException as stop:
         raise training_stopped(trainer, last.path) from stop
+    except FloatingPointError as error:
+        if ckpt_path is None or last.saved_step >= 0:
+            raise
+        raise diverged_after_resume(error, Path(ckpt_path)) from error
     except Exception as error:
         if watch.lost:
             raise watch.error(trainer.global_step, last.path) from error
@@ -347,6 +401,18 @@ def fit(cfg: DictConfig, run_dir: Path, strategy: Strategy | str, module: L.Ligh
             summary = write_summary(run_dir / "summary.json", trainer, checkpoint, last.path,
                                     time.time() - started, logger, start.step)
     return FittedRun(trainer, checkpoint, logger, summary if trainer.is_global_zero else None)
+
+
+def diverged_after_resume(error: FloatingPointError, resumed_from: Path) -> FloatingPointError:
+    """The error of a non-finite loss before a resumed run wrote any checkpoint: the checkpoint it
+    resumed from is the suspect (resuming from it again would fail again), so name it and the one
+    before it."""
+    before = checkpoint_before(resumed_from) if resumed_from.is_file() else None
+    advice = (f"continue from the checkpoint before it with resume={before}" if before else
+              "there is no checkpoint before it: start afresh under another run_name")
+    what = str(error).partition(";")[0]
+    return FloatingPointError(f"{what}, after resuming from {resumed_from} and before any newer checkpoint: "
+                              f"that checkpoint may hold damaged weights; {advice}")
 
 
 def mixture_callbacks(datamodule: L.LightningDataModule) -> list[L.Callback]:

@@ -22,14 +22,14 @@ from experiments.jobs.pretrain import (
     check_resume,
     fit,
     launch,
+    model_config_of,
     result_line,
     resume_checkpoint,
 )
 from experiments.resume import resume_config
 from experiments.tokenizer_identity import tokenizer_record
 from glm_lightning.atomic import atomic_copy, atomic_write_text
-from glm_lightning.config import ConfigError, model_overrides, optimizer_settings
-from glm_lightning.model import GLMConfig
+from glm_lightning.config import ConfigError, optimizer_settings
 from glm_lightning.modules.seq2seq import GLMSeq2SeqModule
 from glm_lightning.tokenizer import GLMTokenizer
 
@@ -46,8 +46,7 @@ def tokenizer_text(cfg: DictConfig) -> list[str]:
 
 
 def build_module(cfg: DictConfig, tokenizer: GLMTokenizer, run_dir: Path) -> GLMSeq2SeqModule:
-    model_config = GLMConfig.from_name(cfg.model.name, **model_overrides(cfg.model),
-                                       vocab_size=len(tokenizer))
+    model_config = model_config_of(cfg, len(tokenizer))
     s = cfg.seq2seq
     # Part B positions run to tgt_length and decoding to max_new_tokens; both index the block table.
     needed = max(s.src_length, s.tgt_length, cfg.generation.max_new_tokens)
@@ -75,7 +74,7 @@ def run(cfg: DictConfig) -> Path:
 
 def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
-    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None)
+    tags = resume_config(cfg, run_dir, resuming=ckpt_path is not None, checkpoint=ckpt_path)
     tokenizer = build_tokenizer(cfg, [] if cfg.tokenizer.path else tokenizer_text(cfg))
     check_resume(cfg, tokenizer, ckpt_path)
     if rank_zero_only.rank == 0 and cfg.tokenizer.kind == "sentencepiece":

@@ -31,27 +31,31 @@ from datamodules.superglue_download import fetch_superglue
 from experiments.interruption import interruption_callback, mlflow_status, training_stopped
 from experiments.jobs.generate import require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import (
+    check_accelerator,
     check_resume,
     launch,
     resume_checkpoint,
     throughput_monitor,
     write_summary,
 )
-from experiments.resume import resume_config
+from experiments.resume import RecordConfig, resume_config
 from experiments.tables import avg_header
 from experiments.tokenizer_identity import check_tokenizer, tokenizer_record
 from experiments.tracking import (
     RUN_ID_FILE,
     RunLogger,
     artifact_location,
+    end_abandoned_runs,
     mlflow_logger,
+    owner_tags,
+    recorded_run_id,
     run_tags,
     tracking_uri,
 )
 from glm_lightning.atomic import atomic_write_text
 from glm_lightning.callbacks import LastCheckpoint, StartStep, progress_bar
 from glm_lightning.checkpoint import checkpoint_config, read_checkpoint
-from glm_lightning.checkpoint_io import AtomicCheckpointIO, RecordTokenizer
+from glm_lightning.checkpoint_io import AtomicCheckpointIO, RecordTokenizer, checkpoint_problem
 from glm_lightning.config import (
     ConfigError,
     activation_checkpointing,
@@ -229,17 +233,22 @@ def child_logger(cfg: DictConfig, parent: RunLogger, run_name: str, task: str, t
                  resume: bool) -> RunLogger:
     """An MLflow run for one task, nested under the sweep's run; a resumed task continues its run."""
     id_file = task_dir / RUN_ID_FILE
+    if rank_zero_only.rank == 0:
+        end_abandoned_runs(parent.experiment, parent.experiment_id, f"{run_name}/{task}")
     logger = RunLogger(
         experiment_name=cfg.logging.experiment_name or cfg.exp,
         run_name=f"{run_name}/{task}",
         tracking_uri=tracking_uri(cfg),
         artifact_location=artifact_location(cfg),
-        tags={**run_tags(cfg), "task": task, "mlflow.parentRunId": parent.run_id},
-        run_id=id_file.read_text().strip() if resume and id_file.exists() else None,
+        tags={**run_tags(cfg), **owner_tags(), "task": task, "mlflow.parentRunId": parent.run_id},
+        run_id=recorded_run_id(id_file) if resume and id_file.exists() else None,
     )
     if rank_zero_only.rank == 0:
         if resume and id_file.exists():
             logger.skip_logged_steps()
+            logger.experiment.update_run(logger.run_id, status="RUNNING")  # it may have been marked KILLED
+            for key, value in owner_tags().items():
+                logger.experiment.set_tag(logger.run_id, key, value)
         task_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(logger.run_id)
     return logger
@@ -267,7 +276,7 @@ def run(cfg: DictConfig) -> Path:
 def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokenizer, model_config: GLMConfig,
          run_dir: Path) -> Path:
     is_zero = rank_zero_only.rank == 0
-    tags = resume_config(cfg, run_dir, resuming=cfg.resume == "auto")
+    tags = resume_config(cfg, run_dir, resuming=cfg.resume == "auto", checkpoint=sweep_checkpoint(run_dir))
     parent = mlflow_logger(cfg, run_dir, resume=cfg.resume == "auto") if cfg.logging.enabled else None
     for key, value in tags.items() if parent else ():
         parent.experiment.set_tag(parent.run_id, key, value)
@@ -297,6 +306,13 @@ def _run(cfg: DictConfig, tasks: list[str], data_dir: Path, tokenizer: GLMTokeni
         print(f"SuperGLUE average {100 * row['avg']:.1f} over {len(results)} task(s); outputs in {run_dir}"
               + (f"; MLflow run {parent.run_id} at {parent.tracking_uri}" if parent else ""), flush=True)
     return run_dir
+
+
+def sweep_checkpoint(run_dir: Path) -> Path | None:
+    """The newest readable checkpoint of any task of the sweep, whose recorded config a resumed sweep
+    is checked against (each task verifies the checkpoint it continues from in full)."""
+    found = sorted(run_dir.glob("*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    return next((path for path in found if checkpoint_problem(path, verify_content=False) is None), None)
 
 
 def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer, model_config: GLMConfig,
@@ -344,7 +360,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
     )
     metric = main_metric(task)
     checkpoint = ModelCheckpoint(dirpath=task_dir / "checkpoints", filename="best", monitor=f"val/{metric}",
-                                 mode="max", save_top_k=1, save_last=True, enable_version_counter=False)
+                                 mode="max", save_top_k=1, save_last=False, enable_version_counter=False)
     start, last = StartStep(), LastCheckpoint(task_dir / "checkpoints" / "last.ckpt")
     resumed = ckpt_path is not None
     logger = child_logger(cfg, parent, run_dir.name, task, task_dir, resumed) if parent else None
@@ -366,7 +382,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
             log_every_n_steps=min(t.log_every_n_steps, batches), default_root_dir=task_dir,
             logger=logger or False,
             callbacks=[checkpoint, last, start, throughput_monitor(), interruption_callback(),
-                       RecordTokenizer(tokenizer_record(cfg, tokenizer)), progress_bar()],
+                       RecordTokenizer(tokenizer_record(cfg, tokenizer)), RecordConfig(cfg), progress_bar()],
             enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         )
         try:
@@ -391,6 +407,7 @@ def run_task(cfg: DictConfig, task: str, data_dir: Path, tokenizer: GLMTokenizer
 def strategy(cfg: DictConfig):
     """A fresh strategy object for each Trainer of the job (ddp/fsdp run the same on every rank)."""
     t = cfg.trainer
+    check_accelerator(cfg)
     try:
         return build_strategy(t.strategy, accelerator=t.accelerator, precision=t.precision,
                               checkpoint_format=t.checkpoint_format,

@@ -31,7 +31,7 @@ from glm_lightning.checkpoint import new_glm
 from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.metrics import ReCoRDMetric, superglue_metrics
 from glm_lightning.model import GLMConfig, GLMModel, check_trainable
-from glm_lightning.modules.pretrain import rng_states, set_rng_states
+from glm_lightning.modules.pretrain import ResumesRandomState
 from glm_lightning.optim import adamw_with_annealing
 from glm_lightning.parallel import configure_glm_module
 
@@ -121,7 +121,7 @@ class ClassificationHead(nn.Module):
         return self.out(self.dropout(torch.tanh(self.dense(pooled))))
 
 
-class GLMClozeModule(L.LightningModule):
+class GLMClozeModule(ResumesRandomState, L.LightningModule):
     """GLMModel finetuned on one SuperGLUE task; evaluation feeds ``superglue_metrics(task)``.
 
     Defaults are the released finetuning settings (``config_tasks/task_*.sh``): AdamW lr 1e-5, weight
@@ -257,17 +257,6 @@ class GLMClozeModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states()  # the dropout masks of a resumed run continue
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng_states = checkpoint.get("rng_states")  # applied at the first resumed step
-
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        if getattr(self, "_pending_rng_states", None) is not None:
-            set_rng_states(self._pending_rng_states)
-            self._pending_rng_states = None
 
     def on_validation_epoch_start(self) -> None:
         self.predictions = []

@@ -53,6 +53,26 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class ResumesRandomState:
+    """LightningModule hooks that save the random generators of this process (every CUDA device's
+    too) in each checkpoint and restore them at the first resumed training step, so that dropout
+    draws after a resume are those of an uninterrupted run. (Data loader workers are seeded from
+    these generators when their iterator starts.)"""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_rng_states = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Applied at the first resumed training step, not on loading: data loaders draw from the
+        # global generator when they start, which the uninterrupted run did before the checkpoint.
+        if getattr(self, "_pending_rng_states", None) is not None:
+            set_rng_states(self._pending_rng_states)
+            self._pending_rng_states = None
+
+
 class TokenWeightedLoss(Metric):
     """Sum of per-token losses and token count, reduced across ranks before dividing.
 
@@ -93,7 +113,7 @@ class UnigramBaseline(Metric):
         return -(p * p.log()).sum().float()
 
 
-class GLMPretrainModule(L.LightningModule):
+class GLMPretrainModule(ResumesRandomState, L.LightningModule):
     """GLMModel trained on batches of the BlankInfillingCollator; losses logged per objective."""
 
     def __init__(
@@ -158,19 +178,12 @@ class GLMPretrainModule(L.LightningModule):
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states()
+        super().on_save_checkpoint(checkpoint)
         checkpoint["tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Applied at the first resumed training step: data loaders draw from the global generator
-        # when they start, which the uninterrupted run did before the checkpoint was written.
-        self._pending_rng_states = checkpoint.get("rng_states")
+        super().on_load_checkpoint(checkpoint)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
-
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        if getattr(self, "_pending_rng_states", None) is not None:
-            set_rng_states(self._pending_rng_states)
-            self._pending_rng_states = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, tokens = self.loss(batch)

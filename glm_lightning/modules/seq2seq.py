@@ -17,7 +17,7 @@ from glm_lightning.checkpoint import new_glm
 from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.generation import generate
 from glm_lightning.model import GLMConfig, check_trainable
-from glm_lightning.modules.pretrain import TokenWeightedLoss
+from glm_lightning.modules.pretrain import ResumesRandomState, TokenWeightedLoss
 from glm_lightning.optim import adamw_with_annealing
 from glm_lightning.parallel import configure_glm_module, gathered
 from glm_lightning.tokenizer import GLMTokenizer
@@ -35,7 +35,7 @@ def label_smoothed_loss(logits: Tensor, targets: Tensor, epsilon: float) -> Tens
     return F.cross_entropy(logits.float(), targets, label_smoothing=epsilon)
 
 
-class GLMSeq2SeqModule(L.LightningModule):
+class GLMSeq2SeqModule(ResumesRandomState, L.LightningModule):
     """GLMModel finetuned on ``Seq2SeqCollator`` batches; validation and test decode the sources
     with the ``generation`` settings (keywords of ``glm_lightning.generation.generate``) and score
     the text against the references with ROUGE-1/2/L F1. The last predictions are written as
