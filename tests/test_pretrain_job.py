@@ -15,6 +15,7 @@ from timeouts import HANG_S
 
 from datamodules.builtin_probes import builtin_probes
 from experiments.config import load_config
+from experiments.jobs import pretrain
 from experiments.jobs.pretrain import build_datamodule, build_module, build_tokenizer, result_line, run
 from glm_lightning.config import ConfigError
 from glm_lightning.infilling_eval import most_frequent_answer_baseline
@@ -280,3 +281,13 @@ def test_official_vocabularies_are_selected_by_the_config(tmp_path):
         load_config("quickstart", ["tokenizer.kind=wordpiece"])
     with pytest.raises(ConfigError, match="tokenizer.merges"):
         load_config("quickstart", ["tokenizer.kind=gpt2", f"tokenizer.path={vocab}"])
+
+
+def test_runs_started_within_one_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain.time, "strftime", lambda _: "20261207-120000")  # one second for all
+    cfg = load_config("lm_eval", [f"output_dir={tmp_path}"])
+    folders = []
+    for _ in range(3):
+        folders.append(pretrain.run_directory(cfg))
+        folders[-1].mkdir(parents=True)
+    assert [f.name for f in folders] == ["20261207-120000", "20261207-120000-2", "20261207-120000-3"]

@@ -174,9 +174,10 @@ RUN_DIR_VARIABLE = "GLM_LIGHTNING_RUN_DIR"  # inherited by the processes Lightni
 
 
 def run_directory(cfg: DictConfig) -> Path:
-    """``<output_dir>/<exp>/<run_name>``; without a run name a new timestamped run, or with
-    ``resume=auto`` the most recently active run of the experiment (one killed before its first
-    checkpoint included: it has its ``config.yaml``)."""
+    """``<output_dir>/<exp>/<run_name>``; without a run name a new timestamped run (``-2``, ``-3``,
+    ... after the time when runs start within one second), or with ``resume=auto`` the most
+    recently active run of the experiment (one killed before its first checkpoint included: it has
+    its ``config.yaml``)."""
     root = Path(cfg.output_dir) / cfg.exp
     if cfg.run_name:
         return root / cfg.run_name
@@ -185,7 +186,12 @@ def run_directory(cfg: DictConfig) -> Path:
         runs = {run: when for run, when in runs.items() if when is not None}
         if runs:
             return max(runs, key=runs.get)
-    return root / time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = root / stamp, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = root / f"{stamp}-{n}"
+    return run_dir
 
 
 def last_activity(run_dir: Path) -> float | None:
