@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
+
+
+@pytest.fixture(autouse=True)
+def environment_restored() -> Iterator[None]:
+    """Each test leaves os.environ as it found it. Lightning writes rank variables (LOCAL_RANK,
+    NODE_RANK, ...) into it when a test runs a distributed strategy in this process; a later test's
+    `python -m experiments.run trainer.devices=2` would inherit them, take itself for a launched
+    rank and wait forever for a rank 1 it never starts."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 # Small word lists for a deterministic synthetic English corpus. Enough distinct words that a
 # ~500-piece sentencepiece model can be trained on it in well under a second.
