@@ -47,13 +47,22 @@ class Interruption(L.Callback):
 
     def __init__(self) -> None:
         self._fitting: L.Trainer | None = None
+        self.deferring = False  # inside ``stops_deferred``
+        self.pending: int | None = None  # the signal that arrived meanwhile
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         state = self._fitting.state if self._fitting is not None else None
         if state is not None and state.fn == TrainerFn.FITTING and state.status == TrainerStatus.RUNNING:
             return
-        raise RunInterrupted(f"terminated by {signal.Signals(signum).name} outside a training step "
-                             "(no checkpoint written now)")
+        if self.deferring:
+            self.pending = signum
+            return
+        raise self.stop(signum)
+
+    @staticmethod
+    def stop(signum: int) -> RunInterrupted:
+        return RunInterrupted(f"terminated by {signal.Signals(signum).name} outside a training step "
+                              "(no checkpoint written now)")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == TrainerFn.FITTING:
@@ -73,6 +82,25 @@ _installed: Interruption | None = None
 def interruption_callback() -> Interruption:
     """The callback for a fitting Trainer: the installed handler (an inert one outside ``interruptible``)."""
     return _installed or Interruption()
+
+
+@contextmanager
+def stops_deferred() -> Iterator[None]:
+    """A stop that arrives inside the block is raised when the block ends. For writes to an MLflow
+    sqlite store: a stop raised between a write and its commit leaves the store locked by this
+    process, and ending the run KILLED then fails with "database is locked"."""
+    handler = _installed
+    if handler is None or handler.deferring:
+        yield
+        return
+    handler.deferring = True
+    try:
+        yield
+    finally:
+        handler.deferring = False
+    if handler.pending is not None:
+        signum, handler.pending = handler.pending, None
+        raise handler.stop(signum)
 
 
 @contextmanager

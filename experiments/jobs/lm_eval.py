@@ -15,7 +15,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import save_config
-from experiments.interruption import mlflow_status
+from experiments.interruption import mlflow_status, stops_deferred
 from experiments.jobs.generate import load_model, require_checkpoint, resolve_tokenizer
 from experiments.jobs.pretrain import run_directory
 from experiments.tracking import (
@@ -146,8 +146,9 @@ def mlflow_run(cfg: DictConfig, run_dir: Path) -> Iterator[str | None]:
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
     active = mlflow.start_run(run_name=run_dir.name, tags={**run_tags(cfg), **owner_tags()})
     try:
-        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-        mlflow.log_artifact(str(run_dir / "config.yaml"))
+        with stops_deferred():
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            mlflow.log_artifact(str(run_dir / "config.yaml"))
         yield active.info.run_id
     except BaseException as error:
         mlflow.end_run(mlflow_status(error))
@@ -171,12 +172,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics = evaluate(cfg, model, tokenizer, resolved)
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if run_id:
-            mlflow.log_metrics(metrics)
-            # The window and stride are metrics (<task>/window, /stride); these are the other settings
-            # the protocol filled in.
-            mlflow.log_params({"lm_eval.resolved.documents": resolved.documents,
-                               "lm_eval.resolved.script": resolved.protocol.script})
-            mlflow.log_artifact(str(run_dir / "metrics.json"))
+            with stops_deferred():
+                mlflow.log_metrics(metrics)
+                # The window and stride are metrics (<task>/window, /stride); these are the other
+                # settings the protocol filled in.
+                mlflow.log_params({"lm_eval.resolved.documents": resolved.documents,
+                                   "lm_eval.resolved.script": resolved.protocol.script})
+                mlflow.log_artifact(str(run_dir / "metrics.json"))
     for name, value in metrics.items():
         print(f"{name}: {value:.6g}")
     print(result_line(resolved, metrics))
