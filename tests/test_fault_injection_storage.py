@@ -25,6 +25,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from readme_commands import argv, free_port, readme_command, serving
 from timeouts import HANG_S
 
 from datamodules.builtin_corpus import write_builtin_corpus
@@ -44,8 +45,15 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "data.seq_length=64", "dat
         "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
 
 
-def command(tmp_path: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "experiments.run", f"output_dir={tmp_path / 'outputs'}",
+# exp=pretrain (GLM-Large) at the size of TINY, on the built-in text, for 4 steps on one CPU process
+SMALL_PRETRAIN = ["model.num_attention_heads=4", "tokenizer.vocab_size=1000", "data.num_workers=0",
+                  "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.devices=1",
+                  "trainer.strategy=auto", "trainer.precision=32-true"]
+
+
+def command(tmp_path: Path, *overrides: str, start: list[str] | None = None) -> list[str]:
+    """``start`` (by default the quickstart's command) in ``tmp_path``, one run named r1, TINY."""
+    return [*(start or [sys.executable, "-m", "experiments.run"]), f"output_dir={tmp_path / 'outputs'}",
             f"data.cache_dir={tmp_path / 'cache'}", "run_name=r1", *TINY, *overrides]
 
 
@@ -377,37 +385,20 @@ def test_a_kill_while_the_mlflow_store_is_made_leaves_a_store_the_next_run_uses(
     assert not temporaries(out) and not (out / "mlflow.db.lock").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_a_run_logs_to_an_mlflow_server(tmp_path):
-    port, store = free_port(), f"sqlite:///{tmp_path / 'server.db'}"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    try:
-        deadline = time.time() + HANG_S
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, server.stderr.read()[-3000:]
-                time.sleep(0.5)
-        result = subprocess.run(command(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=2",
-                                        f"logging.tracking_uri=http://127.0.0.1:{port}"),
-                                cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
+def test_the_readme_mlflow_server_and_a_run_pointed_at_it(tmp_path):
+    """README's server command (its port free here, one worker) and its run command (``...``: a small
+    model, 4 steps): the run logs everything to the server's store and writes no store of its own."""
+    port = free_port()
+    server = readme_command("mlflow server").replace("--port 5000", f"--port {port}") + " --workers 1"
+    run = readme_command("python -m experiments.run exp=pretrain logging.tracking_uri=")
+    run = run.replace("HOST:5000", f"127.0.0.1:{port}").replace(" ...", "")
+    with serving(argv(server), cwd=tmp_path, port=port):
+        result = subprocess.run(command(tmp_path, *SMALL_PRETRAIN, start=argv(run)), cwd=ROOT,
+                                capture_output=True, text=True, timeout=HANG_S)
         assert result.returncode == 0, result.stderr[-3000:]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=HANG_S)
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # everything went to the server
-    assert run_metrics(store) == {"r1": COMPLETE}
+    assert run_metrics(f"sqlite:///{tmp_path / 'mlflow.db'}", "pretrain") == {"r1": COMPLETE}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,12 +8,17 @@ import re
 import shlex
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 from ablation_store import shared_store
 from mlflow.tracking import MlflowClient
+from readme_commands import argv, bash_commands, free_port, readme_command, serving
 from timeouts import HANG_S
+
+from experiments.config import ConfigError, load_config
+from experiments.run import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +52,13 @@ def test_readme_python_blocks_and_commands_run_after_the_quickstart(tmp_path, tm
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("torch.Size([1, ") and "Arlen" in result.stdout  # logits, then the filled text
 
+    # README's `mlflow ui` on the quickstart's store (on a free port): its REST API lists the run.
+    port = free_port()
+    with serving(argv(readme_command("mlflow ui")) + ["--port", str(port)], cwd=tmp_path, port=port):
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5"
+        with urllib.request.urlopen(url, timeout=HANG_S) as response:
+            assert "quickstart" in [e["name"] for e in json.load(response)["experiments"]]
+
     # The commands of the main uses, in README order, on the quickstart's checkpoint.
     run = next((tmp_path / "outputs" / "quickstart").iterdir()).name
     substitutions = {"<run>": run, "/data/superglue": str(superglue_data(tmp_path / "superglue"))}
@@ -71,18 +83,6 @@ def test_readme_python_blocks_and_commands_run_after_the_quickstart(tmp_path, tm
     assert (tmp_path / "figures" / "tasks.png").is_file()
 
 
-def bash_commands(markdown: str) -> list[str]:
-    """Every command of the bash blocks (indented ones too), continuation lines joined, comments and
-    the output lines the README shows after a command left out."""
-    commands = []
-    for block in re.findall(r"^ *```bash\n(.*?)^ *```", markdown, flags=re.MULTILINE | re.DOTALL):
-        for line in re.sub(r"\\\n\s*", "", block).splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                commands.append(re.sub(r"\s+#\s.*$", "", line))
-    return commands
-
-
 # The commands this file runs after the quickstart (at a reduced size: the overrides appended), by
 # the start of the command; every other command of the README is named in ELSEWHERE with where it runs.
 RUN_HERE = ("python -m experiments.run exp=superglue model.init_from=outputs/quickstart/<run>/",
@@ -103,22 +103,22 @@ ELSEWHERE = {
     "python -m venv .venv": ".ci/run (a fresh virtualenv, pip install -e \".[dev]\")",
     "python -m pytest -q": ".ci/run",
     "python -m experiments.run": "this file: the quickstart before the other commands (fewer steps)",
-    "mlflow ui": "not run: a server that runs until stopped",
+    "mlflow ui": "this file: started on the quickstart's store (a free port), its REST API lists the run",
     "jupyter nbconvert": "tests/test_notebook.py (as written, in a checkout with outputs/mlflow.db)",
     "pip install": "not run: the PyTorch CUDA index (GPU machines; .ci/run installs the project)",
     "PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_check.py": "tests/test_gpu_check.py (--smoke)",
     "python -m glm_lightning.checkpoint": "tests/test_checkpoint.py (inspect and convert, small checkpoints)",
-    "mlflow server": "not run: a server for runs on several machines",
-    "python -m experiments.run exp=pretrain": "not run: GLM-Large on your corpus and 8 GPUs "
-                                              "(tests/test_pretrain_job.py runs the job small)",
+    "mlflow server": "tests/test_fault_injection_storage.py (with the run command below pointed at it)",
+    "python -m experiments.run exp=pretrain": "settings checked here (GLM-Large on 8 GPUs); "
+                                              "tests/test_pretrain_job.py runs the job small",
     "python -m experiments.run exp=prepare_data": "tests/test_prepare_data.py (the job on small files)",
     "python -m experiments.run exp=seq2seq": "tests/test_seq2seq.py (the job on small data)",
     "python -m experiments.run exp=quickstart trainer.accelerator=cpu trainer.devices=2":
         "tests/test_parallel.py (fsdp on 2 CPU processes)",
-    "python -m experiments.run exp=superglue model.init_from=/ckpt/": "not run: needs the released "
-        "weights (tests/test_superglue_job.py runs the job on a checkpoint in the official layout)",
+    "python -m experiments.run exp=superglue model.init_from=/ckpt/": "settings checked here (the "
+        "released weights); tests/test_superglue_job.py runs it on a checkpoint in the official layout",
     "python -m experiments.run exp=ablations": "tests/test_ablations.py (micro sweeps of the job)",
-    "torchrun": "tests/test_multinode.py (two nodes of one process on one CPU host, gloo)",
+    "torchrun": "settings checked here; tests/test_multinode.py (two nodes of one process on one CPU host)",
 }
 
 
@@ -128,6 +128,37 @@ def test_every_readme_command_is_run_here_or_named_with_where_it_runs():
     unplaced = [c for c in commands if c != "python -m experiments.run" and not c.startswith(RUN_HERE)
                 and not any(c.startswith(prefix) for prefix in ELSEWHERE)]
     assert unplaced == []
+
+
+def run_arguments(markdown: str) -> list[list[str]]:
+    """The arguments of every ``experiments.run`` command of the README: its bash blocks (torchrun's
+    included) and the flags of its tables, with the elided ``...`` left out."""
+    commands = [c for c in bash_commands(markdown) if "-m experiments.run" in c]
+    commands += [f"-m experiments.run {flags}" for flags in re.findall(r"^\|[^|]+\| `(exp=[^`]+)` \|$",
+                                                                        markdown, flags=re.MULTILINE)]
+    split = [shlex.split(c.partition("-m experiments.run")[2]) for c in commands]
+    return [[a for a in arguments if a != "..."] for arguments in split if arguments != ["--help"]]
+
+
+def test_every_run_command_of_the_readme_is_a_valid_configuration():
+    """The commands that need GPUs, released weights or a cluster cannot run here: their settings
+    are checked as the command line checks them, against the typed schema and every rule."""
+    commands = run_arguments((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert len(commands) >= 25 and any("trainer.devices=8" in c for c in commands)
+    problems = []
+    for arguments in commands:
+        try:
+            load_config(*parse_args(arguments))
+        except ConfigError as error:
+            problems.append(f"{shlex.join(arguments)}: {error}")
+    assert problems == []
+
+
+def test_a_mistyped_readme_setting_would_be_found():
+    assert run_arguments("```bash\npython -m experiments.run exp=pretrain ... trainer.devises=8\n```\n") == [
+        ["exp=pretrain", "trainer.devises=8"]]
+    with pytest.raises(ConfigError, match="trainer.devises"):
+        load_config(*parse_args(["exp=pretrain", "trainer.devises=8"]))
 
 
 def superglue_data(root: Path) -> Path:
