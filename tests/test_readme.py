@@ -118,6 +118,9 @@ ELSEWHERE = {
     "python -m experiments.run exp=superglue model.init_from=/ckpt/": "not run: needs the released "
         "weights (tests/test_superglue_job.py runs the job on a checkpoint in the official layout)",
     "python -m experiments.run exp=ablations": "tests/test_ablations.py (micro sweeps of the job)",
+    "python -m experiments.run exp=harness": "tests/test_harness.py (the three local tasks on small files)",
+    "python -m glm_lightning.harness": "not run: lm_eval's own command line (tests/test_harness.py scores "
+                                       "through the same registered backend)",
     "torchrun": "tests/test_multinode.py (two nodes of one process on one CPU host, gloo)",
 }
 
