@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import runpy
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import mlflow
@@ -17,9 +21,16 @@ import torch.nn.functional as F
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[harness]')")
 
 from lm_eval.api.instance import Instance  # noqa: E402
+from test_readme import ROOT, bash_commands  # noqa: E402
 
 from experiments.config import load_config  # noqa: E402
-from experiments.harness_tasks.utils import copa_choices, copa_context, lambada_answer, lambada_context  # noqa: E402
+from experiments.harness_tasks.utils import (  # noqa: E402
+    copa_choices,
+    copa_context,
+    copa_dataset,
+    lambada_answer,
+    lambada_context,
+)
 from experiments.jobs import generate as generate_job  # noqa: E402
 from experiments.run import main  # noqa: E402
 from glm_lightning.checkpoint import export_hf, save_ours  # noqa: E402
@@ -205,3 +216,47 @@ def test_a_checkpoint_trained_with_another_tokenizer_is_refused(run_dir, tmp_pat
                 TokenizerRecord("0" * 64, "sentencepiece /elsewhere/tokenizer.model"))
     with pytest.raises(ValueError, match="was trained with another tokenizer .sentencepiece /elsewhere/"):
         GLMHarnessLM(pretrained=str(tmp_path / "other.ckpt"), tokenizer=sentencepiece_model, device="cpu")
+
+
+@pytest.mark.slow  # the harness's command line indexes its ~14,000 built-in task files (~15 s)
+def test_the_readme_harness_command_prints_the_backends_copa_accuracy(run_dir, backend, tmp_path, monkeypatch,
+                                                                      capsys):
+    """The README's ``python -m glm_lightning.harness`` line as written, in this process (lm_eval is
+    imported already), from a working directory laid out as the README assumes: the run's checkpoint
+    under outputs/quickstart/<run>/, the task folder at experiments/harness_tasks, COPA where
+    ``--metadata glm_copa=`` points."""
+    import datasets
+
+    (command,) = [c for c in bash_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+                  if c.startswith("python -m glm_lightning.harness ")]
+    docs = copa_docs(8)
+    (tmp_path / "superglue" / "COPA").mkdir(parents=True)
+    (tmp_path / "superglue" / "COPA" / "val.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "outputs" / "quickstart").mkdir(parents=True)
+    os.symlink(run_dir, tmp_path / "outputs" / "quickstart" / "r1")
+    (tmp_path / "experiments").mkdir()
+    os.symlink(ROOT / "experiments" / "harness_tasks", tmp_path / "experiments" / "harness_tasks")
+    argv = shlex.split(command.replace("<run>", "r1").replace("/data/superglue", str(tmp_path / "superglue")))
+    assert argv[:3] == ["python", "-m", "glm_lightning.harness"] and "--metadata" in argv
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["glm_lightning.harness", *argv[3:]])
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # not the user's cache
+    runpy.run_module("glm_lightning.harness", run_name="__main__")
+    table = capsys.readouterr().out
+    rows = {cells[4]: cells for line in table.splitlines()
+            if len(cells := [c.strip() for c in line.strip("|").split("|")]) > 6}
+    # the backend's own scores of the same documents: the higher log-likelihood wins
+    pairs = [(copa_context(doc), choice) for doc in docs for choice in copa_choices(doc)]
+    lls = [ll for ll, _ in backend.loglikelihood([request("loglikelihood", *pair) for pair in pairs], True)]
+    acc = sum((lls[2 * i + 1] > lls[2 * i]) == doc["label"] for i, doc in enumerate(docs)) / len(docs)
+    norm = [ll / len(choice.encode()) for ll, (_, choice) in zip(lls, pairs, strict=True)]
+    acc_norm = sum((norm[2 * i + 1] > norm[2 * i]) == doc["label"] for i, doc in enumerate(docs)) / len(docs)
+    assert rows["acc"][0] == "glm_copa" and float(rows["acc"][6]) == pytest.approx(acc, abs=5e-5)
+    assert float(rows["acc_norm"][6]) == pytest.approx(acc_norm, abs=5e-5)
+
+
+def test_a_missing_task_file_is_named_with_the_metadata_key_that_sets_it(tmp_path):
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(FileNotFoundError, match=rf"^glm_copa: no file {missing} \(--metadata glm_copa=PATH"):
+        copa_dataset({"validation": "../shared/data/superglue/COPA/val.jsonl"}, glm_copa=str(missing),
+                     version=1.0, pretrained="last.ckpt")

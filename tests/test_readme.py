@@ -119,8 +119,8 @@ ELSEWHERE = {
         "weights (tests/test_superglue_job.py runs the job on a checkpoint in the official layout)",
     "python -m experiments.run exp=ablations": "tests/test_ablations.py (micro sweeps of the job)",
     "python -m experiments.run exp=harness": "tests/test_harness.py (the three local tasks on small files)",
-    "python -m glm_lightning.harness": "not run: lm_eval's own command line (tests/test_harness.py scores "
-                                       "through the same registered backend)",
+    "python -m glm_lightning.harness": "tests/test_harness.py (as written, on a tiny checkpoint and a "
+                                       "small COPA file)",
     "torchrun": "tests/test_multinode.py (two nodes of one process on one CPU host, gloo)",
 }
 

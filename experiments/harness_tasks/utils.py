@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from glm_lightning.lm_eval import lambada_text
 
 COPA_CONNECTORS = {"cause": "because", "effect": "therefore"}
@@ -33,3 +35,32 @@ def lambada_context(doc: dict) -> str:
 def lambada_answer(doc: dict) -> str:
     """The last word of the passage, with the space before it."""
     return lambada_text(doc["text"])[1]
+
+
+def local_dataset(task: str, builder: str, data_files: dict[str, str], metadata: dict):
+    """The task's splits read by the ``datasets`` builder ``builder`` (``json``, ``text``: no network)
+    from the YAML's ``data_files``, or from the file that ``--metadata TASK=PATH`` names on the
+    harness's command line (``exp=harness`` rewrites ``data_files`` itself)."""
+    import datasets
+
+    if metadata.get(task) is not None:
+        data_files = dict.fromkeys(data_files, str(metadata[task]))
+    for path in data_files.values():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{task}: no file {path} (--metadata {task}=PATH names another)")
+    return datasets.load_dataset(builder, data_files=data_files)
+
+
+def copa_dataset(data_files: dict[str, str], **metadata):  # -> datasets.DatasetDict
+    """glm_copa's COPA jsonl (``--metadata glm_copa=PATH``)."""
+    return local_dataset("glm_copa", "json", data_files, metadata)
+
+
+def perplexity_dataset(data_files: dict[str, str], **metadata):  # -> datasets.DatasetDict
+    """glm_perplexity's text file (``--metadata glm_perplexity=PATH``)."""
+    return local_dataset("glm_perplexity", "text", data_files, metadata)
+
+
+def lambada_dataset(data_files: dict[str, str], **metadata):  # -> datasets.DatasetDict
+    """glm_lambada's jsonl (``--metadata glm_lambada=PATH``)."""
+    return local_dataset("glm_lambada", "json", data_files, metadata)
