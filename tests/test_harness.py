@@ -4,6 +4,7 @@ exp=generate) on a random tiny checkpoint, and exp=harness end to end with MLflo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -226,6 +227,7 @@ def test_the_readme_harness_command_prints_the_backends_copa_accuracy(run_dir, b
     under outputs/quickstart/<run>/, the task folder at experiments/harness_tasks, COPA where
     ``--metadata glm_copa=`` points."""
     import datasets
+    import lm_eval.utils
 
     (command,) = [c for c in bash_commands((ROOT / "README.md").read_text(encoding="utf-8"))
                   if c.startswith("python -m glm_lightning.harness ")]
@@ -241,7 +243,16 @@ def test_the_readme_harness_command_prints_the_backends_copa_accuracy(run_dir, b
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["glm_lightning.harness", *argv[3:]])
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # not the user's cache
-    runpy.run_module("glm_lightning.harness", run_name="__main__")
+    # the command line configures lm_eval's logger (a handler on this test's captured stderr): undone after
+    logger = logging.getLogger("lm_eval")
+    monkeypatch.setattr(lm_eval.utils, "_LOGGING_CONFIGURED", lm_eval.utils._LOGGING_CONFIGURED)
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    level = logger.level
+    try:
+        runpy.run_module("glm_lightning.harness", run_name="__main__")
+    finally:
+        logger.setLevel(level)
     table = capsys.readouterr().out
     rows = {cells[4]: cells for line in table.splitlines()
             if len(cells := [c.strip() for c in line.strip("|").split("|")]) > 6}
