@@ -12,7 +12,8 @@ Three kinds of experiment:
   unless ``--baseline`` names another row.
 * Any other experiment (pretraining, LM evaluation, ...): its finished top-level runs, one row per
   run name (runs sharing a name are seeds), the ``--metric`` columns or by default every
-  evaluation metric logged (``val/*``, ``perplexity/*``, ``lambada/*``, ``infill/*``, ``dev/*``).
+  evaluation metric logged (``val/*``, ``perplexity/*``, ``lambada/*``, ``infill/*``, ``dev/*``,
+  ``harness/*``).
 
 Seeds are shown as mean ± sample std; a delta is the difference of the means, ± its standard error
 when both rows have several seeds. Task columns follow Table 1 (two-metric tasks as "x/y" in the
@@ -58,7 +59,8 @@ MISSING = "-"
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "glm.role"
 SWEEP_METRICS = ("pretrain/val_loss", "perplexity/ppl")  # extra columns of a sweep by default
-RUN_METRIC_PREFIXES = ("val/", "perplexity/", "lambada/", "infill/", "dev/")  # columns of plain runs
+# columns of plain runs
+RUN_METRIC_PREFIXES = ("val/", "perplexity/", "lambada/", "infill/", "dev/", "harness/")
 PAPER_TABLE1_TITLE = "paper (Table 1)"
 PAPER_TABLE6_TITLE = "paper (Tables 1 and 6)"
 PAPER_PREFIX = "paper: "

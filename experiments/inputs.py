@@ -27,11 +27,12 @@ PATH_KEYS: dict[str, tuple[str, ...]] = {
                   "data.wsc_negatives"),
     "generate": ("model.init_from", *TOKENIZER_FILES),
     "lm_eval": ("model.init_from", *TOKENIZER_FILES, "lm_eval.file"),
+    "harness": ("model.init_from", *TOKENIZER_FILES, "harness.include_path"),
     "ablations": ("data.train_files", "data.superglue_dir", "lm_eval.file"),
 }
 # Jobs that read the sentencepiece model a pretraining run keeps beside its checkpoints
 # (experiments.jobs.generate.resolve_tokenizer) when no tokenizer.path is given.
-RUN_TOKENIZER_JOBS = ("generate", "lm_eval", "superglue")
+RUN_TOKENIZER_JOBS = ("generate", "lm_eval", "superglue", "harness")
 RUN_TOKENIZER = "tokenizer.model"
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # glm_lightning.checkpoint.HUB_REPO_ID
 GLOB_CHARS = "*?["

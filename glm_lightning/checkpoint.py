@@ -9,7 +9,8 @@ where the tensors are stored:
   parallelism each rank holds a slice of the sharded weights (see ``merge_model_parallel``).
 * Hugging Face: ``pytorch_model.bin`` or ``model.safetensors`` (single, or sharded with an
   ``*.index.json``) beside a ``config.json``; keys may be prefixed ``glm.``; head weights that are
-  not part of the GLM backbone are ignored with a warning.
+  not part of the GLM backbone are ignored with a warning. Exports add what the released
+  repositories hold beside the weights (``auto_map``, tokenizer files: ``glm_lightning.hf_folder``).
 * ours: a Lightning-style checkpoint file, ``{"state_dict": {"model.<key>": ...},
   "hyper_parameters": {"model_config": {...}}}``, which ``init_weights`` reads and
   ``GLMPretrainModule.load_from_checkpoint`` restores (training checkpoints of that module are
@@ -27,7 +28,7 @@ the model plus one weight. Under FSDP2 each rank copies only its own shard of ea
 Command line::
 
     python -m glm_lightning.checkpoint convert SRC DST --to ours|official|hf [--model-parallel N]
-        [--num-heads H] [--fix-chinese-gmask]
+        [--num-heads H] [--fix-chinese-gmask] [--tokenizer PATH] [--remote-code REPO]
     python -m glm_lightning.checkpoint inspect SRC [--num-heads H]
 """
 
@@ -53,7 +54,17 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from glm_lightning.atomic import atomic_write
+from glm_lightning.hf_folder import (
+    REMOTE_CODE_REPOS,
+    auto_map,
+    has_tokenizer,
+    load_tokenizer,
+    read_tokenizer,
+    tokenizer_kind,
+    write_tokenizer,
+)
 from glm_lightning.model import VOCAB_MULTIPLE, GLMConfig, GLMModel
+from glm_lightning.tokenizer import GLMTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -570,13 +581,16 @@ def _write_official(weights: dict[str, Tensor], config: GLMConfig, out_dir: Path
     return tag_dir
 
 
-def hf_config(config: GLMConfig) -> dict:
-    """The Hugging Face GLM ``config.json`` (as THUDM/glm-* on the hub) of a model with ``config``."""
+def hf_config(config: GLMConfig, *, remote_code: str = REMOTE_CODE_REPOS["wordpiece"],
+              dtype: torch.dtype = torch.float32) -> dict:
+    """The Hugging Face GLM ``config.json`` of a model with ``config``, as THUDM/glm-* on the hub
+    hold it, with an ``auto_map`` that takes the released classes from the repository ``remote_code``."""
     if config.intermediate_size != 4 * config.hidden_size:
         raise ValueError(f"the Hugging Face GLM has FFN size 4 * hidden_size = {4 * config.hidden_size}; "
                          f"this model has {config.intermediate_size}")
     return {
         "architectures": ["GLMModel"],
+        "auto_map": auto_map(remote_code),
         "model_type": "glm",
         "num_layers": config.num_layers,
         "vocab_size": config.vocab_size,
@@ -589,21 +603,36 @@ def hf_config(config: GLMConfig) -> dict:
         "checkpoint_activations": config.checkpoint_activations,
         "block_position_encoding": config.block_position_encoding,
         "initializer_range": config.initializer_range,
+        "torch_dtype": str(dtype).removeprefix("torch."),
         **HF_FIXED_FIELDS,
     }
 
 
-def export_hf(model: GLMModel, out_dir: str | Path) -> Path:
-    """Write ``model`` as a Hugging Face GLM checkpoint folder: ``pytorch_model.bin`` with the
-    official keys (the HF conversion saves the official dict verbatim) and ``config.json``."""
-    return _write_hf(_plain(model), model.config, Path(out_dir))
+def export_hf(model: GLMModel, out_dir: str | Path, *, tokenizer: GLMTokenizer | None = None,
+              remote_code: str | None = None) -> Path:
+    """Write ``model`` as a Hugging Face GLM folder that loads as the released GLM
+    (``glm_lightning.hf_folder``): ``pytorch_model.bin`` with the official keys (the HF conversion
+    saves the official dict verbatim), ``config.json`` with its ``auto_map`` and, given
+    ``tokenizer``, the tokenizer files. ``remote_code`` names the repository of the remote code
+    (default: the THUDM repository released with the tokenizer's vocabulary)."""
+    return _write_hf(_plain(model), model.config, Path(out_dir), tokenizer, remote_code)
 
 
-def _write_hf(weights: dict[str, Tensor], config: GLMConfig, out_dir: Path) -> Path:
-    hf = hf_config(config)
+def _write_hf(weights: dict[str, Tensor], config: GLMConfig, out_dir: Path,
+              tokenizer: GLMTokenizer | None = None, remote_code: str | None = None) -> Path:
+    repo = remote_code or REMOTE_CODE_REPOS[tokenizer_kind(tokenizer) if tokenizer else "wordpiece"]
+    dtype = next(iter(weights.values())).dtype
+    hf = hf_config(config, remote_code=repo, dtype=dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(weights, out_dir / "pytorch_model.bin")
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if tokenizer is None:
+        log.warning("%s: no tokenizer given, so no tokenizer files were written and auto_map names %s; give "
+                    "the tokenizer (--tokenizer) to make the folder loadable by AutoTokenizer", out_dir, repo)
+    else:
+        note = write_tokenizer(tokenizer, out_dir, repo=repo)
+        if note:
+            log.warning("%s", note)
     return out_dir
 
 
@@ -639,12 +668,17 @@ def _plain(model: GLMModel) -> dict[str, Tensor]:
 
 def convert(src: str | Path, dst: str | Path, to: str, *, model_parallel: int = 1,
             num_attention_heads: int | None = None, fix_chinese_gmask_row: bool = False,
-            overwrite: bool = False) -> GLMConfig:
+            overwrite: bool = False, tokenizer: GLMTokenizer | None = None,
+            remote_code: str | None = None) -> GLMConfig:
     """Rewrite the checkpoint ``src`` in layout ``to`` (``ours``: a file; ``official``, ``hf``: a
     folder) at ``dst``. Works on the state dict, so the stored dtype is kept and no model is
     built beyond checking the shapes. An existing ``dst`` (a file, or a folder that is not empty)
-    is refused with ``FileExistsError`` before anything is read, unless ``overwrite``. Returns the config."""
+    is refused with ``FileExistsError`` before anything is read, unless ``overwrite``. ``hf``
+    writes the tokenizer files of ``tokenizer`` (default: ``source_tokenizer(src)``) and an
+    ``auto_map`` naming ``remote_code`` (see ``export_hf``). Returns the config."""
     refuse_existing(dst, overwrite, "--overwrite")
+    if to == "hf" and tokenizer is None:
+        tokenizer = source_tokenizer(resolve_source(src))
     stored = read_checkpoint(src)
     config = checkpoint_config(stored, num_attention_heads)
     with torch.device("meta"):
@@ -657,12 +691,27 @@ def convert(src: str | Path, dst: str | Path, to: str, *, model_parallel: int = 
     if to == "official":
         _write_official(weights, config, Path(dst), model_parallel)
     elif to == "hf":
-        _write_hf(weights, config, Path(dst))
+        _write_hf(weights, config, Path(dst), tokenizer, remote_code)
     elif to == "ours":
         _write_ours(weights, config, Path(dst), stored.tokenizer)
     else:
         raise ValueError(f"unknown layout {to!r}; choose ours, official or hf")
     return config
+
+
+RUN_TOKENIZER = "tokenizer.model"  # where a pretraining run keeps its sentencepiece model
+
+
+def source_tokenizer(src: str | Path) -> GLMTokenizer | None:
+    """The tokenizer that comes with a checkpoint, if any: the tokenizer files of a Hugging Face
+    folder, or ``<run>/tokenizer.model`` of a pretraining run's ``<run>/checkpoints/*.ckpt``."""
+    src = Path(src)
+    if has_tokenizer(src):
+        return read_tokenizer(src)
+    run_tokenizer = src.resolve().parent.parent / RUN_TOKENIZER
+    if src.parent.name == "checkpoints" and run_tokenizer.is_file():
+        return GLMTokenizer.from_sentencepiece(str(run_tokenizer))
+    return None
 
 
 def refuse_existing(path: str | Path, overwrite: bool, how: str) -> None:
@@ -707,15 +756,25 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--fix-chinese-gmask", action="store_true",
                       help="copy embedding row 50007 into 50009 (glm-10b-chinese)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing dst")
+    conv.add_argument("--tokenizer", default=None,
+                      help="--to hf: the tokenizer to write beside the weights (a folder, a sentencepiece "
+                           ".model, a vocab.txt, or a vocab.json with merges.txt beside it); default: the "
+                           "one that comes with SRC")
+    conv.add_argument("--tokenizer-kind", choices=("gpt2", "roberta"), default=None,
+                      help="which layout a vocab.json has (default gpt2)")
+    conv.add_argument("--remote-code", default=None,
+                      help="--to hf: the Hugging Face repository whose modeling_glm.py loads the folder "
+                           "(default: the THUDM repository of the tokenizer's vocabulary)")
     insp = commands.add_parser("inspect", help="print the inferred config and parameter count")
     insp.add_argument("src")
     insp.add_argument("--num-heads", type=int, default=None)
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
+            tokenizer = load_tokenizer(args.tokenizer, kind=args.tokenizer_kind) if args.tokenizer else None
             config = convert(args.src, args.dst, args.to, model_parallel=args.model_parallel,
                              num_attention_heads=args.num_heads, fix_chinese_gmask_row=args.fix_chinese_gmask,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, tokenizer=tokenizer, remote_code=args.remote_code)
             print(f"wrote {args.dst} ({args.to}): {config.num_layers} layers, hidden {config.hidden_size}, "
                   f"{config.num_attention_heads} heads, vocab {config.vocab_size}")
         else:

@@ -43,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "generation.strategy": ("greedy", "sample", "beam"),
     "lm_eval.protocol": ("wikitext", "language_model", "lambada"),
     "lm_eval.documents": ("auto", "stream", "lines"),
+    "harness.dtype": ("float32", "bfloat16", "float16"),
 }
 
 # SuperGLUE tasks in Table-1 order, by their official folder names; config keys use lower case.
@@ -177,6 +178,24 @@ class LMEvalConfig:
     unidirectional: bool = False  # only the first token in Part A (else bidirectional context)
     max_length: int | None = None  # text tokens per window; None = the released 511, or the model's limit
     stride: int = 256  # tokens predicted per window after the first (official --overlapping-eval)
+
+
+@dataclass
+class HarnessConfig:
+    """exp=harness: lm-evaluation-harness tasks on a checkpoint (``glm_lightning.harness``); the
+    rolling perplexity follows ``lm_eval.max_length`` / ``lm_eval.stride``, the blank ``data.task_masks``."""
+
+    # tasks of experiments/harness_tasks (glm_copa, glm_perplexity, glm_lambada), of include_path, or
+    # with builtin_tasks the harness's own
+    tasks: list[str] = field(default_factory=lambda: ["glm_copa", "glm_perplexity", "glm_lambada"])
+    data_files: dict[str, str] = field(default_factory=dict)  # task -> the file it reads, not its YAML's
+    include_path: list[str] = field(default_factory=list)  # more folders of task YAMLs
+    builtin_tasks: bool = False  # also index the harness's own tasks (slower start; they may download data)
+    limit: int | None = None  # examples per task; None = all
+    num_fewshot: int | None = None  # None = each task's own
+    max_gen_toks: int = 256  # generate_until: tokens per answer unless the task says otherwise
+    bootstrap_iters: int = 1000  # resamples for the stderr of non-mean metrics; 0 = none
+    dtype: str = "float32"  # precision the model runs in
 
 
 @dataclass
@@ -348,6 +367,7 @@ class ExperimentConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
     prompts: list[str] = field(default_factory=list)  # exp=generate: texts whose blanks are filled
     superglue: SuperGLUEConfig = field(default_factory=SuperGLUEConfig)
     task: Any = None  # exp=superglue: a task name or a list of them (any case); None = all eight
@@ -383,6 +403,8 @@ POSITIVE = (
     "seq2seq.tgt_length",
     "lm_eval.max_length",
     "lm_eval.stride",
+    "harness.limit",
+    "harness.max_gen_toks",
     "model.num_layers",
     "model.hidden_size",
     "model.num_attention_heads",
@@ -416,6 +438,8 @@ NON_NEGATIVE = (
     "generation.min_length",
     "generation.no_repeat_ngram_size",
     "generation.top_k",
+    "harness.num_fewshot",
+    "harness.bootstrap_iters",
     *(f"superglue.tasks.{t.lower()}.{k}" for t in SUPERGLUE_TASKS for k in ("pattern_id", "length_penalty")),
 )
 

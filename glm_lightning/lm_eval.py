@@ -104,16 +104,20 @@ def infilling_sample(part_a: Sequence[int], mask_position: int, part_b: Sequence
             "loss_mask": loss_mask, "sep": n_a}
 
 
-def lambada_tokens(tokenizer: GLMTokenizer, text: str) -> tuple[list[int], list[int]]:
-    """(context, answer) token ids of a passage: the answer is its last whitespace word, encoded
-    as ``" " + word`` (the strict LAMBADA of the official code); the context is the text before
-    it, stripped."""
+def lambada_text(text: str) -> tuple[str, str]:
+    """(context, answer) of a passage: the answer is its last whitespace word as ``" " + word``
+    (the strict LAMBADA of the official code); the context is the text before it, stripped."""
     words = text.split()
     if not words:
         raise ValueError("a LAMBADA passage needs at least one word")
     word = words[-1]
-    context = text[:text.rfind(word)].strip()
-    return tokenizer.encode(context), tokenizer.encode(" " + word)
+    return text[:text.rfind(word)].strip(), " " + word
+
+
+def lambada_tokens(tokenizer: GLMTokenizer, text: str) -> tuple[list[int], list[int]]:
+    """(context, answer) token ids of a passage (``lambada_text``)."""
+    context, answer = lambada_text(text)
+    return tokenizer.encode(context), tokenizer.encode(answer)
 
 
 def lambada_sample(context: Sequence[int], answer: Sequence[int], tokenizer: GLMTokenizer, *,

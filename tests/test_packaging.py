@@ -15,7 +15,8 @@ def pyproject() -> dict:
 
 def test_environment_yml_installs_the_pyproject_pins():
     project = pyproject()["project"]
-    pinned = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    pinned = project["dependencies"] + extras["dev"] + extras["harness"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert sorted(pip_section) == sorted(pinned)

@@ -118,6 +118,9 @@ ELSEWHERE = {
     "python -m experiments.run exp=superglue model.init_from=/ckpt/": "settings checked here (the "
         "released weights); tests/test_superglue_job.py runs it on a checkpoint in the official layout",
     "python -m experiments.run exp=ablations": "tests/test_ablations.py (micro sweeps of the job)",
+    "python -m experiments.run exp=harness": "tests/test_harness.py (the three local tasks on small files)",
+    "python -m glm_lightning.harness": "tests/test_harness.py (as written, on a tiny checkpoint and a "
+                                       "small COPA file)",
     "torchrun": "settings checked here; tests/test_multinode.py (two nodes of one process on one CPU host)",
 }
 

@@ -12,6 +12,7 @@ from experiments.tokenizer_identity import check_tokenizer
 from glm_lightning.checkpoint import build_glm, read_checkpoint
 from glm_lightning.config import ConfigError
 from glm_lightning.generation import fill_blanks
+from glm_lightning.hf_folder import has_tokenizer, read_tokenizer
 from glm_lightning.model import GLMModel
 from glm_lightning.tokenizer import GLMTokenizer
 
@@ -27,15 +28,22 @@ def require_checkpoint(cfg: DictConfig) -> str:
 
 
 def resolve_tokenizer(cfg: DictConfig) -> GLMTokenizer:
-    """The configured tokenizer; without ``tokenizer.path``, the sentencepiece model that a
-    pretraining run saved beside its checkpoints (``<run>/tokenizer.model``)."""
+    """The configured tokenizer; without ``tokenizer.path``, the tokenizer files of a Hugging Face
+    folder (ours or a released one), or the sentencepiece model that a pretraining run saved beside
+    its checkpoints (``<run>/tokenizer.model``)."""
     if cfg.tokenizer.path or cfg.tokenizer.kind != "sentencepiece":
         return build_tokenizer(cfg, [])
     checkpoint = Path(require_checkpoint(cfg))
+    if has_tokenizer(checkpoint):
+        try:
+            return read_tokenizer(checkpoint)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model.init_from: the tokenizer of {checkpoint}: {error}") from None
     candidate = checkpoint.resolve().parent.parent / RUN_TOKENIZER
     if checkpoint.parent.name != "checkpoints" or not candidate.is_file():
         raise ConfigError(f"'tokenizer.path' is not set and there is no {RUN_TOKENIZER} of a run beside "
-                          f"{checkpoint} (expected <run>/checkpoints/*.ckpt); set tokenizer.path=...")
+                          f"{checkpoint} (expected <run>/checkpoints/*.ckpt) nor tokenizer files in it; "
+                          "set tokenizer.path=...")
     return GLMTokenizer.from_sentencepiece(str(candidate))
 
 
