@@ -1,6 +1,7 @@
-"""Ablation sweeps (paper §3.4, Table 6): every variant x seed is pretrained, finetuned on SuperGLUE and
-evaluated as a language model, with the same sizes and budgets (the ``scale``), in one MLflow
-experiment.
+"""Ablation sweeps (paper §3.4, Table 6): every variant x seed is pretrained (and scored on held-out
+infilling probes when it trains on the built-in world or ``data.probe_file`` is set), evaluated as a
+language model and finetuned on SuperGLUE (the stages its ``scale`` runs), with the same sizes and
+budgets, in one MLflow experiment.
 
 MLflow layout: one sweep run (tag ``glm.role=sweep``) -> one run per variant and seed
 (``glm.role=variant``, tags ``variant``, ``seed``, ``pretrain_run_id``) holding the final metrics ->
