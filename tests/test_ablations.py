@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from test_superglue_job import write_superglue
 
 from experiments.config import load_config
-from experiments.jobs.ablations import plan, stage_config, stage_overrides
+from experiments.jobs.ablations import fingerprint, plan, result_settings, stage_config, stage_overrides
 from experiments.run import main
 from glm_lightning.config import ConfigError
 
@@ -87,6 +87,11 @@ def test_world_scale_is_the_quickstart_on_a_smaller_budget_without_finetuning(tm
     variants = plan(cfg)
     assert [(v.name, v.seed) for v in variants] == [(n, s) for s in (1, 2, 3) for n in WORLD_VARIANTS]
     assert all(sorted(v.overrides) == ["lm_eval", "pretrain"] for v in variants)  # no SuperGLUE stage
+    # later seeds reuse the first seed's validated settings: the same fingerprint as validating anew
+    last = variants[-1]
+    settings = {stage: result_settings(stage_config(cfg, stage, last.overrides[stage], extra=extra))
+                for stage, extra in (("pretrain", ()), ("lm_eval", ("model.init_from=<pretrained>",)))}
+    assert (last.name, last.seed, last.fingerprint) == ("span_document", 3, fingerprint(settings))
     world = stage_config(cfg, "pretrain", stage_overrides(cfg, "pretrain", "glm", 1))
     quickstart = load_config("quickstart", [])
     differ = {key for key, value in flat(OmegaConf.to_container(world, resolve=True)).items()
@@ -220,17 +225,20 @@ def test_micro_sweep_end_to_end(tmp_path, capsys):
                                            ("pretrain/val_loss", "pretrain/val_loss", 1, 2),
                                            ("perplexity/ppl", "perplexity/ppl", 1, 2)):
             assert table[name][column] == cell([s[key] for s in seeds], scale, digits), (name, column)
-    averages = {name: [100 * variants[name, s].data.metrics["table1/avg"] for s in (1, 2)]
-                for name in ("glm", "classifier")}
-    delta = statistics.fmean(averages["classifier"]) - statistics.fmean(averages["glm"])
-    error = (statistics.variance(averages["classifier"]) / 2
-             + statistics.variance(averages["glm"]) / 2) ** 0.5
-    assert table["classifier - glm"]["Avg (2 of 8 tasks)"] == f"{delta:+.1f}±{error:.1f}"
+    # deltas paired by seed: mean difference ± t(0.975, 1) * sd / sqrt(2), * when it excludes 0
+    avg = {key: run.data.metrics["table1/avg"] for key, run in variants.items()}
+    d = [100 * (avg["classifier", s] - avg["glm", s]) for s in (1, 2)]
+    mean, half = statistics.fmean(d), 12.7062 * statistics.stdev(d) / 2 ** 0.5
+    mark = "*" if mean - half > 0 or mean + half < 0 else ""
+    assert table["classifier - glm"]["Avg (2 of 8 tasks)"] == f"{mean:+.1f}±{half:.1f}{mark}"
+    # the classifier shares glm's pretraining: its pretraining numbers differ by exactly 0
+    assert table["classifier - glm"]["pretrain/val_loss"] == "+0.00±0.00"
     for png in ("curves.png", "tasks.png"):
         data = (sweep_dir / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
     artifacts = {a.path for a in client.list_artifacts(sweep.info.run_id)}
-    assert {"comparison.md", "comparison.csv", "curves.png", "tasks.png", "config.yaml"} <= artifacts
+    assert {"comparison.md", "comparison.csv", "differences.csv", "curves.png", "tasks.png",
+            "config.yaml"} <= artifacts
     out = capsys.readouterr().out
     assert "| variant | COPA | RTE | Avg (2 of 8 tasks) | pretrain/val_loss | perplexity/ppl |" in out
 

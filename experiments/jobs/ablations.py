@@ -133,12 +133,16 @@ def scale_stages(cfg: DictConfig) -> list[str]:
 
 
 def sweep_variants(cfg: DictConfig, stages: list[str]) -> list[str]:
-    """``ablations.variants``, or by default every catalogue variant that changes a stage the scale
-    runs (the classifier head changes only finetuning)."""
+    """``ablations.variants``, or by default every catalogue variant but those that change only
+    stages the scale does not run (the classifier head changes only finetuning)."""
     a = cfg.ablations
+
+    def unseen(name: str) -> list[str]:  # the stages it changes, when the scale runs none of them
+        spec = a.catalogue[name]
+        return [] if any(spec[stage] for stage in stages) else [stage for stage in STAGES if spec[stage]]
+
     if a.variants is None:
-        return [name for name, spec in a.catalogue.items()
-                if name == a.baseline or any(spec[stage] for stage in stages)]
+        return [name for name in a.catalogue if not unseen(name)]
     if not a.variants:
         raise ConfigError("'ablations.variants' is empty; name the variants to run, e.g. "
                           f"ablations.variants=[{','.join(list(a.catalogue)[:2])}]")
@@ -147,11 +151,9 @@ def sweep_variants(cfg: DictConfig, stages: list[str]) -> list[str]:
         raise ConfigError(f"unknown variant {unknown[0]!r} in 'ablations.variants'; "
                           f"the catalogue has: {', '.join(a.catalogue)}")
     for name in a.variants:
-        spec = a.catalogue[name]
-        if name != a.baseline and not any(spec[stage] for stage in stages):
-            changed = [stage for stage in STAGES if spec[stage]]
+        if unseen(name):
             raise ConfigError(f"variant {name!r} in 'ablations.variants' changes only the "
-                              f"{', '.join(changed)} stage, which scale={cfg.scale} does not run")
+                              f"{', '.join(unseen(name))} stage, which scale={cfg.scale} does not run")
     return list(a.variants)
 
 
@@ -170,18 +172,22 @@ def plan(cfg: DictConfig) -> list[Variant]:
         raise ConfigError(f"'ablations.seeds' must list distinct seeds (got {list(a.seeds)})")
     if not cfg.logging.enabled:
         raise ConfigError("an ablation sweep keeps its results in MLflow: logging.enabled must be true")
-    variants, pretrainings = [], {}
+    variants, pretrainings, checked = [], {}, {}
     for seed in a.seeds:
         for name in names:
             overrides = {stage: stage_overrides(cfg, stage, name, seed) for stage in stages}
             settings = {}
             for stage in stages:
+                if (name, stage) in checked:  # validated for the first seed; only the seed differs
+                    settings[stage] = {**checked[name, stage], "seed": seed}
+                    continue
                 try:
                     # A placeholder checkpoint: the real one exists only once the pretraining ran.
                     extra = () if stage == "pretrain" else ("model.init_from=<pretrained>",)
                     settings[stage] = result_settings(stage_config(cfg, stage, overrides[stage], extra=extra))
                 except ConfigError as error:
                     raise ConfigError(f"ablation variant {name!r} ({stage} stage): {error}") from None
+                checked[name, stage] = settings[stage]
             if ("lm_eval" in stages and settings["lm_eval"]["lm_eval"]["file"] is None
                     and settings["pretrain"]["data"]["train_files"]):
                 raise ConfigError("set lm_eval.file to held-out text for the LM evaluation of the sweep "
