@@ -14,12 +14,17 @@ Three kinds of experiment:
   run name (runs sharing a name are seeds), the ``--metric`` columns or by default every
   evaluation metric logged (``val/*``, ``perplexity/*``, ``lambada/*``, ``infill/*``, ``dev/*``).
 
-Seeds are shown as mean ± sample std; a delta is the difference of the means, ± its standard error
+Seeds are shown as mean ± sample std. A sweep's delta is paired by seed: the mean of the per-seed
+differences from the baseline, ± the half width of its 95 % t interval (``experiments.intervals``),
+marked ``*`` when the interval excludes zero; ``write_report`` also writes each difference with its
+bounds to differences.csv. Elsewhere a delta is the difference of the means, ± its standard error
 when both rows have several seeds. Task columns follow Table 1 (two-metric tasks as "x/y" in the
 paper's metric order; for sweeps only the tasks some variant was finetuned on), then the average,
 all x100 with one decimal. ``--metric`` adds columns of other logged metrics, shown as logged with two
-decimals (sweeps default to ``pretrain/val_loss`` and ``perplexity/ppl``). ``--paper`` adds the
-published rows of ``experiments.paper_results``. ``--plot DIR`` writes ``tasks.png`` (per-task bars,
+decimals, the held-out infilling fractions ``infill/*`` x100 (sweeps default to those of
+``infill/accuracy``, ``infill/baseline``, ``pretrain/val_loss`` and ``perplexity/ppl`` they logged).
+``--paper`` adds the published rows of ``experiments.paper_results`` (for a sweep, those with a
+value in some column: Table 6 reports SuperGLUE only). ``--plot DIR`` writes ``tasks.png`` (per-task bars,
 SuperGLUE and sweeps) and ``curves.png`` (learning curves: a sweep's pretrainings, or the runs of any
 other experiment). Without ``--experiment`` the experiment of the store's most recent run is shown
 (as in ``notebooks/compare_runs.ipynb``), the others named on stderr.
@@ -28,8 +33,8 @@ other experiment). Without ``--experiment`` the experiment of the store's most r
         [--runs NAME ...] [--baseline NAME] [--metric KEY ...] [--paper]
         [--format md|csv|latex] [--output FILE] [--plot DIR]
 
-``write_report`` writes comparison.md, comparison.csv, curves.png and tasks.png of one sweep run (the
-ablation job calls it when its variants are done).
+``write_report`` writes comparison.md, comparison.csv, differences.csv, curves.png and tasks.png of
+one sweep run (the ablation job calls it when its variants are done).
 """
 
 from __future__ import annotations

@@ -240,7 +240,9 @@ def test_micro_sweep_end_to_end(tmp_path, capsys):
     assert {"comparison.md", "comparison.csv", "differences.csv", "curves.png", "tasks.png",
             "config.yaml"} <= artifacts
     out = capsys.readouterr().out
-    assert "| variant | COPA | RTE | Avg (2 of 8 tasks) | pretrain/val_loss | perplexity/ppl |" in out
+    # the built-in corpus: each pretraining is also scored on the world's held-out probes
+    assert ("| variant | COPA | RTE | Avg (2 of 8 tasks) | infill/accuracy | infill/baseline "
+            "| pretrain/val_loss | perplexity/ppl |") in out
 
     # Running the same command again skips every finished variant and starts no new run.
     assert main(micro_sweep(tmp_path)) == 0
