@@ -151,8 +151,8 @@ class GLMPretrainModule(ResumesRandomState, L.LightningModule):
         self.val_loss = torch.nn.ModuleDict({name: TokenWeightedLoss() for name in (*OBJECTIVES, "all")})
         self.val_unigram = UnigramBaseline(self.model.config.vocab_size)
         self.tokens_seen = 0  # input tokens trained on, across resumes (kept in checkpoints)
-        # objective -> losses of its steps since Lightning last wrote the training metrics
-        self.objective_losses: dict[str, list[Tensor]] = {}
+        # objective -> (sum, count, last) of its step losses since Lightning last wrote training metrics
+        self.objective_losses: dict[str, tuple[Tensor, int, Tensor]] = {}
         self.flops_per_batch = 0.0  # model FLOPs of the latest micro-batch, read by ThroughputMonitor
 
     def forward(self, batch: dict) -> Tensor:
@@ -186,7 +186,8 @@ class GLMPretrainModule(ResumesRandomState, L.LightningModule):
         self.log("train/tokens_seen", float(self.tokens_seen), batch_size=batch_size)
         self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
-        self.objective_losses.setdefault(batch["objective"], []).append(loss.detach())
+        total, count, _ = self.objective_losses.get(batch["objective"], (0.0, 0, None))
+        self.objective_losses[batch["objective"]] = (total + loss.detach(), count + 1, loss.detach())
         return loss
 
     def on_train_batch_end(self, outputs: Tensor | dict, batch: dict, batch_idx: int) -> None:
@@ -200,9 +201,9 @@ class GLMPretrainModule(ResumesRandomState, L.LightningModule):
         step = lightning_logging_step(self.trainer)
         if step is None:
             return
-        metrics = {f"train/loss_{batch['objective']}": self.objective_losses[batch["objective"]][-1].item()}
-        metrics.update({f"train/loss_{name}_mean": torch.stack(losses).mean().item()
-                        for name, losses in self.objective_losses.items()})
+        metrics = {f"train/loss_{batch['objective']}": float(self.objective_losses[batch["objective"]][2])}
+        metrics.update({f"train/loss_{name}_mean": float(total) / count
+                        for name, (total, count, _) in self.objective_losses.items()})
         self.objective_losses = {}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
