@@ -669,7 +669,7 @@ def run_command(args: argparse.Namespace) -> str:
     if args.plot:
         from experiments.plots import plot_curves, plot_tasks
 
-        if kind != "runs":
+        if kind != "runs" and any(col.keys[0] == AVG for col in table.columns):  # some task was scored
             plot_tasks(table.rows, Path(args.plot) / "tasks.png")
         if curves is not None:
             plot_curves(curves, Path(args.plot) / "curves.png")

@@ -161,6 +161,8 @@ def evaluate_infilling(model: GLMModel, tokenizer: GLMTokenizer, sentences: Sequ
     """Fill each sentence's blank greedily and score exact matches against its answer: with
     ``fill_blanks``, or at Part-B position ``part_b_position`` (sentinel tokens), or as the
     masked-LM baseline with the answer's length given (``masked_lm``)."""
+    if masked_lm and part_b_position is not None:
+        raise ValueError("a masked language model has no Part B: give masked_lm or part_b_position, not both")
     baseline = most_frequent_answer_baseline(sentences)
     answers = most_frequent_answers(sentences)
     training = model.training

@@ -363,6 +363,8 @@ def test_world_sweep_reports_paired_differences_with_t_intervals(tmp_path, capsy
     assert "## Held-out infilling by relation and answer length" in report
     assert not (sweep_dir / "tasks.png").exists() and (sweep_dir / "curves.png").is_file()
     capsys.readouterr()
-    assert compare(["--experiment", "ablations", "--tracking-uri", uri, "--paper"]) == 0
+    assert compare(["--experiment", "ablations", "--tracking-uri", uri, "--paper", "--plot",
+                    str(tmp_path / "plots")]) == 0
     printed = capsys.readouterr().out
     assert expected in printed and "paper" not in printed  # Table 6 has no probe or perplexity column
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["curves.png"]  # no SuperGLUE bars

@@ -135,6 +135,8 @@ def test_masked_lm_fill_masks_each_answer_token_in_place(tokenizer: GLMTokenizer
     result = evaluate_infilling(model, tokenizer, [sentence], masked_lm=True)
     assert result.fills[0].prediction == tokenizer.decode(expected).strip()
     assert result.fills[0].answer_tokens == end - start
+    with pytest.raises(ValueError, match="no Part B"):
+        evaluate_infilling(model, tokenizer, [sentence], masked_lm=True, part_b_position=32)
 
 
 def test_metrics_by_relation_and_answer_length() -> None:
