@@ -543,11 +543,10 @@ def report_markdown(sweep: Sweep, table: Comparison, breakdown: Comparison | Non
                   "fill of each blank; the masked_lm variant is scored as BERT on blanks: one [MASK] per "
                   "answer token, the answer's length given), `infill/baseline` the most-frequent-answer "
                   "baseline on the same probes, both x100.")
-    tasks = "SuperGLUE dev scores x100 (two-metric tasks as x/y), " if any(
-        col.keys[0] == AVG for col in table.columns) else ""
+    scores = ("SuperGLUE dev scores x100 (two-metric tasks as x/y), other metrics" if any(
+        col.keys[0] == AVG for col in table.columns) else "Metrics") + " as logged unless said"
     text = (f"# Ablation sweep {sweep.name}" + (f" (scale {scale})" if scale else "") + "\n\n"
-            f"{tasks}other metrics as logged unless said; seeds as mean ± sample std{deltas}.{infill}\n\n"
-            + format_table(table, "md"))
+            f"{scores}; seeds as mean ± sample std{deltas}.{infill}\n\n" + format_table(table, "md"))
     if breakdown is not None:
         text += ("\n## Held-out infilling by relation and answer length\n\n"
                  "Exact-match accuracy x100 on the probes of each relation and of each answer length in "
