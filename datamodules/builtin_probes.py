@@ -6,6 +6,8 @@ person's home city, job, pet or the pet's colour. Every probe uses a phrasing th
 uses for its relation, so a model fills it from what it learned about the entity, not by recalling
 the sentence. There is one probe per fact, in one of a few held-out templates picked by a seeded
 generator: the probes are the same on every machine and generated in code (no data file).
+``read_probes`` reads probes of another corpus in the same format: a jsonl file of objects with
+``relation``, ``text`` (one ``[MASK]``), ``answer`` and optionally ``subject``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from datamodules.builtin_corpus import CITIES, PEOPLE, City, Person
+from datamodules.jsonl import jsonl_records
 
 MASK = "[MASK]"
 
@@ -106,3 +110,31 @@ def builtin_probes(seed: int = 0) -> list[Probe]:
                 probes.append(Probe(relation, entity.name, text, answer))
     return probes
 
+
+
+def read_probes(path: str | Path) -> list[Probe]:
+    """The probes of a jsonl file, one object per line: ``relation``, ``text`` with exactly one
+    ``[MASK]``, ``answer`` (strings) and an optional ``subject``. A bad line is a ValueError naming
+    the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such probe file")
+    probes = []
+    with path.open(encoding="utf-8") as lines:
+        for number, obj in jsonl_records(path, lines, ValueError):
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object with relation, text, answer")
+            fields = {}
+            for field in ("relation", "text", "answer", "subject"):
+                value = obj.get(field, "" if field == "subject" else None)
+                if not isinstance(value, str) or (field != "subject" and not value.strip()):
+                    raise ValueError(f"{path}:{number}: field '{field}': expected a non-empty string, "
+                                     f"got {value!r}")
+                fields[field] = value
+            if fields["text"].count(MASK) != 1:
+                raise ValueError(f"{path}:{number}: field 'text': expected exactly one {MASK}, "
+                                 f"found {fields['text'].count(MASK)}")
+            probes.append(Probe(fields["relation"], fields["subject"], fields["text"], fields["answer"]))
+    if not probes:
+        raise ValueError(f"{path}: no probes (one JSON object per line)")
+    return probes

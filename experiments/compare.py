@@ -15,12 +15,17 @@ Three kinds of experiment:
   evaluation metric logged (``val/*``, ``perplexity/*``, ``lambada/*``, ``infill/*``, ``dev/*``,
   ``harness/*``).
 
-Seeds are shown as mean ± sample std; a delta is the difference of the means, ± its standard error
+Seeds are shown as mean ± sample std. A sweep's delta is paired by seed: the mean of the per-seed
+differences from the baseline, ± the half width of its 95 % t interval (``experiments.intervals``),
+marked ``*`` when the interval excludes zero; ``write_report`` also writes each difference with its
+bounds to differences.csv. Elsewhere a delta is the difference of the means, ± its standard error
 when both rows have several seeds. Task columns follow Table 1 (two-metric tasks as "x/y" in the
 paper's metric order; for sweeps only the tasks some variant was finetuned on), then the average,
 all x100 with one decimal. ``--metric`` adds columns of other logged metrics, shown as logged with two
-decimals (sweeps default to ``pretrain/val_loss`` and ``perplexity/ppl``). ``--paper`` adds the
-published rows of ``experiments.paper_results``. ``--plot DIR`` writes ``tasks.png`` (per-task bars,
+decimals, the held-out infilling fractions ``infill/*`` x100 (sweeps default to those of
+``infill/accuracy``, ``infill/baseline``, ``pretrain/val_loss`` and ``perplexity/ppl`` they logged).
+``--paper`` adds the published rows of ``experiments.paper_results`` (for a sweep, those with a
+value in some column: Table 6 reports SuperGLUE only). ``--plot DIR`` writes ``tasks.png`` (per-task bars,
 SuperGLUE and sweeps) and ``curves.png`` (learning curves: a sweep's pretrainings, or the runs of any
 other experiment). Without ``--experiment`` the experiment of the store's most recent run is shown
 (as in ``notebooks/compare_runs.ipynb``), the others named on stderr.
@@ -29,8 +34,8 @@ other experiment). Without ``--experiment`` the experiment of the store's most r
         [--runs NAME ...] [--baseline NAME] [--metric KEY ...] [--paper]
         [--format md|csv|latex] [--output FILE] [--plot DIR]
 
-``write_report`` writes comparison.md, comparison.csv, curves.png and tasks.png of one sweep run (the
-ablation job calls it when its variants are done).
+``write_report`` writes comparison.md, comparison.csv, differences.csv, curves.png and tasks.png of
+one sweep run (the ablation job calls it when its variants are done).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from experiments import paper_results
+from experiments.intervals import Interval, by_seed, paired_interval
 from experiments.tables import AVG, Column, CompareError, Rows, Sweep, mean_std, task_columns
 from glm_lightning.atomic import atomic_write_text
 
@@ -58,7 +64,10 @@ USAGE_ERROR = 2
 MISSING = "-"
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "glm.role"
-SWEEP_METRICS = ("pretrain/val_loss", "perplexity/ppl")  # extra columns of a sweep by default
+# extra columns of a sweep by default (those some variant logged)
+SWEEP_METRICS = ("infill/accuracy", "infill/baseline", "pretrain/val_loss", "perplexity/ppl")
+INFILL_PREFIX = "infill/"
+PAIRED_MARK = "*"  # after a paired delta whose 95 % interval excludes zero
 # columns of plain runs
 RUN_METRIC_PREFIXES = ("val/", "perplexity/", "lambada/", "infill/", "dev/", "harness/")
 PAPER_TABLE1_TITLE = "paper (Table 1)"
@@ -235,7 +244,8 @@ def sweep_from_runs(found: Sequence[Run], experiment: str, tracking_uri: str, na
                        variants, "finished variant run", experiment)
     return Sweep(run_id=sweep.info.run_id, name=sweep.info.run_name, tags=dict(sweep.data.tags), rows=rows,
                  pretrain_runs={v: [r.data.tags.get("pretrain_run_id", "") for r in runs[v]] for v in rows},
-                 tracking_uri=tracking_uri)
+                 tracking_uri=tracking_uri,
+                 seeds={v: [r.data.tags.get("seed", r.info.run_id) for r in runs[v]] for v in rows})
 
 
 def load_sweep(experiment: str, tracking_uri: str, name: str | None = None, *, run_id: str | None = None,
@@ -259,6 +269,11 @@ class Comparison:
     paper: Rows = field(default_factory=dict)
     paper_title: str = PAPER_TABLE1_TITLE
     label: str = "run"  # header of the row-name column
+    seeds: dict[str, list[str]] = field(default_factory=dict)  # row -> seed of each run: paired deltas
+
+    def paired(self, name: str) -> bool:
+        """Whether the deltas of row ``name`` pair its seeds with the baseline's."""
+        return self.baseline is not None and name in self.seeds and self.baseline in self.seeds
 
 
 @dataclass(frozen=True)
@@ -271,8 +286,10 @@ class Block:
 
 
 def metric_columns(keys: Sequence[str]) -> list[Column]:
-    """One column per extra metric, shown as logged (not x100) with two decimals."""
-    return [Column(key, (key,), scale=1.0, digits=2) for key in keys]
+    """One column per extra metric, shown as logged with two decimals; the held-out infilling
+    fractions (``infill/*``) x100 with one decimal, as the task scores."""
+    return [Column(key, (key,)) if key.startswith(INFILL_PREFIX) else Column(key, (key,), scale=1.0, digits=2)
+            for key in keys]
 
 
 def available_metrics(rows: Rows) -> list[str]:
@@ -335,9 +352,26 @@ def sweep_comparison(sweep: Sweep, baseline: str | None = None, metrics: Sequenc
     if metrics is None:
         metrics = [key for key in SWEEP_METRICS if key in available_metrics(sweep.rows)]
     check_metrics(sweep.rows, metrics)
-    return Comparison(sweep.rows, (*task_columns(sweep.rows), *metric_columns(metrics)),
-                      baseline or sweep.baseline, table6_paper_rows(list(sweep.rows)) if paper else {},
-                      PAPER_TABLE6_TITLE, label="variant")
+    has_tasks = any(key in available_metrics(sweep.rows) for col in task_columns() for key in col.keys)
+    columns = (*(task_columns(sweep.rows) if has_tasks else ()), *metric_columns(metrics))
+    # published rows only where they have a value in some column (Table 6 reports SuperGLUE only)
+    published = {name: seeds for name, seeds in table6_paper_rows(list(sweep.rows)).items()
+                 if any(key in seeds[0] for col in columns for key in col.keys)} if paper else {}
+    return Comparison(sweep.rows, columns, baseline or sweep.baseline, published, PAPER_TABLE6_TITLE,
+                      label="variant", seeds=sweep.seeds)
+
+
+def infill_breakdown_comparison(sweep: Sweep, baseline: str | None = None) -> Comparison | None:
+    """Held-out infilling accuracy by relation and by answer length (``infill/accuracy/*``, x100)
+    of the variants that logged it; None when none did."""
+    keys = [key for key in available_metrics(sweep.rows) if key.startswith(f"{INFILL_PREFIX}accuracy/")]
+    lengths = sorted((key for key in keys if key.rpartition("/")[2].startswith("length_")),
+                     key=lambda key: int(key.rpartition("_")[2]))
+    keys = [*(key for key in keys if key not in lengths), *lengths]
+    if not keys:
+        return None
+    columns = tuple(Column(key.removeprefix(f"{INFILL_PREFIX}accuracy/"), (key,)) for key in keys)
+    return Comparison(sweep.rows, columns, baseline or sweep.baseline, label="variant", seeds=sweep.seeds)
 
 
 def number(value: float, digits: int, sign: bool = False) -> str:
@@ -383,17 +417,52 @@ def delta_cell(seeds: Sequence[Mapping[str, float]], base: Sequence[Mapping[str,
     return MISSING if all(p == MISSING for p in parts) else "/".join(parts)
 
 
+def interval_text(interval: Interval | None, column: Column, pm: str) -> str:
+    """A paired difference (scaled, ``column.digits`` decimals), "±" the half width of its 95 %
+    interval when there are several seeds, marked when the interval excludes zero."""
+    if interval is None:
+        return MISSING
+    d, scale = column.digits, column.scale
+    text = number(scale * interval.difference, d, sign=True)
+    if interval.half_width is not None:
+        mark = PAIRED_MARK if interval.excludes_zero else ""
+        text += f"{pm}{number(scale * interval.half_width, d)}{mark}"
+    return text
+
+
+def paired_intervals(table: Comparison, name: str, key: str) -> Interval | None:
+    """Row ``name`` minus the baseline on metric ``key``, paired by seed (``experiments.intervals``)."""
+    rows, seeds, baseline = table.rows, table.seeds, table.baseline
+    return paired_interval(by_seed(rows[name], seeds[name], key),
+                           by_seed(rows[baseline], seeds[baseline], key))
+
+
+def paired_delta_cell(table: Comparison, name: str, column: Column, pm: str) -> str:
+    """"x/y" of ``interval_text`` per metric of ``column``."""
+    parts = [interval_text(paired_intervals(table, name, key), column, pm) for key in column.keys]
+    return MISSING if all(p == MISSING for p in parts) else "/".join(parts)
+
+
+def delta_title(table: Comparison) -> str:
+    """The title of the delta block, saying what its "±" is."""
+    if all(table.paired(name) for name in table.rows):
+        return f"delta vs {table.baseline}, paired by seed, ± 95 % t interval, {PAIRED_MARK} = excludes 0"
+    return f"delta vs {table.baseline}"
+
+
 def build_table(table: Comparison, pm: str = "±") -> list[Block]:
-    """The body: the scores, the deltas against the baseline (if any), the published rows (if any)."""
+    """The body: the scores, the deltas against the baseline (if any; paired by seed when the seeds
+    are known), the published rows (if any)."""
     rows, baseline = table.rows, table.baseline
     if baseline is not None and baseline not in rows:
         raise CompareError(f"unknown baseline {baseline!r}; runs: {', '.join(rows)}")
     blocks = [Block(None, [[name, *(stat_cell(seeds, col, pm) for col in table.columns)]
                            for name, seeds in rows.items()])]
     if baseline is not None:
-        blocks.append(Block(f"delta vs {baseline}",
-                            [[f"{name} - {baseline}", *(delta_cell(seeds, rows[baseline], col, pm)
-                                                        for col in table.columns)]
+        blocks.append(Block(delta_title(table),
+                            [[f"{name} - {baseline}",
+                              *(paired_delta_cell(table, name, col, pm) if table.paired(name)
+                                else delta_cell(seeds, rows[baseline], col, pm) for col in table.columns)]
                              for name, seeds in rows.items() if name != baseline]))
     if table.paper:
         blocks.append(Block(table.paper_title,
@@ -442,7 +511,8 @@ def format_markdown(table: Comparison) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for block in build_table(table):
         if block.title is not None:
-            lines.append("| " + " | ".join([f"*{block.title}*", *[""] * (len(head) - 1)]) + " |")
+            title = block.title.replace("*", "\\*")  # a literal mark inside the italics
+            lines.append("| " + " | ".join([f"*{title}*", *[""] * (len(head) - 1)]) + " |")
         lines += ["| " + " | ".join(row) + " |" for row in block.rows]
     return "\n".join(lines) + "\n"
 
@@ -459,31 +529,81 @@ def format_table(table: Comparison, fmt: str = "md") -> str:
 # Report and command line
 
 
-def report_markdown(sweep: Sweep, table: Comparison) -> str:
-    """comparison.md: a title, what the numbers are, and the table."""
+def report_markdown(sweep: Sweep, table: Comparison, breakdown: Comparison | None = None) -> str:
+    """comparison.md: a title, what the numbers are, the table, and the held-out infilling by
+    relation and answer length when the variants were scored on probes."""
     scale = sweep.tags.get("scale")
-    return (f"# Ablation sweep {sweep.name}" + (f" (scale {scale})" if scale else "") + "\n\n"
-            "SuperGLUE dev scores x100 (two-metric tasks as x/y), other metrics as logged; seeds as "
-            "mean ± sample std" + (f"; deltas against {table.baseline} as difference of the means ± its "
-                                   "standard error" if table.baseline else "")
-            + ".\n\n" + format_table(table, "md"))
+    paired = table.baseline is not None and all(table.paired(name) for name in table.rows)
+    deltas = ("" if table.baseline is None else
+              f"; deltas against {table.baseline} " + (
+                  f"as the mean of the per-seed differences ± the half width of its 95 % t interval over the "
+                  f"seeds (experiments/intervals.py), marked {PAIRED_MARK} when the interval excludes zero"
+                  if paired else "as difference of the means ± its standard error"))
+    infill = ""
+    if any(col.keys[0].startswith(INFILL_PREFIX) for col in table.columns):
+        infill = (" `infill/accuracy` is the exact-match accuracy on the held-out infilling probes (greedy "
+                  "fill of each blank; the masked_lm variant is scored as BERT on blanks: one [MASK] per "
+                  "answer token, the answer's length given), `infill/baseline` the most-frequent-answer "
+                  "baseline on the same probes, both x100.")
+    scores = ("SuperGLUE dev scores x100 (two-metric tasks as x/y), other metrics" if any(
+        col.keys[0] == AVG for col in table.columns) else "Metrics") + " as logged unless said"
+    text = (f"# Ablation sweep {sweep.name}" + (f" (scale {scale})" if scale else "") + "\n\n"
+            f"{scores}; seeds as mean ± sample std{deltas}.{infill}\n\n" + format_table(table, "md"))
+    if breakdown is not None:
+        text += ("\n## Held-out infilling by relation and answer length\n\n"
+                 "Exact-match accuracy x100 on the probes of each relation and of each answer length in "
+                 "tokens (`infill/accuracy/<relation>`, `infill/accuracy/length_<k>`; the baselines are "
+                 "logged beside them as `infill/baseline/...`).\n\n" + format_table(breakdown, "md"))
+    return text
+
+
+DIFFERENCE_FIELDS = ("variant", "baseline", "metric", "seeds", "difference", "low", "high", "excludes_zero")
+
+
+def differences_csv(tables: Sequence[Comparison]) -> str:
+    """differences.csv: one row per variant and metric of ``tables`` (metrics as logged, not x100):
+    the mean paired difference against the baseline over the seeds both have, the bounds of its 95 %
+    t interval (empty with one seed) and whether it excludes zero."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(DIFFERENCE_FIELDS)
+    for table in tables:
+        for name in table.rows:
+            if name == table.baseline or not table.paired(name):
+                continue
+            for key in (key for col in table.columns for key in col.keys):
+                interval = paired_intervals(table, name, key)
+                if interval is None:
+                    continue
+                bounds = ["", ""] if interval.low is None else [repr(interval.low), repr(interval.high)]
+                writer.writerow([name, table.baseline, key, interval.seeds, repr(interval.difference),
+                                 *bounds, str(interval.excludes_zero).lower()])
+    return out.getvalue()
 
 
 def write_report(experiment: str, tracking_uri: str, sweep_run_id: str, out_dir: Path) -> list[Path]:
-    """Write comparison.md (table, deltas against the sweep's baseline, the paper's rows),
-    comparison.csv, curves.png and tasks.png of the sweep run ``sweep_run_id`` into ``out_dir``;
-    returns their paths. Raises CompareError when the sweep has no finished variant runs."""
+    """Write comparison.md (table, deltas against the sweep's baseline, the paper's rows, held-out
+    infilling by relation and length), comparison.csv, differences.csv (paired differences with
+    their intervals), curves.png and tasks.png (when the variants were finetuned) of the sweep run
+    ``sweep_run_id`` into ``out_dir``; returns their paths. Raises CompareError when the sweep has
+    no finished variant runs."""
     from experiments.plots import plot_curves, plot_tasks
 
     sweep = load_sweep(experiment, tracking_uri, run_id=sweep_run_id)
     table = sweep_comparison(sweep, paper=True)
+    breakdown = infill_breakdown_comparison(sweep)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown, table_csv = out_dir / "comparison.md", out_dir / "comparison.csv"
-    markdown.write_text(report_markdown(sweep, table), encoding="utf-8")
+    differences = out_dir / "differences.csv"
+    markdown.write_text(report_markdown(sweep, table, breakdown), encoding="utf-8")
     table_csv.write_text(format_table(table, "csv"), encoding="utf-8")
-    return [markdown, table_csv, plot_curves(sweep, out_dir / "curves.png"),
-            plot_tasks(sweep.rows, out_dir / "tasks.png")]
+    tables = [t for t in (table, breakdown) if t is not None]
+    differences.write_text(differences_csv(tables), encoding="utf-8")
+    paths = [markdown, table_csv, differences, plot_curves(sweep, out_dir / "curves.png")]
+    if any(col.keys[0] == AVG for col in table.columns):
+        paths.append(plot_tasks(sweep.rows, out_dir / "tasks.png"))
+    return paths
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -550,7 +670,7 @@ def run_command(args: argparse.Namespace) -> str:
     if args.plot:
         from experiments.plots import plot_curves, plot_tasks
 
-        if kind != "runs":
+        if kind != "runs" and any(col.keys[0] == AVG for col in table.columns):  # some task was scored
             plot_tasks(table.rows, Path(args.plot) / "tasks.png")
         if curves is not None:
             plot_curves(curves, Path(args.plot) / "curves.png")

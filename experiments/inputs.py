@@ -20,7 +20,8 @@ from glm_lightning.config import superglue_tasks
 # The path settings each job reads (the jobs of experiments.jobs.JOBS).
 TOKENIZER_FILES = ("tokenizer.path", "tokenizer.merges")
 PATH_KEYS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("resume", "model.init_from", *TOKENIZER_FILES, "data.train_files", "data.val_files"),
+    "pretrain": ("resume", "model.init_from", *TOKENIZER_FILES, "data.train_files", "data.val_files",
+                 "data.probe_file"),
     "prepare_data": (*TOKENIZER_FILES, "data.train_files", "data.val_files"),
     "seq2seq": ("resume", "model.init_from", *TOKENIZER_FILES, "data.dir"),
     "superglue": ("resume", "model.init_from", *TOKENIZER_FILES, "data.superglue_dir", "data.fewglue_dir",
@@ -28,7 +29,7 @@ PATH_KEYS: dict[str, tuple[str, ...]] = {
     "generate": ("model.init_from", *TOKENIZER_FILES),
     "lm_eval": ("model.init_from", *TOKENIZER_FILES, "lm_eval.file"),
     "harness": ("model.init_from", *TOKENIZER_FILES, "harness.include_path"),
-    "ablations": ("data.train_files", "data.superglue_dir", "lm_eval.file"),
+    "ablations": ("data.train_files", "data.superglue_dir", "lm_eval.file", "data.probe_file"),
 }
 # Jobs that read the sentencepiece model a pretraining run keeps beside its checkpoints
 # (experiments.jobs.generate.resolve_tokenizer) when no tokenizer.path is given.

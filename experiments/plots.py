@@ -65,6 +65,7 @@ def objective_keys(sweep: Sweep, prefix: str = "train/loss_") -> list[str]:
     client = MlflowClient(tracking_uri=sweep.tracking_uri)
     logged = {key for _, run_ids in curve_groups(sweep.pretrain_runs) for run_id in run_ids
               for key in client.get_run(run_id).data.metrics if key.startswith(prefix)}
+    logged = {key for key in logged if not key.endswith("_mean")}  # the window means of each objective
     known = [prefix + objective for objective in OBJECTIVES if prefix + objective in logged]
     return [*known, *sorted(logged - set(known))]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from glm_lightning.metrics import TABLE1_METRICS
 
@@ -39,6 +39,7 @@ class Sweep:
     rows: Rows  # variant -> metrics of each finished seed
     pretrain_runs: dict[str, list[str]]  # variant -> pretraining run id of each seed ("" if untagged)
     tracking_uri: str
+    seeds: dict[str, list[str]] = field(default_factory=dict)  # variant -> seed tag of each run of rows
 
     @property
     def baseline(self) -> str | None:

@@ -111,6 +111,9 @@ class DataConfig:
     train_weights: list[float] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)  # empty = split off val_fraction of the documents
     val_fraction: float = 0.01  # fraction of documents held out when val_files is empty
+    # held-out infilling probes scored after pretraining (jsonl of relation, text with one [MASK],
+    # answer); None = the built-in world's probes when training on the built-in corpus, else none
+    probe_file: str | None = None
     cache_dir: str = ".cache/glm-lightning"  # tokenized shards and trained tokenizers
     num_proc: int | None = None  # processes tokenizing the corpus; None = the number of cores
     rehash: bool = False  # hash every corpus file again (else trusted while size and mtime match)
@@ -325,6 +328,9 @@ class AblationVariantConfig:
 class AblationScaleConfig:
     """Sizes and budgets every variant shares: overrides of exp=pretrain, exp=superglue, exp=lm_eval."""
 
+    # the stages run at this scale: pretrain and any of lm_eval, finetune (left out: a model whose
+    # vocabulary and context are too small for SuperGLUE)
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "lm_eval", "finetune"])
     pretrain: list[str] = field(default_factory=list)
     finetune: list[str] = field(default_factory=list)
     lm_eval: list[str] = field(default_factory=list)
@@ -334,7 +340,8 @@ class AblationScaleConfig:
 class AblationsConfig:
     """exp=ablations: variants x seeds, each pretrained, finetuned on SuperGLUE and LM-evaluated."""
 
-    variants: list[str] = field(default_factory=list)  # names from `catalogue`, in table order
+    # names from `catalogue`, in table order; None = every variant the scale's stages tell apart
+    variants: list[str] | None = None
     baseline: str = "glm"  # the variant the comparison's deltas are taken against
     seeds: list[int] = field(default_factory=lambda: [1234])
     catalogue: dict[str, AblationVariantConfig] = field(default_factory=dict)

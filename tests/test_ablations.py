@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from test_superglue_job import write_superglue
 
 from experiments.config import load_config
-from experiments.jobs.ablations import plan, stage_config, stage_overrides
+from experiments.jobs.ablations import fingerprint, plan, result_settings, stage_config, stage_overrides
 from experiments.run import main
 from glm_lightning.config import ConfigError
 
@@ -27,10 +27,10 @@ def sweep_config(*overrides: str):
 
 def test_default_plan_shares_the_pretraining_of_glm_and_classifier():
     variants = plan(sweep_config())
-    expected = [(name, seed) for seed in (1, 2) for name in DEFAULT_VARIANTS]
+    expected = [(name, seed) for seed in (1, 2, 3) for name in DEFAULT_VARIANTS]
     assert [(v.name, v.seed) for v in variants] == expected
     pretraining = {(v.name, v.seed): v.pretraining for v in variants}
-    assert pretraining["classifier", 1] == "glm-seed1" and pretraining["classifier", 2] == "glm-seed2"
+    assert [pretraining["classifier", seed] for seed in (1, 2, 3)] == ["glm-seed1", "glm-seed2", "glm-seed3"]
     others = [v for v in variants if v.name != "classifier"]
     assert all(v.pretraining == v.run_name for v in others)
     assert len({v.fingerprint for v in variants}) == len(variants)
@@ -70,10 +70,48 @@ def test_paper_scale_is_the_official_setup(tmp_path):
     assert lm_eval.lm_eval.stride == 256 and lm_eval.lm_eval.file == "/data/wiki.test.tokens"
 
 
+WORLD_VARIANTS = [name for name in DEFAULT_VARIANTS if name != "classifier"]
+
+
+def flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def test_world_scale_is_the_quickstart_on_a_smaller_budget_without_finetuning(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = sweep_config("scale=world", f"output_dir={tmp_path}")
+    variants = plan(cfg)
+    assert [(v.name, v.seed) for v in variants] == [(n, s) for s in (1, 2, 3) for n in WORLD_VARIANTS]
+    assert all(sorted(v.overrides) == ["lm_eval", "pretrain"] for v in variants)  # no SuperGLUE stage
+    # later seeds reuse the first seed's validated settings: the same fingerprint as validating anew
+    last = variants[-1]
+    settings = {stage: result_settings(stage_config(cfg, stage, last.overrides[stage], extra=extra))
+                for stage, extra in (("pretrain", ()), ("lm_eval", ("model.init_from=<pretrained>",)))}
+    assert (last.name, last.seed, last.fingerprint) == ("span_document", 3, fingerprint(settings))
+    world = stage_config(cfg, "pretrain", stage_overrides(cfg, "pretrain", "glm", 1))
+    quickstart = load_config("quickstart", [])
+    differ = {key for key, value in flat(OmegaConf.to_container(world, resolve=True)).items()
+              if flat(OmegaConf.to_container(quickstart, resolve=True)).get(key) != value}
+    assert differ == {"exp", "description", "seed", "output_dir", "logging.experiment_name",
+                      "logging.tracking_uri", "trainer.max_steps"}
+    assert (world.trainer.max_steps, quickstart.trainer.max_steps) == (4000, 5500)
+    assert list(world.data.train_files) == [] and world.data.probe_file is None  # the built-in world
+    lm_eval = stage_config(cfg, "lm_eval", stage_overrides(cfg, "lm_eval", "glm", 1))
+    assert (lm_eval.lm_eval.max_length, lm_eval.lm_eval.stride) == (31, 16)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["ablations.variants=[glm,nope]"],
      r"unknown variant 'nope' in 'ablations.variants'; the catalogue has: glm,"),
-    (["scale=huge"], r"invalid value 'huge' for 'scale'; valid choices: mini, paper"),
+    (["scale=huge"], r"invalid value 'huge' for 'scale'; valid choices: world, mini, paper"),
+    (["scale=world", "ablations.variants=[glm,classifier]"],
+     r"variant 'classifier' in 'ablations.variants' changes only the finetune stage, which scale=world does "
+     r"not run"),
+    (["ablations.scales.mini.stages=[lm_eval]"], r"'ablations.scales.mini.stages': it lists pretrain"),
     (["ablations.baseline=masked_lm", "ablations.variants=[glm]"], r"'ablations.baseline'"),
     (["ablations.seeds=[1,1]"], r"distinct seeds"),
     (["ablations.pretrain=[data.shufle_spans=false]"],
@@ -187,19 +225,24 @@ def test_micro_sweep_end_to_end(tmp_path, capsys):
                                            ("pretrain/val_loss", "pretrain/val_loss", 1, 2),
                                            ("perplexity/ppl", "perplexity/ppl", 1, 2)):
             assert table[name][column] == cell([s[key] for s in seeds], scale, digits), (name, column)
-    averages = {name: [100 * variants[name, s].data.metrics["table1/avg"] for s in (1, 2)]
-                for name in ("glm", "classifier")}
-    delta = statistics.fmean(averages["classifier"]) - statistics.fmean(averages["glm"])
-    error = (statistics.variance(averages["classifier"]) / 2
-             + statistics.variance(averages["glm"]) / 2) ** 0.5
-    assert table["classifier - glm"]["Avg (2 of 8 tasks)"] == f"{delta:+.1f}±{error:.1f}"
+    # deltas paired by seed: mean difference ± t(0.975, 1) * sd / sqrt(2), * when it excludes 0
+    avg = {key: run.data.metrics["table1/avg"] for key, run in variants.items()}
+    d = [100 * (avg["classifier", s] - avg["glm", s]) for s in (1, 2)]
+    mean, half = statistics.fmean(d), 12.7062 * statistics.stdev(d) / 2 ** 0.5
+    mark = "*" if mean - half > 0 or mean + half < 0 else ""
+    assert table["classifier - glm"]["Avg (2 of 8 tasks)"] == f"{mean:+.1f}±{half:.1f}{mark}"
+    # the classifier shares glm's pretraining: its pretraining numbers differ by exactly 0
+    assert table["classifier - glm"]["pretrain/val_loss"] == "+0.00±0.00"
     for png in ("curves.png", "tasks.png"):
         data = (sweep_dir / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
     artifacts = {a.path for a in client.list_artifacts(sweep.info.run_id)}
-    assert {"comparison.md", "comparison.csv", "curves.png", "tasks.png", "config.yaml"} <= artifacts
+    assert {"comparison.md", "comparison.csv", "differences.csv", "curves.png", "tasks.png",
+            "config.yaml"} <= artifacts
     out = capsys.readouterr().out
-    assert "| variant | COPA | RTE | Avg (2 of 8 tasks) | pretrain/val_loss | perplexity/ppl |" in out
+    # the built-in corpus: each pretraining is also scored on the world's held-out probes
+    assert ("| variant | COPA | RTE | Avg (2 of 8 tasks) | infill/accuracy | infill/baseline "
+            "| pretrain/val_loss | perplexity/ppl |") in out
 
     # Running the same command again skips every finished variant and starts no new run.
     assert main(micro_sweep(tmp_path)) == 0
@@ -247,3 +290,81 @@ def test_a_failed_sweep_is_recorded_and_continues_where_it_stopped(tmp_path, cap
     assert client.get_run(variant.info.run_id).info.status == "FINISHED"
     stage_names = sorted(run.data.tags["stage"] for run in runs("stage") if "task" not in run.data.tags)
     assert stage_names == ["finetune", "lm_eval", "pretrain"]
+
+
+def world_sweep(tmp_path: Path, *extra: str) -> list[str]:
+    """Two variants x two seeds of the world scale with 8 pretraining steps each."""
+    return [
+        "exp=ablations", "scale=world", f"output_dir={tmp_path / 'outputs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "ablations.variants=[glm,masked_lm]", "ablations.seeds=[1,2]",
+        "ablations.pretrain=[trainer.max_steps=8,trainer.val_check_interval=4,trainer.limit_val_batches=2,"
+        "trainer.log_every_n_steps=4,trainer.accelerator=cpu]",
+        "ablations.lm_eval=[trainer.accelerator=cpu]", *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_world_sweep_reports_paired_differences_with_t_intervals(tmp_path, capsys):
+    from experiments.compare import main as compare
+    from experiments.intervals import T_975
+
+    assert main(world_sweep(tmp_path)) == 0
+    sweep_dir = tmp_path / "outputs" / "ablations" / "world"
+    uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("ablations")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    variants = {(r.data.tags["variant"], r.data.tags["seed"]): r.data.metrics for r in runs
+                if r.data.tags.get("glm.role") == "variant"}
+    assert sorted(variants) == [("glm", "1"), ("glm", "2"), ("masked_lm", "1"), ("masked_lm", "2")]
+    stages = sorted(r.data.tags["stage"] for r in runs if r.data.tags.get("glm.role") == "stage")
+    assert stages == ["lm_eval"] * 4 + ["pretrain"] * 4  # no finetuning at this scale
+
+    # Every variant x seed holds its pretraining's probe scores (114 probes: counts of exact fills).
+    for (name, seed), metrics in variants.items():
+        summary = json.loads((sweep_dir / "pretrain" / f"{name}-seed{seed}" / "summary.json").read_text())
+        infill = {key: value for key, value in summary["metrics"].items() if key.startswith("infill/")}
+        assert infill and {key: metrics[key] for key in infill} == pytest.approx(infill)
+        assert metrics["infill/baseline"] == pytest.approx(17 / 114)
+        assert round(metrics["infill/accuracy"] * 114, 6).is_integer()
+        assert {"infill/accuracy/city.river", "infill/accuracy/person.pet", "infill/accuracy/length_1",
+                "infill/baseline/length_1"} <= set(metrics)
+
+    # differences.csv: masked_lm - glm per metric, paired by seed, with the 95 % t interval (1 df).
+    with (sweep_dir / "differences.csv").open(encoding="utf-8") as f:
+        rows = {row["metric"]: row for row in csv.DictReader(f)}
+    assert list(next(iter(rows.values()))) == ["variant", "baseline", "metric", "seeds", "difference", "low",
+                                               "high", "excludes_zero"]
+    assert {"infill/accuracy", "pretrain/val_loss", "perplexity/ppl", "infill/accuracy/city.river"} \
+        <= set(rows)
+    for key, row in rows.items():
+        d = [variants["masked_lm", seed][key] - variants["glm", seed][key] for seed in ("1", "2")]
+        mean, half = statistics.fmean(d), T_975[0] * statistics.stdev(d) / 2 ** 0.5
+        assert (row["variant"], row["baseline"], row["seeds"]) == ("masked_lm", "glm", "2")
+        assert float(row["difference"]) == pytest.approx(mean, abs=1e-12)
+        assert (float(row["low"]), float(row["high"])) == pytest.approx((mean - half, mean + half), abs=1e-12)
+        assert row["excludes_zero"] == str(mean - half > 0 or mean + half < 0).lower()
+
+    # The same intervals in comparison.md and in compare --paper (x100 for infill/*; marked * when
+    # they exclude zero).
+    def delta(key: str, scale: float, digits: int) -> str:
+        row = rows[key]
+        mark = "*" if row["excludes_zero"] == "true" else ""
+        return (f"{scale * float(row['difference']):+.{digits}f}"
+                f"±{scale * (float(row['high']) - float(row['difference'])):.{digits}f}{mark}")
+
+    cells = [delta("infill/accuracy", 100, 1), delta("infill/baseline", 100, 1),
+             delta("pretrain/val_loss", 1, 2), delta("perplexity/ppl", 1, 2)]
+    expected = "| masked_lm - glm | " + " | ".join(cells) + " |"
+    report = (sweep_dir / "comparison.md").read_text()
+    assert "| variant | infill/accuracy | infill/baseline | pretrain/val_loss | perplexity/ppl |" in report
+    assert expected in report and "paired by seed, ± 95 % t interval" in report
+    assert "## Held-out infilling by relation and answer length" in report
+    assert not (sweep_dir / "tasks.png").exists() and (sweep_dir / "curves.png").is_file()
+    capsys.readouterr()
+    assert compare(["--experiment", "ablations", "--tracking-uri", uri, "--paper", "--plot",
+                    str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    assert expected in printed and "paper" not in printed  # Table 6 has no probe or perplexity column
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["curves.png"]  # no SuperGLUE bars

@@ -1,9 +1,13 @@
 """Held-out probes of the built-in world: deterministic, enough of them, never seen in training."""
 
+import json
+import re
 from pathlib import Path
 
+import pytest
+
 from datamodules.builtin_corpus import CITIES, PEOPLE, builtin_documents, write_builtin_corpus
-from datamodules.builtin_probes import MASK, builtin_probes
+from datamodules.builtin_probes import MASK, Probe, builtin_probes, read_probes
 from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
 
 
@@ -37,3 +41,27 @@ def test_answers_are_one_to_three_tokens_of_the_quickstart_tokenizer(tmp_path: P
     tokenizer = GLMTokenizer.from_sentencepiece(model)
     lengths = {p.answer: len(tokenizer.encode(" " + p.answer)) for p in builtin_probes()}
     assert {answer for answer, n in lengths.items() if not 1 <= n <= 3} == set()
+
+
+def test_read_probes_reads_the_builtin_format_and_names_bad_lines(tmp_path):
+    path = tmp_path / "probes.jsonl"
+    path.write_text('{"relation": "city.river", "subject": "Arlen", "text": "Arlen is on [MASK].", '
+                    '"answer": "Vesk"}\n\n'
+                    '{"relation": "job", "text": "Mira is a [MASK].", "answer": "baker"}\n')
+    assert read_probes(path) == [Probe("city.river", "Arlen", "Arlen is on [MASK].", "Vesk"),
+                                 Probe("job", "", "Mira is a [MASK].", "baker")]
+    good = json.dumps({"relation": "r", "text": "a [MASK] b", "answer": "x"})
+    for line, message in [
+        ('{"relation": "r", "text": "a [MASK] b"}', r":2: field 'answer': expected a non-empty string"),
+        ('{"relation": "r", "text": "[MASK] [MASK]", "answer": "x"}', r":2: field 'text': expected exactly"),
+        ('["r", "a [MASK]", "x"]', r":2: expected a JSON object"),
+        ('{"relation": "r", "text": ', r":2: invalid JSON"),
+    ]:
+        path.write_text(f"{good}\n{line}\n")
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}{message}"):
+            read_probes(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no probes"):
+        read_probes(path)
+    with pytest.raises(ValueError, match="no such probe file"):
+        read_probes(tmp_path / "missing.jsonl")

@@ -202,11 +202,15 @@ HEADER = ["variant", "COPA", "RTE", "CB", "Avg (3 of 8 tasks)", "pretrain/val_lo
 GLM_ROW = ["71.0±1.4", "62.0±2.8", "82.0±2.8/77.0±2.8", "70.5±2.1", "4.60±0.14", "26.00±1.41"]
 NO_SHUFFLE_ROW = ["61.0±1.4", "52.0±2.8", "72.0±2.8/71.0±1.4", "61.0±1.4", "6.70±1.70", "32.00±2.83"]
 CLASSIFIER_ROW = ["55.0", "58.0", "65.0/70.0", "60.0", "4.50", "25.00"]
-# Two seeds each: ± sqrt(s1²/2 + s2²/2), e.g. COPA sqrt(1.41²/2 + 1.41²/2) = 1.4 (glm 70, 72;
-# no_shuffle 60, 62), CB accuracy sqrt(2.83²/2 + 1.41²/2) = 2.2, pretrain/val_loss
-# sqrt(0.141²/2 + 1.697²/2) = 1.20.
-NO_SHUFFLE_DELTA = ["-10.0±1.4", "-10.0±2.8", "-10.0±2.8/-6.0±2.2", "-9.5±1.8", "+2.10±1.20", "+6.00±2.24"]
-CLASSIFIER_DELTA = ["-16.0", "-4.0", "-17.0/-7.0", "-10.5", "-0.10", "-1.00"]
+# Deltas paired by seed: the mean of the per-seed differences ± t(0.975, 1) * sd / sqrt(2) with
+# t = 12.706 (scipy.stats.t.ppf(0.975, 1)), * when the interval excludes 0. COPA: 60 - 70 and
+# 62 - 72, both -10 (sd 0); CB accuracy: 70 - 75 = -5 and 72 - 79 = -7, sd 1.41 -> ±12.7; Avg:
+# 60 - 69 = -9 and 62 - 72 = -10, sd 0.71 -> ±6.4 (interval -15.9 to -3.1); pretrain/val_loss:
+# 1.0 and 3.2 -> +2.10±13.98. The classifier has seed 1 only: one difference, no interval.
+NO_SHUFFLE_DELTA = ["-10.0±0.0*", "-10.0±0.0*", "-10.0±0.0*/-6.0±12.7", "-9.5±6.4*", "+2.10±13.98",
+                    "+6.00±12.71"]
+CLASSIFIER_DELTA = ["-15.0", "-2.0", "-15.0/-5.0", "-9.0", "+0.00", "+0.00"]
+DELTA_TITLE = "*delta vs glm, paired by seed, ± 95 % t interval, \\* = excludes 0*"
 PAPER_ROWS = {
     "glm = GLM_Large": ["76.0", "74.0", "96.1/94.6", "77.0", "-", "-"],
     "no_shuffle = - shuffle spans": ["61.0", "54.5", "90.5/92.9", "68.5", "-", "-"],
@@ -242,7 +246,7 @@ def test_sweep_table_with_deltas_against_the_sweep_baseline(ablations, capsys):
     # Only the finetuned tasks, in Table-1 order, then Avg and the default extra metrics.
     assert header_cells(out) == HEADER
     assert markdown_cells(out) == {"glm": GLM_ROW, "no_shuffle": NO_SHUFFLE_ROW, "classifier": CLASSIFIER_ROW,
-                                   "*delta vs glm*": [""] * 6, "no_shuffle - glm": NO_SHUFFLE_DELTA,
+                                   DELTA_TITLE: [""] * 6, "no_shuffle - glm": NO_SHUFFLE_DELTA,
                                    "classifier - glm": CLASSIFIER_DELTA}
     assert list(markdown_cells(out))[:3] == ["glm", "no_shuffle", "classifier"]
 
@@ -255,9 +259,10 @@ def test_sweep_metric_runs_and_baseline_options(ablations, capsys):
     assert header_cells(out) == ["variant", "COPA", "RTE", "CB", "Avg (3 of 8 tasks)",
                                  "perplexity/adjusted_ppl"]
     cells = markdown_cells(out)
-    assert list(cells) == ["classifier", "glm", "*delta vs classifier*", "glm - classifier"]
+    assert list(cells) == ["classifier", "glm", DELTA_TITLE.replace("glm", "classifier"), "glm - classifier"]
     assert cells["glm"] == [*GLM_ROW[:4], "41.50±2.12"]
-    assert cells["glm - classifier"] == ["+16.0", "+4.0", "+17.0/+7.0", "+10.5", "+1.50"]
+    # paired on seed 1, the only seed of the classifier: 70 - 55, 60 - 58, ...
+    assert cells["glm - classifier"] == ["+15.0", "+2.0", "+15.0/+5.0", "+9.0", "+0.00"]
 
 
 def test_sweep_paper_rows(ablations, capsys):
@@ -278,7 +283,7 @@ def test_named_sweep(ablations, capsys):
     assert header_cells(out) == ["variant", "RTE", "Avg (1 of 8 tasks)", "perplexity/ppl"]
     assert markdown_cells(out) == {
         "glm": ["55.0", "55.0", "31.00"], "masked_lm": ["45.0", "45.0", "90.00"],
-        "*delta vs glm*": ["", "", ""], "masked_lm - glm": ["-10.0", "-10.0", "+59.00"],
+        DELTA_TITLE: ["", "", ""], "masked_lm - glm": ["-10.0", "-10.0", "+59.00"],
         "*paper (Tables 1 and 6)*": ["", "", ""], "glm = GLM_Large": ["74.0", "77.0", "-"],
         "masked_lm = BERT_Large (reproduced)": ["72.2", "71.2", "-"]}
 
@@ -387,9 +392,10 @@ def test_plot_option(ablations, store, capsys, tmp_path):
 
 def test_write_report(ablations, tmp_path):
     paths = write_report(EXPERIMENT, ablations, sweep_run_id(ablations), tmp_path / "report")
-    assert [p.name for p in paths] == ["comparison.md", "comparison.csv", "curves.png", "tasks.png"]
+    assert [p.name for p in paths] == ["comparison.md", "comparison.csv", "differences.csv", "curves.png",
+                                       "tasks.png"]
     assert all(p.parent == tmp_path / "report" for p in paths)
-    for png in paths[2:]:
+    for png in paths[3:]:
         assert_png(png)
     markdown = paths[0].read_text()
     assert markdown.startswith("# Ablation sweep mini (scale mini)\n")
@@ -406,6 +412,17 @@ def test_write_report(ablations, tmp_path):
             assert cells[variant][HEADER.index(column) - 1].split("±")[0] == f"{mean:.{digits}f}"
     table = list(csv.reader(io.StringIO(paths[1].read_text())))
     assert table[0] == HEADER and table[1] == ["glm", *GLM_ROW] and table[-1][0].startswith("paper: ")
+    # differences.csv: as logged (not x100), the classifier's one paired seed without bounds
+    rows = csv.DictReader(io.StringIO(paths[2].read_text()))
+    differences = {(row["variant"], row["metric"]): row for row in rows}
+    avg = differences["no_shuffle", "table1/avg"]
+    assert (avg["seeds"], avg["excludes_zero"]) == ("2", "true")
+    assert [float(avg[key]) for key in ("difference", "low", "high")] == pytest.approx(
+        [-0.095, -0.095 - 0.0635310, -0.095 + 0.0635310], abs=1e-6)
+    assert differences["no_shuffle", "perplexity/ppl"]["excludes_zero"] == "false"
+    classifier = differences["classifier", "COPA/accuracy"]
+    assert (classifier["seeds"], classifier["low"], classifier["high"], classifier["excludes_zero"]) == (
+        "1", "", "", "false") and float(classifier["difference"]) == pytest.approx(-0.15)
 
 
 def test_write_report_of_an_unknown_sweep_run(ablations, tmp_path):

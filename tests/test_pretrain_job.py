@@ -267,6 +267,37 @@ def test_every_objective_and_ablation_trains_end_to_end(tmp_path, ablation):
                              "trainer.val_check_interval=4", *ABLATIONS[ablation]))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 4 and np.isfinite(summary["metrics"]["val/loss"])
+    # the built-in world's probes, scored as the variant can fill a blank (infilling_eval)
+    assert summary["metrics"]["infill/baseline"] == pytest.approx(17 / 114)
+    assert {"infill/accuracy", "infill/accuracy/person.job", "infill/accuracy/length_1"} \
+        <= set(summary["metrics"])
+
+
+def test_a_probe_file_is_scored_after_pretraining_on_any_corpus(tmp_path, capsys):
+    from datamodules.builtin_corpus import write_builtin_corpus
+
+    corpus = write_builtin_corpus(tmp_path / "corpus")
+    probes = [builtin_probes()[i] for i in (0, 1, 2, 60)]  # three rivers and a person's city
+    probe_file = tmp_path / "probes.jsonl"
+    probe_file.write_text("".join(json.dumps({"relation": p.relation, "text": p.text, "answer": p.answer})
+                                  + "\n" for p in probes))
+    short = ("logging.enabled=false", "trainer.max_steps=2", "trainer.val_check_interval=2",
+             f"data.train_files={json.dumps(corpus)}")
+    run_dir = run(quickstart(tmp_path, *short, f"data.probe_file={probe_file}"))
+    metrics = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    assert metrics["infill/baseline"] == pytest.approx(most_frequent_answer_baseline(probes))
+    assert round(metrics["infill/accuracy"] * 4, 6).is_integer()
+    assert {key.rpartition("/")[2] for key in metrics if key.startswith("infill/accuracy/")} >= {
+        "city.river", "person.city"}
+    assert f"held-out infilling (4 probes of {probe_file})" in capsys.readouterr().out
+
+    # Without a probe file, a configured corpus has no probes; a bad file fails before training.
+    no_probes = run(quickstart(tmp_path, *short, "run_name=r2"))
+    assert "infill/accuracy" not in json.loads((no_probes / "summary.json").read_text())["metrics"]
+    probe_file.write_text('{"relation": "r", "text": "no blank here", "answer": "x"}\n')
+    with pytest.raises(ConfigError, match=rf"data.probe_file: {probe_file}:1: field .text.: expected"):
+        run(quickstart(tmp_path, *short, "run_name=r3", f"data.probe_file={probe_file}"))
+    assert not (tmp_path / "outputs" / "quickstart" / "r3" / "checkpoints").exists()
 
 
 def test_official_vocabularies_are_selected_by_the_config(tmp_path):

@@ -127,3 +127,56 @@ def test_unigram_baseline_is_the_entropy_of_the_predicted_tokens():
     # predicted tokens: 5, 5, 7, 5, 9 -> p = (3/5, 1/5, 1/5)
     expected = -(0.6 * np.log(0.6) + 2 * 0.2 * np.log(0.2))
     assert metric.compute().item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_per_objective_curves_hold_only_the_steps_of_their_objective(tokenizer, tmp_path):
+    """A 7-step mixed run logged to MLflow every second step: ``train/loss_<objective>`` has a point
+    only where that objective trained, ``train/loss_<objective>_mean`` averages its own steps of
+    each logging window; read back as ``compare`` reads curves."""
+    from lightning.pytorch.callbacks import Callback
+    from mlflow.tracking import MlflowClient
+
+    from experiments.plots import history
+    from experiments.tracking import RunLogger
+
+    order = ["span", "document", "document", "span", "span", "document", "span"]
+    samples = packed_samples(tokenizer, 2 * len(order))
+    batches = [BlankInfillingCollator(tokenizer, seed=i, **OBJECTIVE_OPTIONS[name])(samples[2 * i:2 * i + 2])
+               for i, name in enumerate(order)]
+    assert [batch["objective"] for batch in batches] == order
+
+    class Losses(Callback):
+        def __init__(self):
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.losses.append(outputs["loss"].item())
+
+    losses = Losses()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = RunLogger(experiment_name="mixed", tracking_uri=uri, artifact_location=tmp_path.as_uri())
+    fit = L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, max_steps=len(order),
+                    limit_val_batches=0, log_every_n_steps=2, callbacks=[losses])
+    loader = DataLoader(batches, batch_size=None)
+    fit.fit(tiny_module(tokenizer), loader, val_dataloaders=loader)
+    assert len(losses.losses) == len(order)
+
+    client = MlflowClient(tracking_uri=uri)
+    logged = {step for step in history(client, logger.run_id, "train/loss")}
+    assert logged == {1, 3, 5}  # Lightning writes every second step
+    windows = [(0, 1), (2, 3), (4, 5)]
+    for objective in ("span", "document"):
+        points = history(client, logger.run_id, f"train/loss_{objective}")
+        own_steps = [step for step in logged if order[step] == objective]
+        assert points == pytest.approx({step: losses.losses[step] for step in own_steps})
+        means = history(client, logger.run_id, f"train/loss_{objective}_mean")
+        expected = {}
+        for window in windows:
+            own = [losses.losses[step] for step in window if order[step] == objective]
+            if own:
+                expected[window[-1]] = sum(own) / len(own)
+        assert means == pytest.approx(expected, rel=1e-6)
+    # the written steps 1, 3, 5 trained document, span, document
+    assert set(history(client, logger.run_id, "train/loss_span")) == {3}
+    assert set(history(client, logger.run_id, "train/loss_document")) == {1, 5}

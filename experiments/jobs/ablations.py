@@ -1,6 +1,7 @@
-"""Ablation sweeps (paper §3.4, Table 6): every variant x seed is pretrained, finetuned on SuperGLUE and
-evaluated as a language model, with the same sizes and budgets (the ``scale``), in one MLflow
-experiment.
+"""Ablation sweeps (paper §3.4, Table 6): every variant x seed is pretrained (and scored on held-out
+infilling probes when it trains on the built-in world or ``data.probe_file`` is set), evaluated as a
+language model and finetuned on SuperGLUE (the stages its ``scale`` runs), with the same sizes and
+budgets, in one MLflow experiment.
 
 MLflow layout: one sweep run (tag ``glm.role=sweep``) -> one run per variant and seed
 (``glm.role=variant``, tags ``variant``, ``seed``, ``pretrain_run_id``) holding the final metrics ->
@@ -44,7 +45,7 @@ from glm_lightning.config import ConfigError
 STAGES = {"pretrain": "pretrain", "finetune": "superglue", "lm_eval": "lm_eval"}
 # Keys of the sweep's own config handed to a stage when they are set (data paths, task selection).
 PASS_THROUGH = {
-    "pretrain": ("data.train_files", "data.val_files", "data.cache_dir"),
+    "pretrain": ("data.train_files", "data.val_files", "data.cache_dir", "data.probe_file"),
     "finetune": ("task", "data.superglue_dir", "data.fewglue_dir", "data.cache_dir", "superglue.url",
                  "superglue.sha256"),
     "lm_eval": ("lm_eval.file",),
@@ -121,12 +122,27 @@ def fingerprint(settings: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def plan(cfg: DictConfig) -> list[Variant]:
-    """Every variant x seed with its overrides, checked now so that a typo stops the sweep before
-    anything runs; variants with identical pretraining settings share the first one's pretraining."""
+def scale_stages(cfg: DictConfig) -> list[str]:
+    """The stages the sweep's scale runs, in the order of ``STAGES`` (pretraining always)."""
+    listed = list(cfg.ablations.scales[cfg.scale].stages)
+    unknown = [stage for stage in listed if stage not in STAGES]
+    if unknown or "pretrain" not in listed:
+        raise ConfigError(f"invalid value {listed} for 'ablations.scales.{cfg.scale}.stages': it lists "
+                          f"pretrain and any of {', '.join(s for s in STAGES if s != 'pretrain')}")
+    return [stage for stage in STAGES if stage in listed]
+
+
+def sweep_variants(cfg: DictConfig, stages: list[str]) -> list[str]:
+    """``ablations.variants``, or by default every catalogue variant but those that change only
+    stages the scale does not run (the classifier head changes only finetuning)."""
     a = cfg.ablations
-    if cfg.scale not in a.scales:
-        raise ConfigError(f"invalid value {cfg.scale!r} for 'scale'; valid choices: {', '.join(a.scales)}")
+
+    def unseen(name: str) -> list[str]:  # the stages it changes, when the scale runs none of them
+        spec = a.catalogue[name]
+        return [] if any(spec[stage] for stage in stages) else [stage for stage in STAGES if spec[stage]]
+
+    if a.variants is None:
+        return [name for name in a.catalogue if not unseen(name)]
     if not a.variants:
         raise ConfigError("'ablations.variants' is empty; name the variants to run, e.g. "
                           f"ablations.variants=[{','.join(list(a.catalogue)[:2])}]")
@@ -134,26 +150,46 @@ def plan(cfg: DictConfig) -> list[Variant]:
     if unknown:
         raise ConfigError(f"unknown variant {unknown[0]!r} in 'ablations.variants'; "
                           f"the catalogue has: {', '.join(a.catalogue)}")
-    if a.baseline not in a.variants:
+    for name in a.variants:
+        if unseen(name):
+            raise ConfigError(f"variant {name!r} in 'ablations.variants' changes only the "
+                              f"{', '.join(unseen(name))} stage, which scale={cfg.scale} does not run")
+    return list(a.variants)
+
+
+def plan(cfg: DictConfig) -> list[Variant]:
+    """Every variant x seed with its overrides, checked now so that a typo stops the sweep before
+    anything runs; variants with identical pretraining settings share the first one's pretraining."""
+    a = cfg.ablations
+    if cfg.scale not in a.scales:
+        raise ConfigError(f"invalid value {cfg.scale!r} for 'scale'; valid choices: {', '.join(a.scales)}")
+    stages = scale_stages(cfg)
+    names = sweep_variants(cfg, stages)
+    if a.baseline not in names:
         raise ConfigError(f"invalid value {a.baseline!r} for 'ablations.baseline': it must be one of "
-                          f"the variants run ({', '.join(a.variants)})")
+                          f"the variants run ({', '.join(names)})")
     if not a.seeds or len(set(a.seeds)) != len(a.seeds):
         raise ConfigError(f"'ablations.seeds' must list distinct seeds (got {list(a.seeds)})")
     if not cfg.logging.enabled:
         raise ConfigError("an ablation sweep keeps its results in MLflow: logging.enabled must be true")
-    variants, pretrainings = [], {}
+    variants, pretrainings, checked = [], {}, {}
     for seed in a.seeds:
-        for name in a.variants:
-            overrides = {stage: stage_overrides(cfg, stage, name, seed) for stage in STAGES}
+        for name in names:
+            overrides = {stage: stage_overrides(cfg, stage, name, seed) for stage in stages}
             settings = {}
-            for stage in STAGES:
+            for stage in stages:
+                if (name, stage) in checked:  # validated for the first seed; only the seed differs
+                    settings[stage] = {**checked[name, stage], "seed": seed}
+                    continue
                 try:
                     # A placeholder checkpoint: the real one exists only once the pretraining ran.
                     extra = () if stage == "pretrain" else ("model.init_from=<pretrained>",)
                     settings[stage] = result_settings(stage_config(cfg, stage, overrides[stage], extra=extra))
                 except ConfigError as error:
                     raise ConfigError(f"ablation variant {name!r} ({stage} stage): {error}") from None
-            if settings["lm_eval"]["lm_eval"]["file"] is None and settings["pretrain"]["data"]["train_files"]:
+                checked[name, stage] = settings[stage]
+            if ("lm_eval" in stages and settings["lm_eval"]["lm_eval"]["file"] is None
+                    and settings["pretrain"]["data"]["train_files"]):
                 raise ConfigError("set lm_eval.file to held-out text for the LM evaluation of the sweep "
                                   "(its pretraining reads data.train_files)")
             pretraining = pretrainings.setdefault(fingerprint(settings["pretrain"]), f"{name}-seed{seed}")
@@ -209,7 +245,7 @@ def run(cfg: DictConfig) -> Path:
     a = cfg.ablations
     sweep_id = tracker.open(sweep_dir / "mlflow_run_id", sweep_dir.name, {
         "glm.role": "sweep", "exp": cfg.exp, "scale": cfg.scale, "baseline": a.baseline,
-        "variants": ",".join(a.variants)})
+        "variants": ",".join(dict.fromkeys(variant.name for variant in variants))})
     started = time.time()
     with tracker.running(sweep_id):
         tracker.client.log_text(sweep_id, format_config(cfg), "config.yaml")
@@ -259,11 +295,14 @@ def run_variant(cfg: DictConfig, variant: Variant, sweep_dir: Path, tracker: Swe
         pretrain_dir = run_stage(stage("pretrain", variant.pretraining, ("resume=auto",)),
                                  done=pretraining_finished)
         checkpoint = override("model.init_from", str(pretrain_dir / "checkpoints" / "last.ckpt"))
-        lm_cfg = stage("lm_eval", variant.pretraining, (checkpoint,))
-        if lm_cfg.lm_eval.file is None:
-            lm_cfg = stage("lm_eval", variant.pretraining, (checkpoint, *held_out_text(sweep_dir)))
-        lm_dir = run_stage(lm_cfg, done=lambda run_dir: (run_dir / "metrics.json").is_file())
-        finetune_dir = run_stage(stage("finetune", variant.run_name, (checkpoint, "resume=auto")))
+        lm_dir = finetune_dir = None
+        if "lm_eval" in variant.overrides:
+            lm_cfg = stage("lm_eval", variant.pretraining, (checkpoint,))
+            if lm_cfg.lm_eval.file is None:
+                lm_cfg = stage("lm_eval", variant.pretraining, (checkpoint, *held_out_text(sweep_dir)))
+            lm_dir = run_stage(lm_cfg, done=lambda run_dir: (run_dir / "metrics.json").is_file())
+        if "finetune" in variant.overrides:
+            finetune_dir = run_stage(stage("finetune", variant.run_name, (checkpoint, "resume=auto")))
         if tracker is None:
             return
         metrics = variant_metrics(pretrain_dir, lm_dir, finetune_dir)
@@ -310,14 +349,19 @@ def held_out_text(sweep_dir: Path) -> tuple[str, str, str]:
             override("lm_eval.documents", "stream"))
 
 
-def variant_metrics(pretrain_dir: Path, lm_dir: Path, finetune_dir: Path) -> dict[str, float]:
-    """The final numbers of a variant: pretraining validation losses (own objective), LM
-    evaluation, SuperGLUE dev scores and their Table-1 average."""
+def variant_metrics(pretrain_dir: Path, lm_dir: Path | None, finetune_dir: Path | None) -> dict[str, float]:
+    """The final numbers of a variant: pretraining validation losses (own objective), held-out
+    infilling (``infill/*``, when the pretraining scored probes), LM evaluation, SuperGLUE dev
+    scores and their Table-1 average (of the stages that ran)."""
     summary = json.loads((pretrain_dir / "summary.json").read_text())
     metrics = {f"pretrain/val_{key.removeprefix('val/')}": value for key, value in summary["metrics"].items()
                if key.startswith("val/loss") or key == "val/unigram_baseline"}
+    metrics.update({key: value for key, value in summary["metrics"].items() if key.startswith("infill/")})
     metrics["pretrain/seconds"] = summary["seconds"]
-    metrics.update(json.loads((lm_dir / "metrics.json").read_text()))
+    if lm_dir is not None:
+        metrics.update(json.loads((lm_dir / "metrics.json").read_text()))
+    if finetune_dir is None:
+        return {key: float(value) for key, value in metrics.items()}
     results = json.loads((finetune_dir / "results.json").read_text())
     for task, scores in results["tasks"].items():
         metrics.update({f"{task}/{name}": value for name, value in scores.items()})

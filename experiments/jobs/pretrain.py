@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from datamodules.builtin_corpus import write_builtin_corpus
-from datamodules.builtin_probes import builtin_probes
+from datamodules.builtin_probes import Probe, builtin_probes, read_probes
 from datamodules.content_hash import content_hash
 from datamodules.corpus import resolve_inputs
 from datamodules.corpus_reader import iter_documents
@@ -168,8 +168,6 @@ def check_resume(cfg: DictConfig, tokenizer: GLMTokenizer, ckpt_path: str | None
         check_tokenizer(cfg, tokenizer, "resume", ckpt_path, recorded_tokenizer(ckpt_path))
 
 
-INFILL_ACCURACY = "infill/accuracy"  # MLflow / summary.json names of the built-in corpus's probes
-INFILL_BASELINE = "infill/baseline"
 RUN_DIR_VARIABLE = "GLM_LIGHTNING_RUN_DIR"  # inherited by the processes Lightning launches
 
 
@@ -297,13 +295,14 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
                           "held-out text or data.val_fraction=0, or give more documents (a text file is "
                           "one document unless form feeds or WikiText headings split it; a .jsonl file "
                           "holds one per line)") from None
+    probes = held_out_probes(cfg)  # a bad probe file fails before training
     module = build_module(cfg, tokenizer)
     run = fit(cfg, run_dir, strategy, module, datamodule, ckpt_path, tags, tokenizer_record(cfg, tokenizer))
     if run.trainer.is_global_zero:
         print(result_line(run.summary, run.logger))
-        if not cfg.data.train_files:  # the built-in world: show what the model learned about it
+        if probes:  # show what the model learned about the world of its corpus
             try:
-                print(builtin_infilling(run, module, tokenizer, run_dir / "summary.json"))
+                print(held_out_infilling(cfg, run, module, tokenizer, probes, run_dir / "summary.json"))
             except INTERRUPTIONS:  # Lightning ended the MLflow run FINISHED, before these metrics
                 if run.logger:
                     run.logger.experiment.set_terminated(run.logger.run_id, "KILLED")
@@ -311,10 +310,23 @@ def _run(cfg: DictConfig, run_dir: Path, strategy: Strategy | str) -> Path:
     return run_dir
 
 
-def builtin_infilling(run: FittedRun, module: GLMPretrainModule, tokenizer: GLMTokenizer,
-                      summary_path: Path) -> str:
-    """Greedy infilling accuracy on the held-out probes of the built-in world and the
-    most-frequent-answer baseline, added to the summary and the MLflow run; the lines to print."""
+def held_out_probes(cfg: DictConfig) -> list[Probe]:
+    """The infilling probes scored after training: ``data.probe_file``'s, else the built-in world's
+    when training on the built-in corpus, else none."""
+    if cfg.data.probe_file:
+        try:
+            return read_probes(cfg.data.probe_file)
+        except ValueError as error:
+            raise ConfigError(f"data.probe_file: {error}") from None
+    return [] if cfg.data.train_files else builtin_probes()
+
+
+def held_out_infilling(cfg: DictConfig, run: FittedRun, module: GLMPretrainModule, tokenizer: GLMTokenizer,
+                       probes: list[Probe], summary_path: Path) -> str:
+    """Greedy infilling accuracy on the held-out probes and the most-frequent-answer baseline,
+    overall, per relation and per answer length (``InfillingResult.metrics``), added to the summary
+    and the MLflow run; the lines to print. The masked-LM ablation is scored with one [MASK] per
+    answer token, the sentinel one with Part B at its trained position (``infilling_eval``)."""
     if run.trainer.world_size == 1:
         model = module.model
     else:  # the weights of rank zero's module may be a shard: read the saved ones
@@ -322,17 +334,21 @@ def builtin_infilling(run: FittedRun, module: GLMPretrainModule, tokenizer: GLMT
         if not last.is_file():
             return f"held-out infilling not evaluated: {last} is a sharded checkpoint"
         model = load_glm(last)
-    probes = builtin_probes()
-    result = evaluate_infilling(model, tokenizer, probes)
-    metrics = {INFILL_ACCURACY: result.accuracy, INFILL_BASELINE: result.baseline}
+    part_b_position = cfg.data.seq_length if cfg.data.sentinel_tokens else None
+    result = evaluate_infilling(model, tokenizer, probes, masked_lm=cfg.data.masked_lm,
+                                part_b_position=part_b_position)
+    metrics = result.metrics()
     run.summary["metrics"].update(metrics)
     atomic_write_text(summary_path, json.dumps(run.summary, indent=2) + "\n")
     if run.logger:
         for name, value in metrics.items():
             run.logger.experiment.log_metric(run.logger.run_id, name, value, step=run.summary["global_step"])
         run.logger.experiment.log_artifact(run.logger.run_id, str(summary_path))
-    lines = [f"held-out infilling ({len(probes)} facts of the built-in world, in phrasings its corpus never "
-             f"uses for them): greedy exact match {result.accuracy:.1%}, most-frequent-answer baseline "
+    what = (f"{len(probes)} probes of {cfg.data.probe_file}" if cfg.data.probe_file else
+            f"{len(probes)} facts of the built-in world, in phrasings its corpus never uses for them")
+    how = ("one [MASK] per answer token, the masked-LM baseline's exact match" if cfg.data.masked_lm
+           else "greedy exact match")
+    lines = [f"held-out infilling ({what}): {how} {result.accuracy:.1%}, most-frequent-answer baseline "
              f"{result.baseline:.1%}"]
     for fill in result.examples(3):
         mark = "right" if fill.correct else f"wrong, the answer is {fill.answer!r}"

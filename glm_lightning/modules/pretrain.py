@@ -113,6 +113,16 @@ class UnigramBaseline(Metric):
         return -(p * p.log()).sum().float()
 
 
+def lightning_logging_step(trainer: L.Trainer) -> int | None:
+    """The step at which Lightning writes the training metrics of the batch that just ended (as
+    ``_LoggerConnector.update_train_step_metrics`` decides, called right after
+    ``on_train_batch_end``), or None when it writes none for it."""
+    loop = trainer.fit_loop
+    if loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
+        return None
+    return loop.epoch_loop._batches_that_stepped
+
+
 class GLMPretrainModule(ResumesRandomState, L.LightningModule):
     """GLMModel trained on batches of the BlankInfillingCollator; losses logged per objective."""
 
@@ -141,6 +151,8 @@ class GLMPretrainModule(ResumesRandomState, L.LightningModule):
         self.val_loss = torch.nn.ModuleDict({name: TokenWeightedLoss() for name in (*OBJECTIVES, "all")})
         self.val_unigram = UnigramBaseline(self.model.config.vocab_size)
         self.tokens_seen = 0  # input tokens trained on, across resumes (kept in checkpoints)
+        # objective -> (sum, count, last) of its step losses since Lightning last wrote training metrics
+        self.objective_losses: dict[str, tuple[Tensor, int, Tensor]] = {}
         self.flops_per_batch = 0.0  # model FLOPs of the latest micro-batch, read by ThroughputMonitor
 
     def forward(self, batch: dict) -> Tensor:
@@ -172,10 +184,29 @@ class GLMPretrainModule(ResumesRandomState, L.LightningModule):
         self.tokens_seen += batch_size * length * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/tokens_seen", float(self.tokens_seen), batch_size=batch_size)
-        self.log(f"train/loss_{batch['objective']}", loss, batch_size=batch_size)
         self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        total, count, _ = self.objective_losses.get(batch["objective"], (0.0, 0, None))
+        self.objective_losses[batch["objective"]] = (total + loss.detach(), count + 1, loss.detach())
         return loss
+
+    def on_train_batch_end(self, outputs: Tensor | dict, batch: dict, batch_idx: int) -> None:
+        """The per-objective losses, written beside Lightning's training metrics (same steps).
+
+        ``self.log`` would not do: Lightning writes the last value of every key it was ever given at
+        each logging step, so a mixed-objective run would repeat an objective's stale loss at steps
+        that trained another. Written here: ``train/loss_<objective>`` only when this step trained
+        that objective, and ``train/loss_<objective>_mean``, the mean over the objective's own steps
+        since Lightning last wrote, for every objective trained in that window."""
+        step = lightning_logging_step(self.trainer)
+        if step is None:
+            return
+        metrics = {f"train/loss_{batch['objective']}": float(self.objective_losses[batch["objective"]][2])}
+        metrics.update({f"train/loss_{name}_mean": float(total) / count
+                        for name, (total, count, _) in self.objective_losses.items()})
+        self.objective_losses = {}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
