@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from datamodules.seq2seq import Seq2SeqCollator, build_seq2seq_sample
+from glm_lightning import generation
 from glm_lightning.generation import fill_blanks, generate
 from glm_lightning.model import GLMConfig, GLMModel
 from glm_lightning.modules.seq2seq import GLMSeq2SeqModule
@@ -100,3 +101,84 @@ def test_multi_blank_infilling_decodes_the_tokens_of_the_dynamic_cache(tokenizer
 def test_seq2seq_beam_search_decodes_the_tokens_of_the_dynamic_cache(tokenizer: GLMTokenizer) -> None:
     module, batch = seq2seq_module(tokenizer)
     assert module.decode(batch) == [tokenizer.decode(ids).strip() for ids in SEQ2SEQ_BEAM]
+
+
+@pytest.fixture
+def counted_compiles(monkeypatch: pytest.MonkeyPatch) -> list[torch.fx.GraphModule]:
+    """Compile the step with a backend that records each graph it is given and runs it as traced."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setitem(generation.COMPILE_OPTIONS, "cpu", {"backend": recording_backend})
+    generation._compiled_step.cache_clear()
+    torch._dynamo.reset()
+    yield graphs
+    generation._compiled_step.cache_clear()
+    torch._dynamo.reset()
+
+
+def test_compiled_step_is_one_graph_per_row_count_and_decodes_the_same_tokens(
+        counted_compiles: list[torch.fx.GraphModule], tokenizer: GLMTokenizer) -> None:
+    model = seeded_glm(VOCAB)
+    for name in ("greedy", "greedy constrained", "beam"):  # fullgraph: a graph break would raise
+        assert decode_padded_batch(model, name, compile=True) == PADDED_BATCH[name], name
+    # Every step of every call reuses the graph of its row count: 4 rows and 4 x 4 beams.
+    assert len(counted_compiles) == 2
+    assert decode_blanks(tokenizer, "greedy constrained", compile="true") == BLANKS["greedy constrained"]
+
+
+def test_compile_setting_per_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [generation.compile_step(s, cpu) for s in ("auto", True, "true", False, "False")] == \
+        [False, True, True, False, False]
+    assert generation.compile_step("auto", cuda) and not generation.compile_step(False, cuda)
+    with pytest.raises(ValueError, match="unknown generation compile setting 'yes'"):
+        generation.compile_step("yes", cpu)
+
+
+def test_no_repeat_ngram_mask_bans_what_the_definition_bans() -> None:
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4):
+        for t in range(0, 14):
+            history = torch.randint(0, 4, (5, t), generator=g)  # 4 symbols: many repeats
+            mask = generation.no_repeat_ngram_mask(history, n, 6)
+            for row, tokens in zip(mask if mask is not None else [None] * 5, history.tolist(), strict=True):
+                banned = set(generation.banned_ngram_tokens(tokens, n))
+                assert (set() if row is None else set(row.nonzero()[:, 0].tolist())) == banned, (n, tokens)
+
+
+def test_static_cache_step_equals_the_dynamic_cache_and_reorders_in_place() -> None:
+    model = seeded_glm(VOCAB).double()
+    ids, positions, sep, masks = padded_batch()
+    valid = torch.arange(12)[None] < sep[:, None]
+    static, dynamic = model.new_kv_cache(4, 14), model.new_kv_cache(4, 14)
+    for cache in (static, dynamic):
+        model(ids, positions, sep, kv_cache=cache)
+    static.key_valid[:, :12] = valid
+    order = torch.tensor([2, 0, 3, 1])
+    tokens = [torch.full((4, 1), SOP), torch.tensor([[5], [6], [7], [8]])]
+    dim1 = [masks, masks[order]]
+    with generation._StaticSteps(model, static, False) as step:
+        got = [step(tokens[0], dim1[0], 1)]
+        assert static.length == 13 and static.position.tolist() == [13]
+        with pytest.raises(ValueError, match="an attention_mask over all its slots"):
+            model(tokens[0], positions[:, :, :1], kv_cache=static)
+        keys = static.keys[0]
+        static.reorder_(order)
+        assert static.keys[0] is keys  # same buffers, rows moved
+        got.append(step(tokens[1], dim1[1], 2))
+        with pytest.raises(ValueError, match="KV cache full: 15 tokens > max_length 14"):
+            step(tokens[1], dim1[1], 3)
+    assert not static.static
+    # The dynamic cache: attention over the filled slots only, under a mask for the padding.
+    for t in (0, 1):
+        if t == 1:
+            dynamic.reorder(order)
+            valid = valid[order]
+        valid = torch.cat([valid, torch.ones(4, 1, dtype=torch.bool)], 1)
+        position_ids = torch.stack([dim1[t], torch.full((4,), t + 1)], 1)[:, :, None]
+        expected = model(tokens[t], position_ids, attention_mask=valid[:, None, None, :], kv_cache=dynamic)
+        torch.testing.assert_close(got[t], expected[:, -1], rtol=1e-12, atol=1e-12)
