@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from glm_lightning.attention_mask import glm_attention_mask
-from glm_lightning.model import GLMModel, KVCache
+from glm_lightning.model import GLMModel, KVCache, attention_backend
 from glm_lightning.tokenizer import GLMTokenizer
 
 Strategy = Literal["greedy", "sample", "beam"]
@@ -148,11 +148,19 @@ def decode_step(model: GLMModel, cache: KVCache, tokens: Tensor, position_ids: T
     """One new token per row on a static cache: ``tokens [R, 1]`` at ``position_ids [R, 2, 1]``
     written at ``cache.position``, attending to every valid slot; the next-token logits ``[R, V]``.
 
-    Every call has the same shapes and no Python state changes, so the whole step (all layers, the
-    cache writes and the mask) is one graph for ``torch.compile``.
+    Compiled, every call has the same shapes (all ``max_length`` slots under ``key_valid``) and
+    changes no Python state, so the whole step (all layers, the cache writes, the mask) is one
+    graph. Eagerly it reads the filled slots only, and without a mask when none of them is padding
+    (SDPA's unmasked path; FlexAttention always takes the mask).
     """
     cache.key_valid.index_fill_(1, cache.position, True)
-    logits = model(tokens, position_ids, attention_mask=cache.key_valid[:, None, None, :], kv_cache=cache)
+    if torch.compiler.is_compiling():
+        mask = cache.key_valid[:, None, None, :]
+    else:
+        valid = cache.key_valid[:, :cache.length + 1]
+        flex = attention_backend(model.config, tokens.device, model.training) == "flex"
+        mask = None if not flex and bool(valid.all()) else valid[:, None, None, :]
+    logits = model(tokens, position_ids, attention_mask=mask, kv_cache=cache)
     cache.position.add_(1)
     return logits[:, -1].float()
 

@@ -116,10 +116,11 @@ class KVCache:
     Tokens are appended in two ways. By default the new tokens go after ``length`` (a Python int)
     and attention reads the filled slots only, so shapes grow with every call (the context and
     multi-token blocks). With ``static`` set, each layer writes its one new token in place at the
-    slot ``position`` (a one-element tensor) and attention reads all ``max_length`` slots under
-    the mask ``key_valid [batch, max_length]`` (False = padding or not yet written): every step
-    then has the same shapes and touches no Python state, so it can be compiled (and captured in a
-    CUDA graph). The decoding loop advances ``position`` and ``length`` together.
+    slot ``position`` (a one-element tensor). Under ``torch.compile`` attention then reads all
+    ``max_length`` slots under the mask ``key_valid [batch, max_length]`` (False = padding or not
+    yet written): every step has the same shapes and touches no Python state, so it compiles to
+    one graph (and can be captured in a CUDA graph). Run eagerly, it reads the filled slots only,
+    as the default path does. The decoding loop advances ``position`` and ``length`` together.
     """
 
     def __init__(self, config: GLMConfig, batch_size: int, max_length: int, *,
@@ -135,11 +136,14 @@ class KVCache:
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this layer's new keys/values; return the keys/values attention reads: all of
-        them up to the new ones, or with ``static`` the whole preallocated buffers."""
+        them up to the new ones (compiled with ``static``: the whole preallocated buffers)."""
         if self.static:
             self.keys[layer].index_copy_(2, self.position, k)
             self.values[layer].index_copy_(2, self.position, v)
-            return self.keys[layer], self.values[layer]
+            if torch.compiler.is_compiling():
+                return self.keys[layer], self.values[layer]
+            end = self.length + 1
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
         end = self.length + k.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache full: {end} tokens > max_length {self.max_length}")
@@ -373,9 +377,9 @@ class GLMModel(nn.Module):
         Part A; the rest attend to Part A and causally to Part B). ``attention_mask [B, 1, L, Lk]``
         (True = may attend) overrides it; with neither, attention is causal. With ``kv_cache`` the
         inputs are the next tokens after the cached ones: they also see every cached token, and
-        the cache grows by ``L`` (a ``static`` cache
-        takes one token, written at its ``position``, needs an ``attention_mask`` over all its slots
-        and is advanced by its caller). ``output_mask [B, L]`` (bool) computes the logits only where it
+        the cache grows by ``L`` (a ``static`` cache takes one token, written at its
+        ``position``; its caller advances it and gives the mask of the slots it reads, or None
+        for all of them). ``output_mask [B, L]`` (bool) computes the logits only where it
         is True and returns them as ``[N, V]`` in row-major order: pretraining predicts Part B only,
         so this skips most of the output projection, the largest matmul of a small model.
         ``return_hidden`` returns the final hidden states instead of logits (for other heads).
@@ -388,8 +392,6 @@ class GLMModel(nn.Module):
         if position_ids.shape != (B, 2, L):
             raise ValueError(f"position_ids must be [B, 2, L] = {[B, 2, L]}, got {list(position_ids.shape)}")
         static = kv_cache is not None and kv_cache.static
-        if static and attention_mask is None:
-            raise ValueError("a static KV cache needs an attention_mask over all its slots")
         past = kv_cache.length if kv_cache is not None and not static else 0
         mask, causal = attention_mask, False
         if attention_backend(self.config, input_ids.device, self.training) == "flex":
@@ -400,7 +402,7 @@ class GLMModel(nn.Module):
                 if sep is not None and not past:  # Part A is never padding
                     lengths = torch.maximum(real_lengths(position_ids), sep)
                 mask = glm_block_mask(sep, lengths, L, past + L)
-        elif mask is None:
+        elif mask is None and not static:  # (a static step without a mask sees every slot it reads)
             if sep is not None or (past and L > 1):
                 mask = glm_attention_mask(sep, L, past + L, device=input_ids.device)
             else:  # no Part A: plain causal, or one new token that sees every cached one (no mask)
