@@ -50,7 +50,7 @@ def apply_min_length(logits: Tensor, num_generated: int, min_length: int, end_id
 
 def banned_ngram_tokens(tokens: Sequence[int], ngram_size: int) -> list[int]:
     """Tokens that would complete an n-gram already present in ``tokens`` (the definition that
-    :func:`no_repeat_ngram_mask` computes for all rows at once)."""
+    :func:`banned_ngrams` computes for all rows at once)."""
     if ngram_size <= 0 or len(tokens) + 1 < ngram_size:
         return []
     prefix = tuple(tokens[len(tokens) - ngram_size + 1:]) if ngram_size > 1 else ()
@@ -61,21 +61,21 @@ def banned_ngram_tokens(tokens: Sequence[int], ngram_size: int) -> list[int]:
     ]
 
 
-def no_repeat_ngram_mask(history: Tensor, ngram_size: int, vocab_size: int) -> Tensor | None:
-    """``[R, vocab_size]`` True where a token would repeat an n-gram of its row of ``history
-    [R, t]`` (the generated tokens), or None when no row can repeat one yet: every window of
-    ``ngram_size - 1`` tokens that equals the row's last ones bans the token that followed it."""
-    rows, t = history.shape
-    windows = t - ngram_size + 1
+def banned_ngrams(history: Tensor, ngram_size: int) -> tuple[Tensor, Tensor] | None:
+    """``(rows, tokens)``: the tokens that would repeat an n-gram of their row of ``history [R, t]``
+    (the generated tokens), or None when no row can repeat one yet. Every window of
+    ``ngram_size - 1`` tokens equal to the row's last ones bans the token that followed it. Only
+    the ``[R, t]`` history is compared; nothing of vocabulary size is allocated."""
+    windows = history.shape[1] - ngram_size + 1
     if ngram_size <= 0 or windows <= 0:
         return None
+    following = history[:, ngram_size - 1:]  # [R, windows]: the token after each window
     if ngram_size == 1:
-        match = torch.ones(rows, windows, dtype=torch.long, device=history.device)
-    else:
-        grams = history.unfold(1, ngram_size - 1, 1)[:, :windows]  # [R, windows, n - 1]
-        match = (grams == history[:, None, windows:]).all(-1).long()
-    hits = torch.zeros(rows, vocab_size, dtype=torch.long, device=history.device)
-    return hits.scatter_add_(1, history[:, ngram_size - 1:], match) > 0
+        rows = torch.arange(len(history), device=history.device)[:, None].expand_as(following)
+        return rows.reshape(-1), following.reshape(-1)
+    grams = history.unfold(1, ngram_size - 1, 1)[:, :windows]  # [R, windows, n - 1]
+    rows, starts = (grams == history[:, None, windows:]).all(-1).nonzero(as_tuple=True)
+    return rows, following[rows, starts]
 
 
 def apply_no_repeat_ngram(logits: Tensor, generated: Tensor | Sequence[Sequence[int]],
@@ -83,8 +83,8 @@ def apply_no_repeat_ngram(logits: Tensor, generated: Tensor | Sequence[Sequence[
     """Forbid, row by row, every token that would repeat an n-gram of that row's generated tokens
     (``generated [R, t]``, rows of equal length)."""
     history = torch.as_tensor(generated, dtype=torch.long, device=logits.device).view(len(logits), -1)
-    banned = no_repeat_ngram_mask(history, ngram_size, logits.shape[-1])
-    return logits if banned is None else logits.masked_fill(banned, -float("inf"))
+    banned = banned_ngrams(history, ngram_size)
+    return logits if banned is None else logits.index_put(banned, logits.new_tensor(-float("inf")))
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
@@ -120,8 +120,8 @@ def _constrain_(logits: Tensor, history: Tensor, *, min_length: int, no_repeat_n
     """Min length and no-repeat n-grams, in place on the step's own logits (no copy when
     neither has anything to forbid); ``history [R, t]`` holds the tokens generated so far."""
     _min_length_(logits, history.shape[1], min_length, end_ids)
-    banned = no_repeat_ngram_mask(history, no_repeat_ngram_size, logits.shape[-1])
-    return logits if banned is None else logits.masked_fill_(banned, -float("inf"))
+    banned = banned_ngrams(history, no_repeat_ngram_size)
+    return logits if banned is None else logits.index_put_(banned, logits.new_tensor(-float("inf")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +356,10 @@ def _beam_search(step: _StaticSteps, mask_positions: Tensor, *, sop_id: int, end
         if all(done):
             break
         rows = top_rows.gather(1, chosen).view(-1)
-        cache.reorder_(rows)
+        if step.graphs:  # a CUDA graph reads the same buffers at every replay
+            cache.reorder_(rows)
+        else:  # one copy instead of two
+            cache.reorder(rows)
         history = history[rows]
         tokens = top_tokens.gather(1, chosen).view(-1, 1)
         history[:, i] = tokens[:, 0]
