@@ -6,11 +6,16 @@ cache: the context (Part A) is run once, bidirectionally, and every later token 
 cached tokens and causally to the tokens generated before it.
 
 Batches hold right-padded contexts of different lengths (``sep`` = each context's length). The
-padding stays in the cache, so every step passes an explicit attention mask that hides it: a
-generated token then sees exactly what it would see if its sample were decoded alone.
+padding stays in the cache, hidden by the cache's ``key_valid`` mask: a generated token then sees
+exactly what it would see if its sample were decoded alone.
 
-Logits processors are small pure functions applied to the next-token logits before the
-softmax, in the order min length, no-repeat n-gram (then temperature, top-k, top-p when sampling).
+Each generated token is one call of :func:`decode_step` on the preallocated cache in its static
+mode (fixed shapes, the new slot written in place), which ``generation.compile`` compiles
+(docs/decoding.md). Finished rows and beams are tracked on tensors.
+
+Logits processors are small functions applied to the next-token logits before the softmax, in
+the order min length, no-repeat n-gram (then temperature, top-k, top-p when sampling); inside the
+loop the first two work in place and do nothing while they have nothing to forbid.
 """
 
 from __future__ import annotations
