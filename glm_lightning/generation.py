@@ -141,8 +141,8 @@ COMPILE_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {}, "cuda": {"mode": "reduc
 
 def compile_step(setting: bool | str, device: torch.device) -> bool:
     """Whether ``generation.compile`` (``auto``, ``true``/True or ``false``/False) compiles the
-    step on ``device``. ``auto`` compiles on CUDA only: on CPU the compiled step measured no
-    faster than the eager one (benchmarks/RESULTS.md, "Generation")."""
+    step on ``device``. ``auto`` compiles on CUDA only: on CPU the compiled step measured not
+    consistently faster than the eager one (benchmarks/RESULTS.md, "Decoding on the static cache")."""
     value = str(setting).lower()
     if value not in COMPILE_SETTINGS:
         raise ValueError(f"unknown generation compile setting {setting!r}; choose one of {COMPILE_SETTINGS}")
@@ -209,8 +209,9 @@ class _StaticSteps:
             raise ValueError(f"KV cache full: {cache.length + 1} tokens > max_length {cache.max_length}")
         position_ids = torch.stack([dim1, torch.full_like(dim1, block_position)], dim=1)[:, :, None]
         logits = self.run(self.model, self.cache, tokens, position_ids)
-        self.cache.length += 1
-        return logits
+        cache.length += 1
+        # A CUDA graph's output is overwritten by its next replay; the loop keeps what it reads.
+        return logits.clone() if self.graphs else logits
 
 
 def _forward_block(model: GLMModel, cache: KVCache, tokens: Tensor, dim1: Tensor) -> None:
