@@ -13,7 +13,7 @@ changes between rounds hits both sides alike. tokens/s counts generated tokens (
 tokens, beams not counted) over the whole call, prefill included. The compiled step compiles in
 an untimed warm-up call per case.
 
-    PYTHONPATH=. python benchmarks/bench_generate.py     # a few minutes on 2 cores (compiling included)
+    PYTHONPATH=. python benchmarks/bench_generate.py     # tens of minutes on 2 cores (compiling included)
     PYTHONPATH=. python benchmarks/bench_generate.py --rounds 3 --new-tokens 16 --no-compiled  # quick
 """
 
