@@ -1,15 +1,20 @@
-"""Greedy decoding speed: GLM on its KV cache (`glm_lightning.generation.generate`) against
-Hugging Face transformers' GPT-2 `generate` (greedy, use_cache=True) at the same shape.
+"""Decoding speed: GLM on its static KV cache (`glm_lightning.generation.generate`), eager and
+with the one-token step compiled (`generation.compile=true`), against Hugging Face transformers'
+GPT-2 `generate` (use_cache=True) at the same shape: greedy, and 4-beam search with a length
+penalty, no-repeat 3-grams and a minimum length.
 
 Both models have random weights and the same sizes (layers, hidden, heads, vocabulary); each
 batch holds `--context` random tokens per row and generates exactly `--new-tokens` tokens (a
-minimum length equal to the maximum, so neither stops early). GLM's context is Part A ending in
-`[MASK]`, decoded as a blank. Timings alternate between the two models, one repetition at a time,
-in the same process; tokens/s counts generated tokens (batch x new tokens) over the whole call,
-prefill included.
+minimum length equal to the maximum, so no row and no beam stops early and both models do the
+same number of steps). GLM's context is Part A ending in `[MASK]`, decoded as a blank. Every
+round times each model once on each case, the order of the models rotating from round to round,
+in one process; the ratios are taken within a round (GPT-2 seconds / GLM seconds), so load that
+changes between rounds hits both sides alike. tokens/s counts generated tokens (batch x new
+tokens, beams not counted) over the whole call, prefill included. The compiled step compiles in
+an untimed warm-up call per case.
 
-    python benchmarks/bench_generate.py                 # about a minute on 2 cores
-    python benchmarks/bench_generate.py --batch 1 8 --repeats 5
+    PYTHONPATH=. python benchmarks/bench_generate.py     # tens of minutes on 2 cores (compiling included)
+    PYTHONPATH=. python benchmarks/bench_generate.py --rounds 3 --new-tokens 16 --no-compiled  # quick
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import transformers
@@ -30,6 +36,8 @@ from glm_lightning.generation import generate
 from glm_lightning.model import GLMConfig, GLMModel
 
 MASK_ID, SOP_ID, EOP_ID = 3, 4, 5  # any ids: random weights, and [eop] is blocked anyway
+BEAM = dict(num_beams=4, length_penalty=0.7, no_repeat_ngram_size=3)  # as the official CNN/DM setting
+CASES = {"greedy": (1, 8), "beam": (1, 4)}  # strategy: batch sizes
 
 
 def glm_inputs(batch: int, context: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
@@ -41,24 +49,37 @@ def glm_inputs(batch: int, context: int, vocab: int, seed: int) -> dict[str, tor
             "sep": torch.full((batch,), context), "mask_positions": torch.full((batch,), context - 1)}
 
 
-def time_glm(model: GLMModel, inputs: dict[str, torch.Tensor], new_tokens: int) -> float:
-    start = time.perf_counter()
-    out = generate(model, **inputs, sop_id=SOP_ID, eop_id=EOP_ID, max_new_tokens=new_tokens,
-                   min_length=new_tokens)
-    seconds = time.perf_counter() - start
-    assert all(len(row) == new_tokens for row in out)
-    return seconds
+def glm_call(model: GLMModel, inputs: dict[str, torch.Tensor], strategy: str, new_tokens: int,
+             compile: bool) -> Callable[[], int]:
+    options = BEAM if strategy == "beam" else {}
+
+    def call() -> int:
+        out = generate(model, **inputs, sop_id=SOP_ID, eop_id=EOP_ID, max_new_tokens=new_tokens,
+                       min_length=new_tokens, strategy=strategy, compile=compile, **options)
+        assert all(len(row) == new_tokens for row in out)
+        return len(out) * new_tokens
+
+    return call
 
 
-def time_gpt2(model: GPT2LMHeadModel, ids: torch.Tensor, new_tokens: int) -> float:
+def gpt2_call(model: GPT2LMHeadModel, ids: torch.Tensor, strategy: str, new_tokens: int) -> Callable[[], int]:
+    options = dict(BEAM, early_stopping=False) if strategy == "beam" else {"num_beams": 1}
+
+    def call() -> int:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=EOP_ID,
+                                 pad_token_id=0, **options)
+        assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens)
+        return ids.shape[0] * new_tokens
+
+    return call
+
+
+def seconds(call: Callable[[], int]) -> float:
     start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
-                             use_cache=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             eos_token_id=EOP_ID, pad_token_id=0)
-    seconds = time.perf_counter() - start
-    assert out.shape[1] == ids.shape[1] + new_tokens
-    return seconds
+    call()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -69,9 +90,13 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=30592)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--strategies", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--no-compiled", action="store_true", help="leave out the compiled GLM step")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     length = args.context + args.new_tokens
     glm = GLMModel(GLMConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
@@ -80,30 +105,42 @@ def main() -> None:
                                       vocab_size=args.vocab, n_positions=length,
                                       activation_function="gelu_new", bos_token_id=0,
                                       eos_token_id=EOP_ID)).eval()
+    load_start = os.getloadavg()
     print(f"GLM {glm.num_parameters() / 1e6:.1f}M params, GPT-2 {gpt2.num_parameters() / 1e6:.1f}M params; "
-          f"context {args.context}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
-    rows = []
-    for batch in args.batch:
-        inputs = glm_inputs(batch, args.context, args.vocab, seed=batch)
-        time_glm(glm, inputs, 4)  # warm-up
-        time_gpt2(gpt2, inputs["input_ids"], 4)
-        glm_s, gpt2_s = [], []
-        for _ in range(args.repeats):  # alternate, so load changes hit both alike
-            glm_s.append(time_glm(glm, inputs, args.new_tokens))
-            gpt2_s.append(time_gpt2(gpt2, inputs["input_ids"], args.new_tokens))
+          f"context {args.context}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds; beam search: {BEAM}, min length = new tokens")
+    models = ["GLM", "GPT-2"] if args.no_compiled else ["GLM", "GLM compiled", "GPT-2"]
+    cases: dict[tuple[str, int], dict[str, Callable[[], int]]] = {}
+    for strategy in args.strategies:
+        for batch in CASES[strategy]:
+            inputs = glm_inputs(batch, args.context, args.vocab, seed=batch)
+            calls = {"GLM": glm_call(glm, inputs, strategy, args.new_tokens, compile=False),
+                     "GLM compiled": glm_call(glm, inputs, strategy, args.new_tokens, compile=True),
+                     "GPT-2": gpt2_call(gpt2, inputs["input_ids"], strategy, args.new_tokens)}
+            cases[(strategy, batch)] = {name: calls[name] for name in models}
+    for case in cases.values():  # warm-up, and compilation of the step for this number of rows
+        for call in case.values():
+            call()
+    timed: dict[tuple[str, int], dict[str, list[float]]] = {c: {m: [] for m in models} for c in cases}
+    for r in range(args.rounds):
+        for case, calls in cases.items():
+            for name in models[r % len(models):] + models[:r % len(models)]:
+                timed[case][name].append(seconds(calls[name]))
+    print("\n| strategy | batch | model | tok/s median | tok/s best "
+          "| GPT-2 s / this s (median of rounds) | range |")
+    print("|---|---:|---|---:|---:|---:|---|")
+    for (strategy, batch), by_model in timed.items():
         tokens = batch * args.new_tokens
-        ratios = [g2 / g1 for g1, g2 in zip(glm_s, gpt2_s, strict=True)]
-        rows.append((batch, tokens / statistics.median(glm_s), tokens / min(glm_s),
-                     tokens / statistics.median(gpt2_s), tokens / min(gpt2_s), statistics.median(ratios),
-                     min(ratios), max(ratios)))
-    print("\n| batch | GLM tok/s median | GLM tok/s best | GPT-2 tok/s median | GPT-2 tok/s best "
-          "| GLM / GPT-2 (median of rounds) | range |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
-    for b, gm, gb, hm, hb, r, lo, hi in rows:
-        print(f"| {b} | {gm:.0f} | {gb:.0f} | {hm:.0f} | {hb:.0f} | {r:.3f} | {lo:.2f}-{hi:.2f} |")
+        for name, s in by_model.items():
+            ratios = [g2 / g1 for g1, g2 in zip(s, by_model["GPT-2"], strict=True)]
+            print(f"| {strategy} | {batch} | {name} | {tokens / statistics.median(s):.0f} "
+                  f"| {tokens / min(s):.0f} | {statistics.median(ratios):.3f} "
+                  f"| {min(ratios):.2f}-{max(ratios):.2f} |")
     print(f"\nmachine: {os.cpu_count()} cores, {cpu_model()}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, Python {platform.python_version()}; "
-          f"{datetime.datetime.now():%Y-%m-%d %H:%M}; load average {os.getloadavg()[0]:.2f}")
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}; load average (1, 5, 15 min) at the start "
+          f"{', '.join(f'{x:.2f}' for x in load_start)}, at the end "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@ and the fastest step are reported. Timed rounds stop at a deadline so that a bus
 finishes. Peak memory is the peak resident set size (``ru_maxrss``) of a fresh child process per
 eager model (compiled models are not measured: the compiler's own memory would dominate) that runs
 two steps (the second one holds activations, gradients and AdamW state at once); it is reported
-in full and above the same child's RSS after imports. MFU uses the analytic model FLOPs of
-``glm_lightning.flops`` and, as the peak, the fp32 matmul throughput measured in every round.
+in full and above the same child's RSS after imports. The achieved model FLOP/s use the analytic
+model FLOPs of ``glm_lightning.flops`` (GLM credited with the output projection at its Part-B
+positions only, the work it does); the peak they are a fraction of is a dense fp32 ``torch.mm``
+of two 2048 x 2048 matrices at the same thread count, measured once in every round. Last, one
+eager GLM step runs under ``torch.profiler`` and its largest operators are listed.
 
     python benchmarks/bench_train_step.py    # under 5 minutes: timed rounds stop at --total-s
 """
@@ -45,7 +48,7 @@ from machine import cpu_model
 from torch import Tensor, nn
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-from glm_lightning.flops import training_flops_per_token
+from glm_lightning.flops import training_flops_per_batch
 from glm_lightning.model import GLMConfig, GLMModel
 
 MODELS = ("GLM", "GLM compiled", "GPT-2", "GPT-2 compiled", "BERT")
@@ -65,13 +68,23 @@ def glm_config(compile: bool = False) -> GLMConfig:
                      attention_dropout_prob=DROPOUT, output_dropout_prob=DROPOUT, compile=compile)
 
 
+def glm_sep(batch_size: int, seq_length: int) -> Tensor:
+    """Part-A lengths around 85% of the sequence, different per sample as in real batches."""
+    return torch.tensor([round(PART_A_FRACTION * seq_length) - 4 * b for b in range(batch_size)])
+
+
+def model_flops(name: str, batch_size: int, seq_length: int) -> float:
+    """Model FLOPs of one step: GLM projects its Part-B positions only, the others every position."""
+    part_b = int((seq_length - glm_sep(batch_size, seq_length)).sum()) if name.startswith("GLM") else None
+    return training_flops_per_batch(glm_config(), batch_size, seq_length, output_tokens=part_b)
+
+
 def build_glm(batch_size: int, seq_length: int, g: torch.Generator, compile: bool = False) -> Built:
     """GLM on a blank-infilling batch: Part A bidirectional, one span generated in Part B."""
     model = GLMModel(glm_config(compile))
     ids = torch.randint(VOCAB, (batch_size, seq_length), generator=g)
     targets = torch.randint(VOCAB, (batch_size, seq_length), generator=g)
-    # Part-A lengths around 85% of the sequence, different per sample as in real batches.
-    sep = torch.tensor([round(PART_A_FRACTION * seq_length) - 4 * b for b in range(batch_size)])
+    sep = glm_sep(batch_size, seq_length)
     positions = torch.zeros(batch_size, 2, seq_length, dtype=torch.long)
     for b, s in enumerate(sep.tolist()):
         positions[b, 0, :s] = torch.arange(s)
@@ -193,6 +206,8 @@ def main() -> None:
     parser.add_argument("--total-s", type=float, default=280.0,
                         help="no timed round beyond --min-repeats starts that would end after this")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--profile-top", type=int, default=12,
+                        help="operators of a profiled GLM step to list (0: no profile)")
     parser.add_argument("--memory-of", choices=EAGER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     deadline = time.perf_counter() + args.total_s
@@ -217,35 +232,42 @@ def main() -> None:
     seconds, matmul = timed_rounds(steps, args.warmup, args.repeats, args.min_repeats, deadline)
 
     report(seconds, matmul, memory, params, B, L)
+    if args.profile_top:
+        profile(steps["GLM"], args.profile_top)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 def report(seconds: dict[str, list[float]], matmul: list[float], memory: dict[str, dict],
            params: dict[str, int], batch_size: int, seq_length: int) -> None:
-    """Markdown table and ratios of tokens/s.
+    """Markdown table, ratios of tokens/s, and the model FLOP/s as a fraction of the matmul peak.
 
     Besides medians and best steps, the per-round ratio compares steps run back to back, so it is
-    the least sensitive to the machine's load changing during the run. All models share the GLM
-    FLOP count (same shape; BERT's extra MLM-head transform, under 1% more, is not credited).
+    the least sensitive to the machine's load changing during the run. Each model is credited
+    with its own model FLOPs (``model_flops``; BERT's extra MLM-head transform, under 1% more, is
+    not credited).
     """
     tokens = batch_size * seq_length
-    flops_per_token = training_flops_per_token(glm_config(), seq_length)
     peak, best_peak = statistics.median(matmul), max(matmul)
     median = {name: tokens / statistics.median(s) for name, s in seconds.items()}
     best = {name: tokens / min(s) for name, s in seconds.items()}
-    print(f"{len(matmul)} timed rounds; model FLOPs per step {tokens * flops_per_token / 1e9:.1f} G; "
-          f"fp32 matmul {MATMUL_SIZE}^3: median {peak / 1e9:.1f}, best {best_peak / 1e9:.1f} GFLOP/s\n")
-    print("| model | params (M) | tokens/s median | tokens/s best | MFU median | MFU best "
-          "| peak RSS (MiB) | peak RSS above imports (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    glm, full = (model_flops(name, batch_size, seq_length) / 1e9 for name in ("GLM", "GPT-2"))
+    print(f"{len(matmul)} timed rounds; model FLOPs per step: GLM {glm:.1f} G (output projection at the "
+          f"Part-B positions), GPT-2 and BERT {full:.1f} G; fp32 torch.mm {MATMUL_SIZE}^3 at "
+          f"{torch.get_num_threads()} threads (the peak): median {peak / 1e9:.1f}, "
+          f"best {best_peak / 1e9:.1f} GFLOP/s\n")
+    print("| model | params (M) | tokens/s median | tokens/s best | model GFLOP/s median "
+          "| of the peak (median) | of the peak (best step, best peak) | peak RSS (MiB) "
+          "| peak RSS above imports (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in MODELS:
-        mfu, mfu_best = median[name] * flops_per_token / peak, best[name] * flops_per_token / best_peak
+        per_token = model_flops(name, batch_size, seq_length) / tokens
         rss = above = "-"
         if name in memory:
             rss = f"{memory[name]['peak_mib']:.0f}"
             above = f"{memory[name]['peak_mib'] - memory[name]['after_imports_mib']:.0f}"
-        print(f"| {name} | {params[name] / 1e6:.1f} | {median[name]:.0f} | {best[name]:.0f} | {mfu:.1%} "
-              f"| {mfu_best:.1%} | {rss} | {above} |")
+        print(f"| {name} | {params[name] / 1e6:.1f} | {median[name]:.0f} | {best[name]:.0f} "
+              f"| {median[name] * per_token / 1e9:.1f} | {median[name] * per_token / peak:.1%} "
+              f"| {best[name] * per_token / best_peak:.1%} | {rss} | {above} |")
     print()
 
     def ratio(model: str, others: tuple[str, ...]) -> None:
@@ -266,6 +288,22 @@ def report(seconds: dict[str, list[float]], matmul: list[float], memory: dict[st
     ratio("GPT-2 compiled", ("GPT-2",))
     for other in ("GPT-2", "BERT"):
         print(f"GLM / {other} peak RSS: {memory['GLM']['peak_mib'] / memory[other]['peak_mib']:.3f}")
+
+
+def profile(step: Step, top: int) -> None:
+    """The ``top`` operators of one step by their own CPU time, and the optimizer's share."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    optimizer = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step"))
+    print(f"\nprofile of one eager GLM step: {total / 1e3:.0f} ms of operator CPU time (all threads' "
+          f"time counted once per operator call); the optimizer step (AdamW) {optimizer / total:.1%}\n")
+    print("| operator | calls | self CPU (ms) | share |")
+    print("|---|---:|---:|---:|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        share = e.self_cpu_time_total / total
+        print(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e3:.0f} | {share:.1%} |")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "harness.dtype": ("float32", "bfloat16", "float16"),
 }
 
+# generation.compile is a bool or "auto" (the command line reads true/false as bools).
+GENERATION_COMPILE = ("auto", "true", "false")
+
 # SuperGLUE tasks in Table-1 order, by their official folder names; config keys use lower case.
 SUPERGLUE_TASKS = ("ReCoRD", "COPA", "WSC", "RTE", "BoolQ", "WiC", "CB", "MultiRC")
 CHOICES["superglue.head"] = ("cloze", "classifier")
@@ -155,6 +158,8 @@ class GenerationConfig:
     temperature: float = 1.0  # strategy=sample
     top_k: int = 0  # strategy=sample; 0 = no top-k filter
     top_p: float = 1.0  # strategy=sample; 1 = no nucleus filter
+    # torch.compile the one-token step (CUDA graphs on GPUs): auto = on CUDA only, true, false
+    compile: Any = "auto"
 
 
 @dataclass
@@ -524,6 +529,9 @@ def check_value(key: str, value: Any, choices: dict[str, tuple[str, ...]] | None
     valid = (CHOICES if choices is None else choices).get(key)
     if valid is not None and value not in valid:
         raise ConfigError(f"invalid value {value!r} for '{key}'; valid choices: {', '.join(valid)}")
+    if key == "generation.compile" and str(value).lower() not in GENERATION_COMPILE:
+        raise ConfigError(f"invalid value {value!r} for '{key}'; valid choices: "
+                          f"{', '.join(GENERATION_COMPILE)}")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if key in UNIT_INTERVAL and not 0.0 <= value <= 1.0:
@@ -551,6 +559,7 @@ def validate(cfg: DictConfig, choices: dict[str, tuple[str, ...]] | None = None)
         check_value(key, _get(cfg, key), choices)
     superglue_tasks(cfg.task)
     check_run_name(cfg.run_name)
+    check_value("generation.compile", cfg.generation.compile)
     devices = cfg.trainer.devices
     if devices == 0 or devices == "0" or (OmegaConf.is_list(devices) and len(devices) == 0):
         raise ConfigError(f"invalid value {devices!r} for 'trainer.devices': a run needs at least one device "

@@ -36,6 +36,16 @@ def training_flops_per_token(config: GLMConfig, seq_length: int) -> float:
     return 6.0 * matmul_parameters(config) + 12.0 * config.num_layers * config.hidden_size * seq_length
 
 
-def training_flops_per_batch(config: GLMConfig, batch_size: int, seq_length: int) -> float:
-    """Model FLOPs of one training step on ``batch_size`` sequences of ``seq_length`` tokens."""
-    return batch_size * seq_length * training_flops_per_token(config, seq_length)
+def training_flops_per_batch(config: GLMConfig, batch_size: int, seq_length: int,
+                             output_tokens: int | None = None) -> float:
+    """Model FLOPs of one training step on ``batch_size`` sequences of ``seq_length`` tokens.
+
+    ``output_tokens`` is the number of positions the output projection runs at, when it is not
+    every position (``GLMModel.forward(..., output_mask=...)``: pretraining and seq2seq compute the
+    logits of Part B only); each position left out saves its ``6 * vocab_size * hidden_size``.
+    """
+    tokens = batch_size * seq_length
+    flops = tokens * training_flops_per_token(config, seq_length)
+    if output_tokens is not None:
+        flops -= 6.0 * config.vocab_size * config.hidden_size * (tokens - output_tokens)
+    return flops

@@ -112,6 +112,15 @@ class KVCache:
 
     Equivalent to the official hidden-state "mems": a cached token's keys and values are what the
     full forward pass would compute for it, so decoding one token at a time gives the same logits.
+
+    Tokens are appended in two ways. By default the new tokens go after ``length`` (a Python int)
+    and attention reads the filled slots only, so shapes grow with every call (the context and
+    multi-token blocks). With ``static`` set, each layer writes its one new token in place at the
+    slot ``position`` (a one-element tensor). Under ``torch.compile`` attention then reads all
+    ``max_length`` slots under the mask ``key_valid [batch, max_length]`` (False = padding or not
+    yet written): every step has the same shapes and touches no Python state, so it compiles to
+    one graph (and can be captured in a CUDA graph). Run eagerly, it reads the filled slots only,
+    as the default path does. The decoding loop advances ``position`` and ``length`` together.
     """
 
     def __init__(self, config: GLMConfig, batch_size: int, max_length: int, *,
@@ -121,9 +130,20 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.length = 0  # tokens cached so far (advanced once per forward, after the last layer)
         self.max_length = max_length
+        self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.static = False
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this layer's new keys/values; return all keys/values up to and including them."""
+        """Store this layer's new keys/values; return the keys/values attention reads: all of
+        them up to the new ones (compiled with ``static``: the whole preallocated buffers)."""
+        if self.static:
+            self.keys[layer].index_copy_(2, self.position, k)
+            self.values[layer].index_copy_(2, self.position, v)
+            if torch.compiler.is_compiling():
+                return self.keys[layer], self.values[layer]
+            end = self.length + 1
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
         end = self.length + k.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache full: {end} tokens > max_length {self.max_length}")
@@ -131,18 +151,29 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def snapshot(self) -> tuple[list[Tensor], list[Tensor], int]:
-        """A point to come back to with :meth:`restore` (tokens appended later are discarded;
-        appends never overwrite the slots before ``length``, and reorder makes new tensors)."""
-        return self.keys, self.values, self.length
+    def snapshot(self) -> tuple[list[Tensor], list[Tensor], Tensor, int]:
+        """A point to come back to with :meth:`restore` (tokens appended later are discarded:
+        appends never overwrite the slots before ``length``, and :meth:`reorder` makes new
+        tensors; ``key_valid`` beyond ``length`` is the caller's to reset)."""
+        return self.keys, self.values, self.key_valid, self.length
 
-    def restore(self, snapshot: tuple[list[Tensor], list[Tensor], int]) -> None:
-        self.keys, self.values, self.length = snapshot
+    def restore(self, snapshot: tuple[list[Tensor], list[Tensor], Tensor, int]) -> None:
+        self.keys, self.values, self.key_valid, self.length = snapshot
 
     def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search keeps the surviving beams)."""
+        """Select batch rows into new tensors (beam search expands each sample to its beams)."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+        self.key_valid = self.key_valid.index_select(0, index)
+
+    def reorder_(self, index: Tensor) -> None:
+        """Select as many batch rows in place (beam search keeps the surviving beams): the
+        buffers keep their addresses, which a captured CUDA graph needs. Only the ``length``
+        filled slots are copied."""
+        n = self.length
+        for t in (*self.keys, *self.values):
+            t[:, :, :n] = t[:, :, :n].index_select(0, index)
+        self.key_valid[:, :n] = self.key_valid[:, :n].index_select(0, index)
 
 
 def attention_backend(config: GLMConfig, device: torch.device, training: bool) -> str:
@@ -346,7 +377,9 @@ class GLMModel(nn.Module):
         Part A; the rest attend to Part A and causally to Part B). ``attention_mask [B, 1, L, Lk]``
         (True = may attend) overrides it; with neither, attention is causal. With ``kv_cache`` the
         inputs are the next tokens after the cached ones: they also see every cached token, and
-        the cache grows by ``L``. ``output_mask [B, L]`` (bool) computes the logits only where it
+        the cache grows by ``L`` (a ``static`` cache takes one token, written at its
+        ``position``; its caller advances it and gives the mask of the slots it reads, or None
+        for all of them). ``output_mask [B, L]`` (bool) computes the logits only where it
         is True and returns them as ``[N, V]`` in row-major order: pretraining predicts Part B only,
         so this skips most of the output projection, the largest matmul of a small model.
         ``return_hidden`` returns the final hidden states instead of logits (for other heads).
@@ -358,7 +391,8 @@ class GLMModel(nn.Module):
         B, L = input_ids.shape
         if position_ids.shape != (B, 2, L):
             raise ValueError(f"position_ids must be [B, 2, L] = {[B, 2, L]}, got {list(position_ids.shape)}")
-        past = kv_cache.length if kv_cache is not None else 0
+        static = kv_cache is not None and kv_cache.static
+        past = kv_cache.length if kv_cache is not None and not static else 0
         mask, causal = attention_mask, False
         if attention_backend(self.config, input_ids.device, self.training) == "flex":
             if mask is not None:
@@ -368,13 +402,13 @@ class GLMModel(nn.Module):
                 if sep is not None and not past:  # Part A is never padding
                     lengths = torch.maximum(real_lengths(position_ids), sep)
                 mask = glm_block_mask(sep, lengths, L, past + L)
-        elif mask is None:
+        elif mask is None and not static:  # (a static step without a mask sees every slot it reads)
             if sep is not None or (past and L > 1):
                 mask = glm_attention_mask(sep, L, past + L, device=input_ids.device)
             else:  # no Part A: plain causal, or one new token that sees every cached one (no mask)
                 causal = past == 0
         h = self.transformer(self.word_embeddings(input_ids), position_ids, mask, kv_cache, causal)
-        if kv_cache is not None:
+        if kv_cache is not None and not static:
             kv_cache.length += L
         if return_hidden:
             return h

@@ -452,3 +452,13 @@ def test_cli_errors_are_one_line_with_exit_code_2(args: list[str], expected: str
 def test_every_registered_job_is_importable() -> None:
     for name in JOBS:
         assert callable(get_job(name)), name
+
+
+def test_generation_compile_is_auto_or_a_bool() -> None:
+    assert load_config("quickstart", []).generation.compile == "auto"
+    assert load_config("quickstart", ["generation.compile=true"]).generation.compile is True
+    assert load_config("quickstart", ["generation.compile=false"]).generation.compile is False
+    with pytest.raises(ConfigError) as raised:
+        load_config("quickstart", ["generation.compile=sometimes"])
+    assert str(raised.value) == ("argument 'generation.compile=sometimes': invalid value 'sometimes' for "
+                                 "'generation.compile'; valid choices: auto, true, false")

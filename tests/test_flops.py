@@ -62,3 +62,15 @@ def test_closed_form_at_glm_base():
     assert training_flops_per_batch(config, 8, 512) == 8 * 512 * per_token
     # About 6 x the 110M parameters minus position tables, biases and LayerNorms, plus attention.
     assert 6.8e8 < per_token < 7.2e8
+
+
+def test_output_projection_at_selected_positions_equals_the_formula(config):
+    ids, positions, sep = batch()
+    selected = torch.arange(L)[None] >= sep[:, None]  # Part B: 4 + 7 positions
+    torch.manual_seed(0)
+    model = GLMModel(config).train()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids, positions, sep, output_mask=selected).sum().backward()
+    expected = training_flops_per_batch(config, B, L, output_tokens=11)
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
+    assert training_flops_per_batch(config, B, L) - expected == 6 * 384 * 64 * (B * L - 11)

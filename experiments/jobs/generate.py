@@ -78,7 +78,7 @@ def decoding_options(cfg: DictConfig) -> dict:
     """Keyword arguments of ``fill_blanks`` from the ``generation`` section."""
     g = cfg.generation
     options = dict(strategy=g.strategy, max_new_tokens=g.max_new_tokens, min_length=g.min_length,
-                   no_repeat_ngram_size=g.no_repeat_ngram_size)
+                   no_repeat_ngram_size=g.no_repeat_ngram_size, compile=g.compile)
     if g.strategy == "beam":
         options.update(num_beams=g.num_beams, length_penalty=g.length_penalty)
     if g.strategy == "sample":
