@@ -327,8 +327,10 @@ def plain_comparison(rows: Rows, baseline: str | None = None, metrics: Sequence[
 
 def default_run_metrics(rows: Rows) -> list[str]:
     """What a table of plain runs shows unless told: the evaluation metrics some run logged
-    (validation, LM evaluation, held-out infilling), in name order."""
-    return [key for key in available_metrics(rows) if key.startswith(RUN_METRIC_PREFIXES)]
+    (validation, LM evaluation, held-out infilling), in name order; of held-out infilling the
+    totals only (its breakdowns by relation and answer length are there for ``--metrics``)."""
+    return [key for key in available_metrics(rows) if key.startswith(RUN_METRIC_PREFIXES)
+            and not (key.startswith(INFILL_PREFIX) and key.count("/") > 1)]
 
 
 def runs_comparison(runs: Sweep, baseline: str | None = None, metrics: Sequence[str] | None = None,

@@ -20,6 +20,7 @@ from run_store import build_run_store
 from experiments import paper_results
 from experiments.compare import (
     CompareError,
+    default_run_metrics,
     delta_cell,
     experiment_kind,
     fetch_runs,
@@ -474,6 +475,12 @@ def test_plain_runs_tabulate_with_seeds_grouped_by_run_name(run_store, capsys, t
     assert code == 0
     cells = markdown_cells(out)
     assert cells["r2"] == ["2.40"] and cells["r1"] == ["2.75±0.07"] and cells["r2 - r1"] == ["-0.35"]
+
+
+def test_plain_runs_show_the_held_out_infilling_totals_and_its_breakdowns_when_asked():
+    rows = {"r1": [{"infill/accuracy": 0.5, "infill/accuracy/city.region": 0.4, "infill/baseline": 0.15,
+                    "infill/baseline/length_1": 0.2, "val/loss": 0.1, "train/loss": 0.2}]}
+    assert default_run_metrics(rows) == ["infill/accuracy", "infill/baseline", "val/loss"]
 
 
 def test_plain_runs_errors_are_one_line(run_store, capsys):

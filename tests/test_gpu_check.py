@@ -46,7 +46,8 @@ finally:
 OUR_CODE = ",".join(str(ROOT / folder) + os.sep for folder in ("benchmarks", "glm_lightning", "datamodules",
                                                                  "experiments"))
 HANG_S = 3600  # only a hung run takes this long, however busy the machine
-GPU_MACHINE_PACKAGES = {"torch", "lightning", "torchmetrics", "sentencepiece", "numpy"}
+# what the GPU machines' Python has (their image lists these among many more, without our extras)
+GPU_MACHINE_PACKAGES = {"torch", "lightning", "torchmetrics", "sentencepiece", "tokenizers", "numpy"}
 
 
 @pytest.fixture(scope="module")
