@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from glm_lightning.checkpoint import save_ours
+from glm_lightning.model import GLMConfig, GLMModel
 from glm_lightning.tokenizer import GLMTokenizer, train_sentencepiece
 
 
@@ -96,3 +100,16 @@ def sentencepiece_model(corpus_file: Path, tmp_path_factory: pytest.TempPathFact
 def tokenizer(sentencepiece_model: str) -> GLMTokenizer:
     """A tiny GLM tokenizer (sentencepiece backend, official Chinese command-token layout)."""
     return GLMTokenizer.from_sentencepiece(sentencepiece_model)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: GLMTokenizer,
+            sentencepiece_model: str) -> Path:
+    """A pretraining run's layout, read by the jobs that take ``model.init_from`` (tests only read
+    it): <run>/checkpoints/last.ckpt of an untrained tiny GLM beside <run>/tokenizer.model."""
+    run = tmp_path_factory.mktemp("pretrain_run")
+    shutil.copyfile(sentencepiece_model, run / "tokenizer.model")
+    torch.manual_seed(0)
+    model = GLMModel(GLMConfig.from_name("tiny", vocab_size=len(tokenizer), max_sequence_length=64))
+    save_ours(model, run / "checkpoints" / "last.ckpt")
+    return run

@@ -12,26 +12,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from timeouts import HANG_S
 
 from experiments.jobs.generate import readable
 from experiments.run import main
-from glm_lightning.checkpoint import save_ours
-from glm_lightning.model import GLMConfig, GLMModel
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The curious student [MASK] the story.", "A famous doctor visits the"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tokenizer, sentencepiece_model) -> Path:
-    run = tmp_path_factory.mktemp("pretrain_run")
-    shutil.copyfile(sentencepiece_model, run / "tokenizer.model")
-    torch.manual_seed(0)
-    model = GLMModel(GLMConfig.from_name("tiny", vocab_size=len(tokenizer), max_sequence_length=64))
-    save_ours(model, run / "checkpoints" / "last.ckpt")
-    return run
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

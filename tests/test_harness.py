@@ -10,9 +10,7 @@ import os
 import re
 import runpy
 import shlex
-import shutil
 import sys
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -34,24 +32,13 @@ from experiments.harness_tasks.utils import (  # noqa: E402
 )
 from experiments.jobs import generate as generate_job  # noqa: E402
 from experiments.run import main  # noqa: E402
-from glm_lightning.checkpoint import export_hf, save_ours  # noqa: E402
+from glm_lightning.checkpoint import export_hf  # noqa: E402
 from glm_lightning.harness import GLMHarnessLM  # noqa: E402
 from glm_lightning.lm_eval import lambada_sample, score_samples  # noqa: E402
 from glm_lightning.model import GLMConfig, GLMModel  # noqa: E402
 
 WORDS = "the curious student reads a story about an ancient river while the teacher crosses a bridge".split()
 PROMPTS = ["The curious student reads", "A famous doctor visits the quiet village and", "Rivers"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tokenizer, sentencepiece_model) -> Path:
-    """A pretraining run's layout: <run>/checkpoints/last.ckpt beside <run>/tokenizer.model."""
-    run = tmp_path_factory.mktemp("harness_run")
-    shutil.copyfile(sentencepiece_model, run / "tokenizer.model")
-    torch.manual_seed(0)
-    model = GLMModel(GLMConfig.from_name("tiny", vocab_size=len(tokenizer), max_sequence_length=64))
-    save_ours(model, run / "checkpoints" / "last.ckpt")
-    return run
 
 
 @pytest.fixture(scope="module")
