@@ -98,7 +98,7 @@ def test_world_scale_is_the_quickstart_on_a_smaller_budget_without_finetuning(tm
               if flat(OmegaConf.to_container(quickstart, resolve=True)).get(key) != value}
     assert differ == {"exp", "description", "seed", "output_dir", "logging.experiment_name",
                       "logging.tracking_uri", "trainer.max_steps"}
-    assert (world.trainer.max_steps, quickstart.trainer.max_steps) == (4000, 5500)
+    assert (world.trainer.max_steps, quickstart.trainer.max_steps) == (3000, 5500)
     assert list(world.data.train_files) == [] and world.data.probe_file is None  # the built-in world
     lm_eval = stage_config(cfg, "lm_eval", stage_overrides(cfg, "lm_eval", "glm", 1))
     assert (lm_eval.lm_eval.max_length, lm_eval.lm_eval.stride) == (31, 16)
