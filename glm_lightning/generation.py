@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from glm_lightning import prepack
 from glm_lightning.attention_mask import glm_attention_mask
 from glm_lightning.model import GLMModel, KVCache, attention_backend
 from glm_lightning.tokenizer import GLMTokenizer
@@ -177,13 +178,16 @@ def _compiled_step(device_type: str) -> Callable[..., Tensor]:
 
 class _StaticSteps:
     """Decoding on ``cache`` one token at a time from its current length; restores the dynamic
-    mode afterwards (``fill_blanks`` appends whole blocks between blanks)."""
+    mode afterwards (``fill_blanks`` appends whole blocks between blanks). The eager step runs
+    on prepacked weights where it can (glm_lightning.prepack: float32 on CPU)."""
 
     def __init__(self, model: GLMModel, cache: KVCache, compile: bool | str):
         self.model, self.cache = model, cache
         device = cache.position.device
         self.run = _compiled_step(device.type) if compile_step(compile, device) else decode_step
         self.graphs = self.run is not decode_step and device.type == "cuda"
+        self.prepack = self.run is decode_step and prepack.supported(model)
+        self.packed_rows = 0
 
     def mark_static(self) -> None:
         """Tell a CUDA graph that the cache buffers are updated in place, never replaced
@@ -201,6 +205,8 @@ class _StaticSteps:
 
     def __exit__(self, *exc: object) -> None:
         self.cache.static = False
+        if self.packed_rows:
+            prepack.detach(self.model)
 
     def __call__(self, tokens: Tensor, dim1: Tensor, block_position: int) -> Tensor:
         """Logits ``[R, V]`` of ``tokens [R, 1]`` at (dim1, block_position)."""
@@ -208,6 +214,9 @@ class _StaticSteps:
         if cache.length >= cache.max_length:
             raise ValueError(f"KV cache full: {cache.length + 1} tokens > max_length {cache.max_length}")
         position_ids = torch.stack([dim1, torch.full_like(dim1, block_position)], dim=1)[:, :, None]
+        if self.prepack and len(tokens) != self.packed_rows:
+            prepack.attach(self.model, len(tokens))
+            self.packed_rows = len(tokens)
         logits = self.run(self.model, self.cache, tokens, position_ids)
         cache.length += 1
         # A CUDA graph's output is overwritten by its next replay; the loop keeps what it reads.
@@ -224,7 +233,7 @@ def _forward_block(model: GLMModel, cache: KVCache, tokens: Tensor, dim1: Tensor
     cache.key_valid[:, start:start + n] = True
     causal = glm_attention_mask(None, n, start + n, device=tokens.device)  # [1, 1, n, Lk]
     mask = causal & cache.key_valid[:, None, None, :start + n]
-    model(tokens, position_ids, attention_mask=mask, kv_cache=cache)
+    model(tokens, position_ids, attention_mask=mask, kv_cache=cache, return_hidden=True)  # the cache only
 
 
 class _BeamHypotheses:
@@ -421,7 +430,7 @@ def generate(
     batch, length = input_ids.shape
     with _EvalMode(model):
         cache = model.new_kv_cache(batch, length + max_new_tokens)
-        model(input_ids, position_ids, sep, kv_cache=cache)
+        model(input_ids, position_ids, sep, kv_cache=cache, return_hidden=True)  # the cache, no logits
         cache.key_valid[:, :length] = torch.arange(length, device=input_ids.device)[None] < sep.to(
             input_ids.device)[:, None]
         end_ids = [eop_id] if eos_id is None else [eop_id, eos_id]
@@ -471,7 +480,8 @@ def fill_blanks(
         ids = torch.tensor([context], device=device)
         position_ids = torch.stack([torch.arange(len(context), device=device),
                                     torch.zeros(len(context), dtype=torch.long, device=device)])[None]
-        model(ids, position_ids, torch.tensor([len(context)], device=device), kv_cache=cache)
+        model(ids, position_ids, torch.tensor([len(context)], device=device), kv_cache=cache,
+              return_hidden=True)
         cache.key_valid[:, :cache.length] = True
         for i, mask_position in enumerate(mask_positions):
             dim1 = torch.tensor([mask_position], device=device)

@@ -218,14 +218,31 @@ def flex_attention_forward(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMas
     return compiled_flex_attention()(q, k, v, block_mask=block_mask)
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: Tensor | None) -> Tensor:
+    """``F.linear``, or oneDNN's linear on ``packed``, ``weight`` reordered into oneDNN's layout
+    (glm_lightning.prepack: the CPU decoding step)."""
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that runs on a prepacked weight while one is attached (the CPU decoding step)."""
+
+    packed: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias, self.packed)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection (rows: Q | K | V, heads contiguous)."""
 
     def __init__(self, config: GLMConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout = config.attention_dropout_prob
         self.output_dropout = nn.Dropout(config.output_dropout_prob)
 
@@ -253,8 +270,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense_h_to_4h = Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.output_dropout_prob)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -332,6 +349,8 @@ class GLMStack(nn.Module):
 
 class GLMModel(nn.Module):
     """GLM backbone with the tied, bias-free language-model head."""
+
+    head_packed: Tensor | None = None  # the head's prepacked weight (see ``Linear``)
 
     def __init__(self, config: GLMConfig):
         super().__init__()
@@ -414,7 +433,7 @@ class GLMModel(nn.Module):
             return h
         if output_mask is not None:
             h = h[output_mask]
-        return F.linear(h, self.word_embeddings.weight).float()
+        return linear(h, self.word_embeddings.weight, None, self.head_packed).float()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from glm_lightning.generation import (
     apply_min_length,
@@ -266,7 +267,8 @@ def test_logits_processors() -> None:
 # ----------------------------------------------------------------------------------------------
 
 class RecordingModel(GLMModel):
-    """Records (cached length, inputs, logits) of every forward; optionally forces the tokens of
+    """Records (cached length, inputs, logits) of every forward (a forward that returns hidden
+    states, as the context's does, is recorded with their logits); optionally forces the tokens of
     chosen blanks (keyed by mask position) by overriding the last row's logits."""
 
     def __init__(self, config: GLMConfig, eop_id: int):
@@ -280,6 +282,11 @@ class RecordingModel(GLMModel):
         logits = super().forward(input_ids, position_ids, sep, attention_mask, kv_cache, **kw)
         if kv_cache is None:
             return logits
+        if kw.get("return_hidden"):
+            hidden = logits
+            self.calls.append((past, input_ids.clone(), position_ids.clone(),
+                               F.linear(hidden, self.word_embeddings.weight).float()))
+            return hidden
         self.calls.append((past, input_ids.clone(), position_ids.clone(), logits.clone()))
         mask_position, block = position_ids[0, :, -1].tolist()
         if block > 0 and mask_position in self.forced:
